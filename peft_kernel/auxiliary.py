@@ -1,0 +1,132 @@
+"""``modules_to_save``: fully trained copies of whole modules, one per adapter."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .layer import BASE_ADAPTER, AdapterLayer
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Holds the original module and one trainable copy per adapter that lists it.
+
+    Forward runs the active adapter's copy, or the original when no adapter that owns a
+    copy is active. Attribute reads fall through to the module in use.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList)):
+            raise TypeError(
+                f"modules_to_save cannot hold a {type(module_to_save).__name__}; name its submodules instead"
+            )
+        if isinstance(module_to_save, AdapterLayer):
+            cls = type(module_to_save)
+            raise TypeError(
+                f"modules_to_save cannot target an adapter layer ({cls.__module__}.{cls.__qualname__}); "
+                "remove it from modules_to_save or from target_modules"
+            )
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self._batch_adapter_names: Optional[list[str]] = None
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        if adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        return []
+
+    def _all_available_adapter_names(self) -> list[str]:
+        return sorted(self.modules_to_save.keys())
+
+    def _active_copy(self) -> nn.Module:
+        if self._disable_adapters:
+            return self.original_module
+        for name in self._active_adapter:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        modules = self.__dict__["_modules"]
+        if "original_module" not in modules:
+            raise AttributeError(name)
+        return getattr(self._active_copy(), name)
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        adapter_names = list(adapter_names)
+        owned = [n for n in adapter_names if n in self.modules_to_save]
+        if len(owned) > 1:
+            raise ValueError(
+                f"Adapters {owned} each have a modules_to_save copy of the same module; only one can be active"
+            )
+        self.original_module.requires_grad_(False)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in owned and not inference_mode)
+        self._active_adapter = adapter_names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+        if not enabled:
+            self.modules_to_save.requires_grad_(False)
+        else:
+            self.set_adapter(self._active_adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name in self._active_adapter:
+            self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        names = kwargs.pop("adapter_names", None) or self._batch_adapter_names
+        if names is None or self._disable_adapters:
+            return self._active_copy()(x, *args, **kwargs)
+        return self._mixed_batch_forward(x, names, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x, names, *args, **kwargs):
+        batch = x.shape[0]
+        names = list(names)
+        if batch != len(names) and batch % len(names) == 0:
+            names = [n for n in names for _ in range(batch // len(names))]
+        outputs = []
+        groups = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name if name in self.modules_to_save else BASE_ADAPTER, []).append(i)
+        order = []
+        for name, idx in groups.items():
+            module = self.original_module if name == BASE_ADAPTER else self.modules_to_save[name]
+            outputs.append(module(x[idx], *args, **kwargs))
+            order.extend(idx)
+        result = torch.cat(outputs, dim=0)
+        inverse = torch.empty(len(order), dtype=torch.long, device=result.device)
+        inverse[torch.tensor(order, device=result.device)] = torch.arange(len(order), device=result.device)
+        return result[inverse]

@@ -1,0 +1,210 @@
+"""Adapter configurations: the base every method config builds on.
+
+A config is a dataclass; its fields are exactly what ``adapter_config.json`` holds, so a
+file written here loads in HF PEFT and the reverse. ``peft_type`` strings are resolved to
+config classes through the plugin registry only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import PeftWarning
+from .io import atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+#: checkpoint format we write; peft_version records it together with our own version
+PEFT_FORMAT_VERSION = "0.21.2"
+
+
+def _kernel_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("peft-kernel")
+    except metadata.PackageNotFoundError:
+        return "UNKNOWN"
+
+
+class TaskType(str, enum.Enum):
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class PeftConfig:
+    """Fields common to every adapter. Subclass it (usually via :class:`TunerConfig`)
+    and set ``peft_type`` in ``__post_init__`` after calling ``super().__post_init__()``."""
+
+    task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "Task type, e.g. CAUSAL_LM."})
+    peft_type: Optional[str] = field(default=None, metadata={"help": "Method id, e.g. LORA."})
+    auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Base model class for AutoPeftModel."})
+    peft_version: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
+    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model id or path."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Base model revision."})
+    inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter."})
+
+    is_prompt_learning = False
+    is_adaption_prompt = False
+
+    def __post_init__(self) -> None:
+        if self.peft_version is None:
+            self.peft_version = f"{PEFT_FORMAT_VERSION}+peftkernel.{_kernel_version()}"
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType.__members__:
+            raise ValueError(
+                f"Invalid task_type {self.task_type!r}; expected one of {', '.join(TaskType.__members__)}."
+            )
+
+    # -- serialisation ----------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All dataclass fields (private and runtime-only fields excluded)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_") or f.metadata.get("runtime_only"):
+                continue
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data.update(kwargs.pop("extra", {}) or {})
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs) -> "PeftConfig":
+        """Build the config class registered for ``kwargs["peft_type"]``."""
+        if "peft_type" not in kwargs:
+            raise ValueError("adapter config has no 'peft_type'; it is required to know which method to load")
+        from .plugins import manager
+
+        config_cls = manager().method(kwargs["peft_type"]).config_cls
+        return config_cls.from_dict(kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+        """Build ``cls`` from a dict, dropping (with a warning) keys this version does not know."""
+        if cls in (PeftConfig, TunerConfig):
+            return cls.from_peft_type(**data)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"Unexpected keys in the {cls.__name__} config were ignored: {', '.join(unknown)}. They probably "
+                "come from a newer PEFT version; results may differ if they held non-default values.",
+                PeftWarning,
+                stacklevel=3,
+            )
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json_file(cls, path: str) -> dict[str, Any]:
+        with open(path, encoding="utf-8") as fh:
+            try:
+                return json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); was it written completely?") from None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load ``adapter_config.json`` from a directory (``subfolder`` inside it)."""
+        path = pretrained_model_name_or_path
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        file = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            raise ValueError(
+                f"Can't find {CONFIG_NAME} at {path!r}. peft-kernel loads adapters from local directories; "
+                "download hub adapters first (e.g. huggingface_hub.snapshot_download)."
+            )
+        data = cls.from_json_file(file)
+        return cls.from_dict(data)
+
+
+def _jsonable(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class TunerConfig(PeftConfig):
+    """Base for methods that wrap layers of the model: the target-matching fields.
+
+    Matching rules (exactly HF PEFT's): a string ``target_modules`` is a regex that must
+    match the full module name; a list matches a name equal to an entry or ending in
+    ``"." + entry``; ``"all-linear"`` means every linear layer except the output head.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (list, suffix match) or a regex (full match) to adapt."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt layers with these indices (list targets only)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer container (e.g. 'layers'), with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. a classifier)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._custom_modules = None
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = set(self.target_modules)
+        elif isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and (
+            self.layers_to_transform is not None or self.layers_pattern is not None
+        ):
+            raise ValueError(
+                "layers_to_transform and layers_pattern cannot be used with a regex target_modules; "
+                "put the layer index into the regex instead, or pass target_modules as a list."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("layers_pattern needs layers_to_transform; set both or neither.")
+
+    def layer_kwargs(self, target_name: str) -> dict[str, Any]:
+        """Per-layer keyword arguments for the method's layer constructor (patterns applied)."""
+        return {}
+
+    def _register_custom_module(self, mapping: dict) -> None:
+        """Use ``{module_type: layer_cls}`` for this config only (runtime; never saved)."""
+        if self._custom_modules is None:
+            self._custom_modules = {}
+        self._custom_modules.update(mapping)

@@ -1,0 +1,61 @@
+"""Choosing the adapter layer class for a target module.
+
+Users add mappings with :func:`register_layer_mapping` (process-wide) or
+``config._register_custom_module({...})`` (one config, never saved). Both are consulted
+before any plugin. Method plugins describe their built-in layers as a type table and
+call :func:`dispatch_by_type` from their ``trylast`` dispatch hook.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+_user_mappings: dict[str, dict[type, type]] = {}
+
+
+def register_layer_mapping(layer_type: type, layer_cls: type, method: str = "LORA") -> None:
+    """Adapt modules of ``layer_type`` with ``layer_cls`` for method ``method``.
+
+    ``layer_cls`` is built as ``layer_cls(target, adapter_name, config=config,
+    **config.layer_kwargs(target_name))`` and must subclass :class:`AdapterLayer`.
+    Mappings registered later for the same type replace earlier ones; they override
+    the built-in layers of every plugin. Mappings are never saved with an adapter:
+    register them again before loading.
+    """
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, nn.Module)):
+        raise TypeError(f"layer_cls must be an nn.Module subclass, got {layer_cls!r}")
+    _user_mappings.setdefault(method.upper(), {})[layer_type] = layer_cls
+
+
+def unregister_layer_mapping(layer_type: type, method: str = "LORA") -> None:
+    _user_mappings.get(method.upper(), {}).pop(layer_type, None)
+
+
+def user_mappings(config) -> dict[type, type]:
+    """Config-level custom modules first, then process-wide ones."""
+    mapping = dict(getattr(config, "_custom_modules", None) or {})
+    for layer_type, layer_cls in _user_mappings.get(config.peft_type, {}).items():
+        mapping.setdefault(layer_type, layer_cls)
+    return mapping
+
+
+def build_layer(layer_cls, target, target_name, adapter_name, config):
+    return layer_cls(target, adapter_name, config=config, **config.layer_kwargs(target_name))
+
+
+def dispatch_by_type(table, target, target_name, adapter_name, config):
+    """Build the layer for the first ``isinstance`` match in ``table`` (an ordered
+    ``{module_type: layer_cls}``), or return ``None``."""
+    for layer_type, layer_cls in table.items():
+        if isinstance(target, layer_type):
+            return build_layer(layer_cls, target, target_name, adapter_name, config)
+    return None
+
+
+def dispatch_user_mapping(target, target_name, adapter_name, config):
+    mapping = user_mappings(config)
+    if not mapping:
+        return None
+    return dispatch_by_type(mapping, target, target_name, adapter_name, config)

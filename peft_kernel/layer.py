@@ -1,0 +1,389 @@
+"""The adapter layer base class: all per-layer bookkeeping, written once.
+
+A method's layer subclasses :class:`AdapterLayer` and supplies only its math:
+
+* ``adapter_layer_names`` / ``other_param_names`` — where its per-adapter state lives
+  (ModuleDicts / ParameterDicts / plain dicts keyed by adapter name);
+* ``update_layer(adapter_name, config=..., **kw)`` — create one adapter's parameters;
+* ``adapter_forward(x, result, adapter_name)`` — apply one adapter to a base result;
+* ``delta_weight(adapter_name)`` — the additive weight delta, for merging (or override
+  ``merge_weight`` / ``unmerge_weight`` for non-additive methods).
+
+The kernel handles active / merged / disabled state, several adapters, deletion,
+mixed-batch routing, device and dtype placement, quantized bases, and safe merging.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import quant
+from .errors import PeftWarning
+
+BASE_ADAPTER = "__base__"
+
+
+def unwrap_base_layer(module: nn.Module) -> nn.Module:
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def base_layer_device(module: nn.Module) -> Optional[torch.device]:
+    """Device of a (possibly quantized) layer's weight; ``None`` on meta or without weights."""
+    module = unwrap_base_layer(module)
+    for name in ("qweight", "W_q", "weight", "in_proj_weight"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            return None if tensor.device.type == "meta" else tensor.device
+    for tensor in module.parameters():
+        return None if tensor.device.type == "meta" else tensor.device
+    return None
+
+
+def base_layer_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    module = unwrap_base_layer(module)
+    backend = quant.find_backend(module)
+    if backend is not None:
+        return backend.compute_dtype(module)
+    for name in ("weight", "in_proj_weight"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            return tensor.dtype
+    return None
+
+
+class AdapterLayer(nn.Module):
+    """Base of every adapter layer (see the module docstring for the contract)."""
+
+    #: names of per-adapter containers holding trainable tensors (saved in checkpoints)
+    adapter_layer_names: tuple[str, ...] = ()
+    #: names of per-adapter dicts holding settings or buffers (not trainable)
+    other_param_names: tuple[str, ...] = ()
+    #: dimension of the batch in this layer's input, for mixed-batch routing
+    batch_dim: int = 0
+    #: whether ``adapter_forward`` can run on a sub-batch (mixed adapter batches)
+    supports_mixed_batch: bool = True
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self._active_adapter: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        self._batch_adapter_names: Optional[list[str]] = None
+        self.kwargs = kwargs
+        base = unwrap_base_layer(base_layer)
+        shape = quant.layer_shape(base)
+        if shape is not None:
+            self.in_features, self.out_features = shape
+        else:
+            self.in_features, self.out_features = _infer_features(base)
+
+    # -- introspection ----------------------------------------------------------------
+
+    def get_base_layer(self) -> nn.Module:
+        return unwrap_base_layer(self)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        return base.qweight if hasattr(base, "qweight") else base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        for name in self.adapter_layer_names:
+            container = getattr(self, name, None)
+            if container is not None and adapter_name in container:
+                return True
+        return False
+
+    def has_adapter_any(self, adapter_names: Iterable[str]) -> bool:
+        return any(self.has_adapter(name) for name in adapter_names)
+
+    def _all_available_adapter_names(self) -> list[str]:
+        names: set[str] = set()
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if hasattr(container, "keys"):
+                names.update(container.keys())
+        return sorted(names)
+
+    # -- state changes ----------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn all adapters of this layer on or off (off also freezes them)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for name in self.adapter_layer_names:
+                getattr(self, name).requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``; they become trainable unless ``inference_mode``."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        adapter_names = list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, value in container.items():
+                value.requires_grad_(key in adapter_names and not inference_mode)
+        self._active_adapter = adapter_names
+        self._adapter_state_changed()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self.merged_adapters:
+            self.merged_adapters.remove(adapter_name)
+        if adapter_name in self._active_adapter:
+            remaining_active = [a for a in self._active_adapter if a != adapter_name]
+            if remaining_active:
+                self.set_adapter(remaining_active)
+            else:
+                remaining = self._all_available_adapter_names()
+                self.set_adapter(remaining[:1])
+        self._adapter_state_changed()
+
+    def _adapter_state_changed(self) -> None:
+        """Called after adapters were added, removed or (de)activated; drop caches here."""
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
+        """Put one adapter's tensors on the base layer's device (other adapters stay)."""
+        device = base_layer_device(self)
+        if device is None:
+            return
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                if any(p.device.type == "meta" for p in item.parameters()):
+                    continue
+                container[adapter_name] = item.to(device)
+            elif item.device.type != "meta":
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(item.data.to(device), requires_grad=item.requires_grad)
+                else:
+                    container[adapter_name] = item.to(device)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast: bool = True) -> None:
+        """Keep adapters in fp32 on half-precision bases (HF PEFT's autocast_adapter_dtype)."""
+        if not autocast:
+            return
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if container is None or adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            tensors = item.parameters() if isinstance(item, nn.Module) else [item]
+            for tensor in tensors:
+                if tensor.dtype in (torch.float16, torch.bfloat16):
+                    tensor.data = tensor.data.float()
+
+    # -- forward ----------------------------------------------------------------------
+
+    def adapter_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str, *args, **kwargs) -> torch.Tensor:
+        """Return ``result`` (the base layer's output for ``x``) with one adapter applied."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = self._batch_adapter_names
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_adapters:
+            return result
+        for name in self._active_adapter:
+            if self.has_adapter(name):
+                result = self.adapter_forward(x, result, name, *args, **kwargs)
+        return result
+
+    def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
+        """Each sample gets the adapter named for it (``"__base__"``: none)."""
+        result = self.base_layer(x, *args, **kwargs)
+        batch = x.shape[self.batch_dim]
+        names = list(adapter_names)
+        if batch != len(names) and len(names) and batch % len(names) == 0:
+            repeat = batch // len(names)  # e.g. beam search expanded the batch
+            names = [n for n in names for _ in range(repeat)]
+        if len(names) != batch:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples")
+        result = result.clone()
+        for name in dict.fromkeys(names):
+            if name == BASE_ADAPTER or not self.has_adapter(name):
+                continue
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
+            sub_x = x.index_select(self.batch_dim, index.to(x.device))
+            sub_result = result.index_select(self.batch_dim, index)
+            updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
+            result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
+        return result
+
+    # -- merging ----------------------------------------------------------------------
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The additive change to the base weight, in the base weight's layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
+
+    def merge_bias(self, adapter_name: str, sign: int) -> None:
+        """Fold an adapter's bias contribution into the base bias (optional)."""
+
+    def merge_blocker(self) -> Optional[str]:
+        """Why this layer cannot merge (``None`` when it can); checked before any change."""
+        return quant.merge_blocker(self.get_base_layer())
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight.
+
+        Already merged adapters are skipped with a warning. With ``safe_merge`` the
+        result is checked for NaN/inf before the base is changed.
+        """
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        blocker = self.merge_blocker()
+        if blocker:
+            raise ValueError(f"Cannot merge into {type(self.get_base_layer()).__name__}: {blocker}")
+        base = self.get_base_layer()
+        for name in names:
+            if not self.has_adapter(name):
+                continue
+            weight = quant.base_weight(base).detach()
+            merged = self.merge_weight(weight.clone() if safe_merge else weight, name)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; the base was left unchanged")
+            quant.set_base_weight(base, merged)
+            self.merge_bias(name, +1)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo all merges, most recent first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", PeftWarning, stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self.has_adapter(name):
+                continue
+            weight = quant.base_weight(base).detach()
+            quant.set_base_weight(base, self.unmerge_weight(weight, name))
+            self.merge_bias(name, -1)
+
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        if adapter_names is None:
+            adapter_names = self.active_adapters
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        already = [n for n in adapter_names if n in self.merged_adapters]
+        if already:
+            warnings.warn(
+                f"Adapters {already} are already merged and are skipped; merged now: {self.merged_adapters}.",
+                PeftWarning,
+                stacklevel=3,
+            )
+        return [n for n in adapter_names if n not in self.merged_adapters]
+
+    def extra_repr(self) -> str:
+        return f"adapters={self._all_available_adapter_names()}, active={self.active_adapters}"
+
+
+def _infer_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if isinstance(base, nn.modules.conv._ConvNd):
+        return base.in_channels, base.out_channels
+    if isinstance(base, nn.MultiheadAttention):
+        return base.embed_dim, 3 * base.embed_dim
+    if hasattr(base, "nf") and hasattr(base, "weight"):  # transformers Conv1D: weight is (in, out)
+        return base.weight.shape[0], base.weight.shape[1]
+    return getattr(base, "in_features", None), getattr(base, "out_features", None)
+
+
+class BufferDict(nn.Module):
+    """A dict of tensors registered as buffers (per-adapter, non-trainable state)."""
+
+    def __init__(self, buffers: Optional[dict[str, torch.Tensor]] = None, persistent: bool = False) -> None:
+        super().__init__()
+        self.persistent = persistent
+        if buffers:
+            self.update(buffers)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._buffers[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.register_buffer(key, value, persistent=self.persistent)
+
+    def __delitem__(self, key: str) -> None:
+        del self._buffers[key]
+        self._non_persistent_buffers_set.discard(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._buffers
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __iter__(self):
+        return iter(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+    def items(self):
+        return self._buffers.items()
+
+    def values(self):
+        return self._buffers.values()
+
+    def update(self, buffers) -> None:
+        items = buffers.items() if hasattr(buffers, "items") else buffers
+        for key, value in items:
+            self[key] = value

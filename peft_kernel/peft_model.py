@@ -1,0 +1,490 @@
+"""``PeftModel`` and its task classes: the user-facing wrapper, for every method."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from . import status as _status
+from .auxiliary import ModulesToSaveWrapper
+from .config import PeftConfig, TaskType
+from .errors import PeftWarning
+from .io import atomic_write_text
+from .layer import BASE_ADAPTER, AdapterLayer
+from .plugins import manager
+from .state_dict import (
+    get_peft_model_state_dict,
+    load_peft_weights,
+    save_weights,
+    set_peft_model_state_dict,
+)
+from .tuner import BaseTuner, adapter_modules
+
+SPECIAL_FORWARD_ARGS = {"adapter_names", "alora_offsets"}
+
+
+class PeftModel(nn.Module):
+    """A base model with adapters of one method (HF PEFT's ``PeftModel``).
+
+    ``base_model`` is the method's tuner (or, for prompt learning, the model itself);
+    ``peft_config`` maps adapter names to configs. Attributes it does not have are looked
+    up on the tuner and then on the wrapped model.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        _check_adapter_name(adapter_name, peft_config)
+        self.active_adapter = adapter_name
+        self.peft_type = peft_config.peft_type
+        self.special_peft_forward_args = set(SPECIAL_FORWARD_ARGS)
+        self._is_prompt_learning = peft_config.is_prompt_learning
+        spec = manager().method(peft_config.peft_type)
+        if self._is_prompt_learning:
+            self._peft_config = {adapter_name: peft_config}
+            self.base_model = model
+            spec.model_cls.attach(self, adapter_name, peft_config)
+        else:
+            self._peft_config = None
+            self.base_model = spec.model_cls(model, {adapter_name: peft_config}, adapter_name,
+                                             low_cpu_mem_usage=low_cpu_mem_usage,
+                                             autocast_adapter_dtype=autocast_adapter_dtype)
+        if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = model.name_or_path
+        if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
+            self.base_model.config.pretraining_tp = 1
+
+    # -- attribute plumbing -----------------------------------------------------------
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        if self._is_prompt_learning:
+            return self._peft_config
+        return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, PeftConfig]) -> None:
+        if self._is_prompt_learning:
+            self._peft_config = value
+        else:
+            self.base_model.peft_config = value
+
+    @property
+    def active_adapters(self) -> list[str]:
+        if self._is_prompt_learning:
+            return [self.active_adapter]
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or ())
+        return names or None
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        return list(getattr(self.base_model, "targeted_module_names", []))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_peft_config", "_is_prompt_learning"):
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model if self._is_prompt_learning else self.base_model.model
+
+    # -- forward and generate ---------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._enable_peft_forward_hooks(**kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            if self._is_prompt_learning:
+                return self._prompt_forward(*args, **kwargs)
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with self._enable_peft_forward_hooks(**kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            if self._is_prompt_learning:
+                return self._prompt_generate(*args, **kwargs)
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _prompt_forward(self, *args, **kwargs):
+        return self.peft_method_handler.forward(self, *args, **kwargs)
+
+    def _prompt_generate(self, *args, **kwargs):
+        return self.peft_method_handler.generate(self, *args, **kwargs)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, **kwargs):
+        """Route ``adapter_names`` (one per sample) to every adapter layer for one call."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None or self._is_prompt_learning:
+            yield
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError("adapter_names must be a list with one adapter name per sample")
+        known = set(self.peft_config) | {BASE_ADAPTER}
+        unknown = sorted(set(adapter_names) - known)
+        if unknown:
+            raise ValueError(f"Unknown adapter names in adapter_names: {unknown}; available: {sorted(self.peft_config)}")
+        modules = [m for _, m in adapter_modules(self.base_model.model)]
+        modules += [m for _, m in self.base_model.model.named_modules() if isinstance(m, AdapterLayer)]
+        for module in modules:
+            if isinstance(module, AdapterLayer):
+                if module.merged:
+                    raise ValueError("adapter_names cannot be used while adapters are merged; unmerge_adapter() first")
+                if not module.supports_mixed_batch and module.has_adapter_any(set(adapter_names)):
+                    raise ValueError(f"{type(module).__name__} layers do not support mixed adapter batches")
+        if any(getattr(m, "disable_adapters", False) for m in modules):
+            adapter_names = [BASE_ADAPTER] * len(adapter_names)
+        for module in modules:
+            module._batch_adapter_names = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._batch_adapter_names = None
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model: all adapters are off inside the ``with`` block."""
+        if self._is_prompt_learning:
+            handler = self.peft_method_handler
+            with handler.disabled(self):
+                yield
+            return
+        states = [m.disable_adapters for _, m in adapter_modules(self.base_model.model)]
+        if states and len(set(states)) > 1:
+            warnings.warn("Adapter layers were in irregular enabled states; all are enabled on exit.",
+                          PeftWarning, stacklevel=3)
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    # -- adapter management -----------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new (inactive) adapter of the same method; rolled back on failure."""
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; a PeftModel holds one "
+                "method (use a mixed model for several)."
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
+        _check_adapter_name(adapter_name, peft_config)
+        if self._is_prompt_learning:
+            self.peft_config[adapter_name] = peft_config
+            self.peft_method_handler.add(self, adapter_name, peft_config)
+            return
+        self._prepare_task_config(peft_config)
+        tuner = self.base_model
+        active = tuner.active_adapter
+        tuner.peft_config[adapter_name] = peft_config
+        try:
+            tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+        except BaseException:
+            if adapter_name in tuner.peft_config:
+                del tuner.peft_config[adapter_name]
+            for _, module in list(adapter_modules(tuner.model)):
+                module.delete_adapter(adapter_name)
+            tuner.set_adapter(active)
+            raise
+        tuner.set_adapter(active)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Activate exactly one adapter and make it trainable (unless inference mode)."""
+        if not isinstance(adapter_name, str):
+            raise ValueError("PeftModel.set_adapter takes one adapter name; use base_model.set_adapter([...]) for several")
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        if not self._is_prompt_learning:
+            self.base_model.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        if self._is_prompt_learning:
+            self.peft_method_handler.delete(self, adapter_name)
+            del self.peft_config[adapter_name]
+        else:
+            self.base_model.delete_adapter(adapter_name)
+        if self.active_adapter == adapter_name or adapter_name in (self.active_adapter or []):
+            self.active_adapter = self.base_model.active_adapter if not self._is_prompt_learning else next(
+                iter(self.peft_config), None)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        if self._is_prompt_learning:
+            raise TypeError("set_requires_grad is not supported for prompt learning methods")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} not found; available: {sorted(self.peft_config)}")
+        for _, module in adapter_modules(self.base_model.model):
+            if isinstance(module, ModulesToSaveWrapper):
+                for name in names:
+                    if name in module.modules_to_save:
+                        module.modules_to_save[name].requires_grad_(requires_grad)
+                continue
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                for name in names:
+                    if name in container:
+                        container[name].requires_grad_(requires_grad)
+
+    # -- merging (forwarded to the tuner) ---------------------------------------------
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_tuner("merge_adapter").merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self._check_tuner("unmerge_adapter").unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        return self._check_tuner("merge_and_unload").merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._check_tuner("unload").unload()
+
+    def _check_tuner(self, what: str) -> BaseTuner:
+        if self._is_prompt_learning:
+            raise TypeError(f"{what} is not available for prompt learning methods ({self.peft_type})")
+        return self.base_model
+
+    # -- parameters and status --------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        return _status.count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def get_layer_status(self):
+        return _status.get_layer_status(self)
+
+    def get_model_status(self):
+        return _status.get_model_status(self)
+
+    # -- saving and loading -----------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Write each adapter in HF PEFT's format: ``default`` at the top level, others in
+        ``<save_directory>/<name>/``. Everything is computed before anything is written,
+        and each file is replaced atomically."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Cannot save unknown adapters {unknown}; available: {sorted(self.peft_config)}")
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError("path_initial_model_for_weight_conversion is not supported yet")
+        plans = []
+        for name in names:
+            state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name,
+                                              save_embedding_layers=save_embedding_layers)
+            config = copy.deepcopy(self.peft_config[name])
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
+            config.inference_mode = True
+            extra = {}
+            if config.task_type is None:
+                base_cls = type(self.get_base_model())
+                extra["auto_mapping"] = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            plans.append((out, state, config, extra))
+        if not is_main_process:
+            return
+        for out, state, config, extra in plans:
+            os.makedirs(out, exist_ok=True)
+            save_weights(state, out, safe_serialization=safe_serialization)
+            config.save_pretrained(out, extra=extra)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        path = os.path.join(output_dir, "README.md")
+        if os.path.exists(path):
+            return
+        base = self.get_base_model()
+        base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        tags = [str(c.peft_type).lower() for c in self.peft_config.values()]
+        lines = ["---", "library_name: peft"]
+        if base_name:
+            lines.append(f"base_model: {base_name}")
+        lines.append("tags:")
+        if base_name:
+            lines.append(f"- base_model:adapter:{base_name}")
+        lines += [f"- {t}" for t in sorted(set(tags))]
+        if type(base).__module__.startswith("transformers"):
+            lines.append("- transformers")
+        if any(c.task_type == "CAUSAL_LM" for c in self.peft_config.values()):
+            lines.append("pipeline_tag: text-generation")
+        lines += ["---", "", "# Adapter", "", "Saved with peft-kernel in Hugging Face PEFT's format.", "",
+                  "### Framework versions", "", f"- PEFT {self.active_peft_config.peft_version}", ""]
+        atomic_write_text(path, "\n".join(lines))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None, **kwargs: Any):
+        """Load a saved adapter (ours or HF PEFT's) onto ``model``."""
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        elif not isinstance(config, PeftConfig):
+            raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
+        config.inference_mode = not is_trainable
+        target_cls = cls
+        if cls is PeftModel and config.task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
+            target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
+        result = peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
+                                         autocast_adapter_dtype=autocast_adapter_dtype,
+                                         low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping,
+                                         _created=True, **kwargs)
+        missing = [k for k in result.missing_keys if adapter_name in k.split(".")]
+        if missing:
+            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}", PeftWarning,
+                          stacklevel=2)
+        if result.unexpected_keys:
+            warnings.warn(f"Unexpected keys in the checkpoint were ignored: {result.unexpected_keys}", PeftWarning,
+                          stacklevel=2)
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict] = None, **kwargs: Any):
+        """Load another adapter from a directory; it is not activated. Returns the load
+        result (``missing_keys``, ``unexpected_keys``)."""
+        created = kwargs.pop("_created", False)
+        subfolder = kwargs.get("subfolder")
+        weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, subfolder=subfolder)
+        if not created:
+            if adapter_name in self.peft_config:
+                raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name")
+            config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                               ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
+        except BaseException:
+            if not created:
+                self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.set_requires_grad_false(adapter_name)
+        return result
+
+    def set_requires_grad_false(self, adapter_name: str) -> None:
+        if self._is_prompt_learning:
+            self.peft_method_handler.freeze(self, adapter_name)
+            return
+        for name, param in self.base_model.model.named_parameters():
+            if adapter_name in name.split("."):
+                param.requires_grad_(False)
+
+    def _prepare_task_config(self, peft_config: PeftConfig) -> None:
+        """Task classes add their head to ``modules_to_save`` here."""
+
+
+def _check_adapter_name(adapter_name: str, config: PeftConfig) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
+    if "." in adapter_name:
+        raise ValueError(f"adapter name {adapter_name!r} must not contain '.'; it is used as a key segment")
+    try:
+        prefix = manager().method(config.peft_type).prefix
+    except ValueError:
+        return
+    if prefix and prefix.rstrip("_") and prefix.rstrip("_") in adapter_name:
+        warnings.warn(
+            f"Adapter name {adapter_name!r} contains the prefix {prefix!r} of {config.peft_type}; this can make its "
+            "parameters hard to tell apart. Consider another name.",
+            PeftWarning,
+            stacklevel=3,
+        )
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+class _HeadModel(PeftModel):
+    """Task models whose head must train with the adapter (added to modules_to_save)."""
+
+    head_names: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any):
+        self._prepare_task_config_static(peft_config)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    @classmethod
+    def _prepare_task_config_static(cls, peft_config: PeftConfig) -> None:
+        if not hasattr(peft_config, "modules_to_save"):
+            return
+        if peft_config.modules_to_save is None:
+            peft_config.modules_to_save = list(cls.head_names)
+        else:
+            peft_config.modules_to_save = list(peft_config.modules_to_save)
+            peft_config.modules_to_save.extend(n for n in cls.head_names if n not in peft_config.modules_to_save)
+
+    def _prepare_task_config(self, peft_config: PeftConfig) -> None:
+        self._prepare_task_config_static(peft_config)
+
+
+class PeftModelForSequenceClassification(_HeadModel):
+    head_names = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(_HeadModel):
+    head_names = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(_HeadModel):
+    head_names = ("qa_outputs",)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

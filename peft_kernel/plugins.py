@@ -1,0 +1,350 @@
+"""Plugin discovery and the registries built from it.
+
+This is the only module that talks to pluggy. The rest of the kernel calls the typed
+methods of :class:`PluginManager` (``method()``, ``dispatch_layer()``, ...).
+
+Discovery is lazy and idempotent: entry points of group ``peft_kernel`` are loaded the
+first time anything needs a registry. Environment variables, read at that moment:
+
+``PEFT_KERNEL_PLUGINS``
+    comma-separated entry-point or distribution names to load; all others are skipped.
+    Set but empty: load no entry-point plugins at all.
+``PEFT_KERNEL_DISABLE_PLUGINS``
+    comma-separated entry-point or distribution names never to load.
+``PEFT_KERNEL_TRACE``
+    when set to ``1``, every layer dispatch decision is printed to stderr.
+
+A plugin that fails to import or to register is reported with a :class:`PeftWarning`
+and in :meth:`PluginManager.plugin_info`; everything else keeps working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PeftWarning
+
+PROJECT = "peft_kernel"
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+ENV_SELECT = "PEFT_KERNEL_PLUGINS"
+ENV_BLOCK = "PEFT_KERNEL_DISABLE_PLUGINS"
+ENV_TRACE = "PEFT_KERNEL_TRACE"
+
+
+@dataclasses.dataclass
+class MethodSpec:
+    """One registered PEFT method."""
+
+    peft_type: str
+    config_cls: type
+    model_cls: type
+    prefix: str
+    is_mixed_compatible: bool = False
+    source: str = ""
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return bool(getattr(self.config_cls, "is_prompt_learning", False))
+
+
+@dataclasses.dataclass
+class Combination:
+    """One ``add_weighted_adapter`` combination strategy."""
+
+    name: str
+    fn: Callable[..., Any]
+    svd: bool = False
+    source: str = ""
+
+
+@dataclasses.dataclass
+class PluginRecord:
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    methods: list[str] = dataclasses.field(default_factory=list)
+    backends: list[str] = dataclasses.field(default_factory=list)
+    combinations: list[str] = dataclasses.field(default_factory=list)
+    hooks: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+
+
+def plugin_name_for(peft_type: str) -> str:
+    """The distribution that conventionally provides ``peft_type``."""
+    return "peft-plugin-" + peft_type.lower().replace("_", "-")
+
+
+def _split_env(name: str) -> set[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+class PluginManager:
+    def __init__(self) -> None:
+        self._pm = pluggy.PluginManager(PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        self._loaded = False
+        self._records: dict[str, PluginRecord] = {}
+        self._manual_methods: dict[str, MethodSpec] = {}
+        self._methods: dict[str, MethodSpec] | None = None
+        self._combinations: dict[str, Combination] | None = None
+        self._backends: list | None = None
+        self._trace = os.environ.get(ENV_TRACE) == "1"
+
+    # -- discovery --------------------------------------------------------------------
+
+    def load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from . import builtin_plugin
+
+        self._pm.register(builtin_plugin, name="peft_kernel.builtin")
+        self._records["peft_kernel.builtin"] = PluginRecord("peft_kernel.builtin", "peft-kernel", _version("peft-kernel"))
+        selected, blocked = _split_env(ENV_SELECT), _split_env(ENV_BLOCK) or set()
+        for ep in _entry_points():
+            dist = ep.dist.name if getattr(ep, "dist", None) else None
+            names = {ep.name, dist} - {None}
+            if names & blocked or (selected is not None and not names & selected):
+                continue
+            record = PluginRecord(ep.name, dist, ep.dist.version if dist else None)
+            self._records[ep.name] = record
+            try:
+                plugin = ep.load()
+                self._pm.register(plugin, name=ep.name)
+                self._pm.check_pending()
+            except Exception as exc:  # isolate a broken plugin
+                self._fail(record, f"failed to load: {type(exc).__name__}: {exc}")
+                if self._pm.has_plugin(ep.name):
+                    self._pm.unregister(name=ep.name)
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object at run time (tests, notebooks, out-of-tree code)."""
+        self.load()
+        name = self._pm.register(plugin, name=name)
+        self._pm.check_pending()
+        self._records[name] = PluginRecord(name)
+        self._invalidate()
+        return name
+
+    def unregister(self, name: str) -> None:
+        self.load()
+        if self._pm.has_plugin(name):
+            self._pm.unregister(name=name)
+        self._records.pop(name, None)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._methods = self._combinations = self._backends = None
+        from . import quant
+
+        quant._reset()
+
+    def _fail(self, record: PluginRecord, message: str) -> None:
+        record.error = message
+        warnings.warn(f"peft-kernel plugin {record.name!r} {message}; it is disabled.", PeftWarning, stacklevel=3)
+
+    def _each_impl(self, hook_name: str):
+        """Yield ``(record, function)`` per implementation, so failures are attributable."""
+        self.load()
+        for impl in reversed(getattr(self._pm.hook, hook_name).get_hookimpls()):
+            name = self._pm.get_name(impl.plugin)
+            record = self._records.setdefault(name, PluginRecord(name))
+            if record.error is None:
+                yield record, impl.function
+
+    # -- registries -------------------------------------------------------------------
+
+    def methods(self) -> dict[str, MethodSpec]:
+        if self._methods is None:
+            self._methods = {}
+            for record, fn in self._each_impl("peft_kernel_register_methods"):
+                added: list[MethodSpec] = []
+
+                def register(**kwargs):
+                    added.append(_make_method_spec(source=record.name, **kwargs))
+
+                try:
+                    fn(register=register)
+                    for spec in added:
+                        _add_method(self._methods, spec)
+                except Exception as exc:
+                    self._fail(record, f"failed to register its methods: {type(exc).__name__}: {exc}")
+                    continue
+                record.methods = [s.peft_type for s in added]
+            for spec in self._manual_methods.values():
+                _add_method(self._methods, spec)
+        return self._methods
+
+    def add_method(self, spec: MethodSpec) -> None:
+        existing = self.methods()
+        _add_method(existing, spec)  # raises on duplicates before anything is stored
+        self._manual_methods[spec.peft_type] = spec
+
+    def method(self, peft_type: str) -> MethodSpec:
+        methods = self.methods()
+        try:
+            return methods[peft_type]
+        except KeyError:
+            raise ValueError(self.unknown_method_message(peft_type)) from None
+
+    def unknown_method_message(self, peft_type: str) -> str:
+        known = ", ".join(sorted(self.methods())) or "none"
+        broken = [r.name for r in self._records.values() if r.error]
+        hint = f" Broken plugins: {', '.join(broken)} (see `peft-kernel plugins`)." if broken else ""
+        return (
+            f"Unknown peft_type {peft_type!r}: no installed plugin provides it. Install "
+            f"`{plugin_name_for(peft_type)}` (pip install {plugin_name_for(peft_type)}) or register the method "
+            f"with peft_kernel.register_peft_method(). Installed methods: {known}.{hint}"
+        )
+
+    def combinations(self) -> dict[str, Combination]:
+        if self._combinations is None:
+            self._combinations = {}
+            for record, fn in self._each_impl("peft_kernel_register_combinations"):
+                added: list[Combination] = []
+
+                def register(name, fn, *, svd=False):
+                    added.append(Combination(name, fn, svd, record.name))
+
+                try:
+                    fn(register=register)
+                    for combo in added:
+                        if combo.name in self._combinations:
+                            raise KeyError(f"combination type {combo.name!r} is already registered")
+                        self._combinations[combo.name] = combo
+                except Exception as exc:
+                    self._fail(record, f"failed to register combinations: {type(exc).__name__}: {exc}")
+                    continue
+                record.combinations = [c.name for c in added]
+        return self._combinations
+
+    def quant_backends(self) -> list:
+        if self._backends is None:
+            self._backends = []
+            for record, fn in self._each_impl("peft_kernel_register_quant_backends"):
+                added: list = []
+                try:
+                    fn(register=added.append)
+                except Exception as exc:
+                    self._fail(record, f"failed to register quant backends: {type(exc).__name__}: {exc}")
+                    continue
+                self._backends.extend(added)
+                record.backends = [b.name for b in added]
+        return self._backends
+
+    # -- typed hook calls -------------------------------------------------------------
+
+    def dispatch_layer(self, target, target_name: str, adapter_name: str, config):
+        self.load()
+        layer = self._pm.hook.peft_kernel_dispatch_layer(
+            target=target, target_name=target_name, adapter_name=adapter_name, config=config
+        )
+        if self._trace:
+            decided = type(layer).__name__ if layer is not None else "no plugin"
+            print(
+                f"[peft-kernel] layer `{target_name}` ({type(target).__name__}) "
+                f"-> {config.peft_type} -> {decided}",
+                file=sys.stderr,
+            )
+        return layer
+
+    def adapter_state_dict(self, model, config, adapter_name, state_dict) -> None:
+        self.load()
+        self._pm.hook.peft_kernel_adapter_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+
+    def load_state_dict(self, model, config, adapter_name, state_dict) -> None:
+        self.load()
+        self._pm.hook.peft_kernel_load_state_dict(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+
+    # -- reporting --------------------------------------------------------------------
+
+    def plugin_info(self) -> list[PluginRecord]:
+        self.methods(), self.combinations(), self.quant_backends()
+        for name, record in self._records.items():
+            plugin = self._pm.get_plugin(name)
+            if plugin is not None:
+                record.hooks = sorted(c.name for c in self._pm.get_hookcallers(plugin) or [])
+        return list(self._records.values())
+
+
+def _entry_points():
+    return sorted(metadata.entry_points(group=PROJECT), key=lambda ep: ep.name)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _make_method_spec(*, name, config_cls, model_cls, prefix=None, is_mixed_compatible=False, source=""):
+    if not isinstance(name, str) or not name or name != name.lower() or name.endswith("_"):
+        raise ValueError(f"method name must be a non-empty lower-case string without a trailing '_', got {name!r}")
+    prefix = prefix if prefix is not None else name + "_"
+    model_prefix = getattr(model_cls, "prefix", None)
+    if model_prefix is not None and model_prefix != prefix:
+        raise ValueError(f"prefix {prefix!r} of method {name!r} does not match {model_cls.__name__}.prefix {model_prefix!r}")
+    return MethodSpec(name.upper(), config_cls, model_cls, prefix, is_mixed_compatible, source)
+
+
+def _add_method(registry: dict[str, MethodSpec], spec: MethodSpec) -> None:
+    if spec.peft_type in registry:
+        raise KeyError(f"peft_type {spec.peft_type!r} is already registered (by {registry[spec.peft_type].source})")
+    for other in registry.values():
+        if not spec.is_prompt_learning and not other.is_prompt_learning and other.prefix == spec.prefix:
+            # methods may share a prefix only when one's tuner subclasses the other's (LoRA/AdaLoRA)
+            if not (issubclass(spec.model_cls, other.model_cls) or issubclass(other.model_cls, spec.model_cls)):
+                raise ValueError(f"prefix {spec.prefix!r} of {spec.peft_type} is already used by {other.peft_type}")
+    registry[spec.peft_type] = spec
+
+
+_manager: PluginManager | None = None
+
+
+def manager() -> PluginManager:
+    """The process-wide plugin manager (created on first use)."""
+    global _manager
+    if _manager is None:
+        _manager = PluginManager()
+    return _manager
+
+
+def reset_manager() -> None:
+    """Forget all discovered plugins; the next call to :func:`manager` rediscovers them."""
+    global _manager
+    _manager = None
+    from . import quant
+
+    quant._reset()
+
+
+def register_peft_method(*, name, config_cls, model_cls, prefix=None, is_mixed_compatible=False) -> None:
+    """Register a PEFT method from plain code, without packaging a plugin.
+
+    ``name`` is the lower-case method name; its ``peft_type`` is ``name.upper()`` and may
+    be any string the kernel has never seen. Raises ``KeyError`` for a ``peft_type`` that
+    is already registered and ``ValueError`` when ``prefix`` (default ``name + "_"``)
+    disagrees with ``model_cls.prefix`` or collides with another method's prefix.
+    """
+    spec = _make_method_spec(
+        name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix,
+        is_mixed_compatible=is_mixed_compatible, source="register_peft_method",
+    )
+    manager().add_method(spec)

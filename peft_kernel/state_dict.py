@@ -1,0 +1,300 @@
+"""Checkpoint I/O in HF PEFT's format, for every method.
+
+Keys are selected structurally: every tensor an adapter layer keeps for the adapter
+(its containers named in ``adapter_layer_names`` / ``other_param_names``), every
+``modules_to_save`` copy, and the tuner's shared buffers. In memory a key carries the
+adapter name (``lin.lora_A.default.weight``); on disk it does not (``lin.lora_A.weight``)
+and every key starts with ``base_model.model.``. Loading uses the inverse of the very
+same mapping, so save and load can never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .auxiliary import ModulesToSaveWrapper
+from .errors import PeftWarning
+from .io import atomic_write
+from .layer import AdapterLayer, BufferDict
+from .plugins import manager
+
+WEIGHTS_NAME = "adapter_model.bin"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_PREFIX = "base_model.model."
+FSDP_INFIX = "_fsdp_wrapped_module."
+
+
+def _tuner_and_config(model, adapter_name):
+    tuner = getattr(model, "base_model", model)
+    configs = getattr(model, "peft_config", None) or getattr(tuner, "peft_config", {})
+    if adapter_name not in configs:
+        raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(configs)}")
+    return tuner, configs[adapter_name]
+
+
+def key_map(model, adapter_name: str = "default") -> dict[str, str]:
+    """``{in-memory key: checkpoint key}`` for one adapter of a PeftModel."""
+    tuner, config = _tuner_and_config(model, adapter_name)
+    if config.is_prompt_learning:
+        return tuner.prompt_key_map(adapter_name) if hasattr(tuner, "prompt_key_map") else {}
+    inner = tuner.model
+    mapping: dict[str, str] = {}
+    owners: list[str] = []
+    for path, module in inner.named_modules():
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_layer_names + module.other_param_names:
+                container = getattr(module, attr, None)
+                if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)):
+                    continue
+                if adapter_name not in container:
+                    continue
+                if isinstance(container, BufferDict) and not container.persistent:
+                    continue
+                item = container[adapter_name]
+                base = f"{path}.{attr}"
+                if isinstance(item, nn.Module):
+                    for sub in item.state_dict().keys():
+                        mapping[f"{MODEL_PREFIX}{base}.{adapter_name}.{sub}"] = f"{MODEL_PREFIX}{base}.{sub}"
+                else:
+                    mapping[f"{MODEL_PREFIX}{base}.{adapter_name}"] = f"{MODEL_PREFIX}{base}"
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            if any(path.startswith(o) for o in owners):
+                continue
+            owners.append(path + ".")
+            for sub in module.modules_to_save[adapter_name].state_dict().keys():
+                mapping[f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{sub}"] = f"{MODEL_PREFIX}{path}.{sub}"
+    for attr in getattr(tuner, "shared_buffer_names", ()):
+        container = getattr(tuner, attr, None)
+        if container is not None and adapter_name in container:
+            mapping[f"base_model.{attr}.{adapter_name}"] = f"base_model.{attr}"
+    bias = getattr(config, "bias", "none")
+    if bias == "all":
+        for name, _ in inner.named_parameters():
+            if name.endswith(".bias") or name == "bias":
+                if ".modules_to_save." not in name and ".original_module." not in name and f"{MODEL_PREFIX}{name}" not in mapping:
+                    mapping[f"{MODEL_PREFIX}{name}"] = f"{MODEL_PREFIX}{name}"
+    elif isinstance(bias, str) and bias.endswith("_only"):
+        for path, module in inner.named_modules():
+            if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
+                base = module.get_base_layer()
+                if getattr(base, "bias", None) is not None:
+                    full = path + ".base_layer" * _depth(module) + ".bias"
+                    mapping[f"{MODEL_PREFIX}{full}"] = f"{MODEL_PREFIX}{full}"
+    return mapping
+
+
+def _depth(module: AdapterLayer) -> int:
+    depth = 0
+    while isinstance(module, AdapterLayer):
+        module, depth = module.base_layer, depth + 1
+    return depth
+
+
+def _normalise(state_dict: dict[str, Any]) -> dict[str, Any]:
+    if any(FSDP_INFIX in k for k in state_dict):
+        return {k.replace(FSDP_INFIX, ""): v for k, v in state_dict.items()}
+    return state_dict
+
+
+def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False, save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under their checkpoint keys (no adapter name; HF PEFT format).
+
+    Pass ``state_dict`` to read the values from it instead of the live model (e.g. a
+    full state dict gathered from FSDP; ``_fsdp_wrapped_module.`` infixes are ignored).
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    tuner, config = _tuner_and_config(model, adapter_name)
+    mapping = key_map(model, adapter_name)
+    if state_dict is None:
+        values = _live_tensors(model, mapping)
+    else:
+        state_dict = _normalise(state_dict)
+        values = {k: state_dict[k] for k in mapping if k in state_dict}
+    result = {mapping[k]: v for k, v in values.items()}
+    if config.is_prompt_learning:
+        return result
+    manager().adapter_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=result)
+    return result
+
+
+def _live_tensors(model, mapping) -> dict[str, torch.Tensor]:
+    """Look the mapped tensors up without building the whole model's state dict."""
+    full = {}
+    root = model
+    for key in mapping:
+        full[key] = _lookup(root, key)
+    return full
+
+
+def _lookup(root: nn.Module, key: str) -> torch.Tensor:
+    module_path, _, name = key.rpartition(".")
+    module = root.get_submodule(module_path) if module_path else root
+    if name in module._parameters:
+        return module._parameters[name]
+    if name in module._buffers:
+        return module._buffers[name]
+    if isinstance(module, nn.ParameterDict):
+        return module[name]
+    raise KeyError(key)
+
+
+def save_key_map(model, adapter_name: str) -> dict[str, str]:
+    """``{checkpoint key: in-memory key}``, with the plugins' save-time renames applied."""
+    tuner, config = _tuner_and_config(model, adapter_name)
+    mapping = key_map(model, adapter_name)
+    saved = {disk: mem for mem, disk in mapping.items()}
+    if not config.is_prompt_learning:
+        manager().adapter_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=saved)
+    return saved
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
+    """Load checkpoint tensors into an existing adapter; returns ``(missing_keys, unexpected_keys)``.
+
+    Nothing is changed unless every tensor fits: a shape mismatch raises (or, with
+    ``ignore_mismatched_sizes``, skips that tensor with a warning).
+    """
+    tuner, config = _tuner_and_config(model, adapter_name)
+    state = dict(peft_model_state_dict)
+    state = {k if k.startswith("base_model.") else MODEL_PREFIX + k: v for k, v in _normalise(state).items()}
+    if not config.is_prompt_learning:
+        manager().load_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=state)
+    wanted = save_key_map(model, adapter_name)
+    assignments: list[tuple[str, torch.Tensor]] = []
+    unexpected, mismatched = [], []
+    for disk_key, value in state.items():
+        mem_key = wanted.get(disk_key)
+        if mem_key is None:
+            unexpected.append(disk_key)
+            continue
+        target = _lookup(model, mem_key)
+        if tuple(target.shape) != tuple(value.shape):
+            mismatched.append((disk_key, tuple(value.shape), tuple(target.shape)))
+            continue
+        assignments.append((mem_key, value))
+    if mismatched:
+        lines = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched)
+        if not ignore_mismatched_sizes:
+            raise ValueError(
+                f"Size mismatch while loading adapter {adapter_name!r}: {lines}. The adapter was saved for a "
+                "different model or config; nothing was loaded. Pass ignore_mismatched_sizes=True to skip them."
+            )
+        warnings.warn(f"Skipped tensors of mismatched size: {lines}", PeftWarning, stacklevel=2)
+    with torch.no_grad():
+        for mem_key, value in assignments:
+            _assign(model, mem_key, value, low_cpu_mem_usage)
+    loaded = {m for m, _ in assignments}
+    missing = [k for k in wanted.values() if k not in loaded]
+    if low_cpu_mem_usage:
+        for _, module in tuner.model.named_modules():
+            if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
+                module._move_adapter_to_device_of_base_layer(adapter_name)
+    return _LoadResult(missing, unexpected)
+
+
+class _LoadResult(tuple):
+    def __new__(cls, missing, unexpected):
+        obj = super().__new__(cls, (missing, unexpected))
+        obj.missing_keys, obj.unexpected_keys = missing, unexpected
+        return obj
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor, assign: bool) -> None:
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    current = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+    if current is None and isinstance(module, nn.ParameterDict):
+        current = module[name]
+    if assign or current.device.type == "meta":
+        new = value.to(dtype=current.dtype if current.is_floating_point() else value.dtype)
+        if isinstance(current, nn.Parameter):
+            module._parameters[name] = nn.Parameter(new, requires_grad=current.requires_grad)
+        else:
+            module._buffers[name] = new
+    else:
+        current.copy_(value.to(device=current.device, dtype=current.dtype))
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: Optional[dict] = None,
+                      use_pickle: bool = True, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """Read an adapter's tensors from a local directory.
+
+    ``adapter_model.safetensors`` is preferred; ``adapter_model.bin`` is read only when no
+    safetensors file exists, and then with ``torch.load(weights_only=True)``.
+    """
+    path = model_id
+    if hub_kwargs.get("subfolder"):
+        path = os.path.join(path, hub_kwargs["subfolder"])
+    device = device or "cpu"
+    safe_file = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+    bin_file = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(safe_file):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(safe_file, device=str(device))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(
+                f"{safe_file} is not a readable safetensors file ({exc}). It may be truncated or corrupt; "
+                "save the adapter again."
+            ) from None
+    elif os.path.isfile(bin_file):
+        try:
+            state = torch.load(bin_file, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{bin_file} could not be loaded safely (weights_only=True): {exc}") from None
+    else:
+        raise ValueError(
+            f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {path!r}. peft-kernel loads adapters from local "
+            "directories."
+        )
+    if key_mapping:
+        import re
+
+        remapped = {}
+        for key, value in state.items():
+            short = key[len(MODEL_PREFIX):] if key.startswith(MODEL_PREFIX) else key
+            for pattern, replacement in key_mapping.items():
+                short, n = re.subn(pattern, replacement, short)
+                if n:
+                    break
+            remapped[MODEL_PREFIX + short if key.startswith(MODEL_PREFIX) else short] = value
+        state = remapped
+    return state
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], directory: str, safe_serialization: bool = True) -> str:
+    """Write adapter tensors atomically; returns the file path."""
+    os.makedirs(directory, exist_ok=True)
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        seen: dict[int, str] = {}
+        clean = {}
+        for key, tensor in state_dict.items():
+            tensor = tensor.detach()
+            ptr = tensor.data_ptr() if tensor.numel() else None
+            if ptr is not None and ptr in seen:
+                tensor = tensor.clone()  # safetensors refuses shared storage
+            elif ptr is not None:
+                seen[ptr] = key
+            clean[key] = tensor.contiguous().cpu()
+        path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+        atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
+    else:
+        path = os.path.join(directory, WEIGHTS_NAME)
+        clean = {k: v.detach().cpu() for k, v in state_dict.items()}
+        atomic_write(path, lambda tmp: torch.save(clean, tmp))
+    return path

@@ -1,0 +1,1 @@
+"""Conformance kit for method plugins (see :mod:`peft_kernel.testing.conformance`)."""

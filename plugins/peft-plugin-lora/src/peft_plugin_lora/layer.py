@@ -1,0 +1,611 @@
+"""LoRA layers. The math, per adapter:
+
+    h = W₀x + s · B A dropout(x)        s = lora_alpha / r   (rsLoRA: lora_alpha / √r)
+
+``A`` (r × in) and ``B`` (out × r) are the trainable factors; everything else (several
+adapters, merge state, devices, quantized bases, mixed batches) is the kernel's job.
+DoRA rescales the adapted weight per output channel: W' = m · (W₀ + sBA) / ‖W₀ + sBA‖.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_kernel import AdapterLayer, PeftWarning, quant
+
+
+class Magnitude(nn.Module):
+    """DoRA's per-output-channel magnitude (a module so FSDP can wrap it)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=True)
+
+
+class LoraLayer(AdapterLayer):
+    """Bookkeeping shared by every LoRA layer. Subclasses implement ``make_factors``,
+    ``adapter_forward`` and ``delta_weight``; custom layers (``register_layer_mapping``)
+    subclass this too."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict({})
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._dora_norm: dict[str, torch.Tensor] = {}
+        self.fan_in_fan_out = False
+
+    # -- creation ---------------------------------------------------------------------
+
+    def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        lora_dropout = getattr(config, "lora_dropout", kwargs.get("lora_dropout", 0.0))
+        use_rslora = getattr(config, "use_rslora", kwargs.get("use_rslora", False))
+        use_dora = getattr(config, "use_dora", kwargs.get("use_dora", False))
+        lora_bias = getattr(config, "lora_bias", kwargs.get("lora_bias", False))
+        init = getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True))
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_bias[adapter_name] = lora_bias
+        self.make_factors(adapter_name, r, lora_bias)
+        if not self._is_meta(adapter_name):
+            self.initialise(adapter_name, init)
+        self.use_dora[adapter_name] = use_dora
+        if use_dora:
+            self.create_magnitude(adapter_name)
+        self._adapter_state_changed()
+
+    def _is_meta(self, adapter_name: str) -> bool:
+        for attr in ("lora_A", "lora_embedding_A"):
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                tensor = item.weight if isinstance(item, nn.Module) else item
+                return tensor.device.type == "meta"
+        return False
+
+    def initialise(self, adapter_name: str, init) -> None:
+        """Initialise the factors (``init_lora_weights``)."""
+        if init is False:
+            return
+        if isinstance(init, str) and init.startswith("pissa"):
+            return self._init_pissa(adapter_name, init)
+        if init == "olora":
+            return self._init_olora(adapter_name)
+        if init == "orthogonal":
+            return self._init_orthogonal(adapter_name)
+        if adapter_name in self.lora_A:
+            A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            with torch.no_grad():
+                if init == "gaussian":
+                    nn.init.normal_(A, std=1 / self.r[adapter_name])
+                else:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                nn.init.zeros_(B)
+                if self.lora_bias[adapter_name]:
+                    nn.init.zeros_(self.lora_B[adapter_name].bias)
+        elif adapter_name in self.lora_embedding_A:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_embedding_A[adapter_name])
+                nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def _base_matrix(self) -> torch.Tensor:
+        """Base weight as an (out, in) float32 matrix."""
+        weight = quant.base_weight(self.get_base_layer()).detach().float()
+        return weight.T if self.fan_in_fan_out else weight.reshape(weight.shape[0], -1)
+
+    def _write_base_matrix(self, matrix: torch.Tensor) -> None:
+        base = self.get_base_layer()
+        current = quant.base_weight(base)
+        matrix = matrix.T if self.fan_in_fan_out else matrix.reshape(current.shape)
+        quant.set_base_weight(base, matrix.to(current.dtype))
+
+    def _init_pissa(self, adapter_name: str, init: str) -> None:
+        """Principal singular components as the adapter; the residual stays in the base."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"init_lora_weights={init!r} is only supported for linear layers")
+        r, s = self.r[adapter_name], self.scaling[adapter_name]
+        weight = self._base_matrix()
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            niter = int(init.split("_niter_")[-1])
+            U, S, V = torch.svd_lowrank(weight, r, niter=niter)
+            Vh = V.T
+        S = S / s
+        A = torch.diag(S.sqrt()) @ Vh
+        B = U @ torch.diag(S.sqrt())
+        self._set_factors(adapter_name, A, B)
+        self._write_base_matrix(weight - s * B @ A)
+
+    def _init_olora(self, adapter_name: str) -> None:
+        """Orthonormal (QR) factors from the base weight; the base keeps the residual."""
+        r, s = self.r[adapter_name], self.scaling[adapter_name]
+        weight = self._base_matrix()
+        Q, R = torch.linalg.qr(weight)
+        B, A = Q[:, :r], R[:r]
+        self._set_factors(adapter_name, A, B)
+        self._write_base_matrix(weight - s * B @ A)
+
+    def _init_orthogonal(self, adapter_name: str) -> None:
+        """A and B built from the two halves of one random orthogonal matrix (even r), so BA = 0."""
+        r = self.r[adapter_name]
+        if r % 2:
+            raise ValueError(f"Orthogonal initialization requires an even LoRA rank, got {r}")
+        Q, _ = torch.linalg.qr(torch.randn(r, r))
+        odd, even = Q[0::2, :], Q[1::2, :]
+        A = (torch.randn(self.in_features, r // 2) @ odd).T / 10.0
+        B = (torch.randn(r // 2, self.out_features).T @ even) / 10.0
+        self._set_factors(adapter_name, A, B)
+
+    def _set_factors(self, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        dtype = self.lora_A[adapter_name].weight.dtype
+        self.lora_A[adapter_name].weight.data = A.contiguous().to(dtype)
+        self.lora_B[adapter_name].weight.data = B.contiguous().to(dtype)
+
+    # -- DoRA -------------------------------------------------------------------------
+
+    def lora_matrix(self, adapter_name: str) -> torch.Tensor:
+        """B·A as an (out, in·kernel) matrix, unscaled."""
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        r = A.shape[0]
+        return B.reshape(B.shape[0], r) @ A.reshape(r, -1)
+
+    def dora_weight_norm(self, adapter_name: str, weight: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """‖W + sBA‖ per output channel, in the magnitude's layout (W is (out, …))."""
+        combined = weight + self.scaling[adapter_name] * lora.reshape(weight.shape).to(weight.dtype)
+        return torch.linalg.norm(combined.reshape(combined.shape[0], -1), dim=1).to(weight.dtype)
+
+    def _base_out_in(self) -> torch.Tensor:
+        weight = quant.base_weight(self.get_base_layer())
+        return weight.T if self.fan_in_fan_out else weight
+
+    def create_magnitude(self, adapter_name: str) -> None:
+        if self._is_meta(adapter_name):
+            shape = self._magnitude_shape()
+            self.lora_magnitude_vector[adapter_name] = Magnitude(torch.empty(shape, device="meta"))
+            return
+        with torch.no_grad():
+            weight = self._base_out_in().detach().float()
+            lora = self.lora_matrix(adapter_name).float()
+            norm = self.dora_weight_norm(adapter_name, weight, lora).reshape(self._magnitude_shape())
+        self.lora_magnitude_vector[adapter_name] = Magnitude(norm.to(self.lora_A[adapter_name].weight.dtype))
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    # -- merging ----------------------------------------------------------------------
+
+    def merge_blocker(self) -> Optional[str]:
+        for name in self.active_adapters:
+            if self.lora_bias.get(name) and getattr(self.get_base_layer(), "bias", None) is None:
+                return "lora_bias=True cannot be merged into a base layer without a bias"
+        return super().merge_blocker()
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name).to(weight.dtype)
+        if not self.use_dora.get(adapter_name):
+            return weight + delta
+        oriented = weight.T if self.fan_in_fan_out else weight
+        lora = self.lora_matrix(adapter_name).to(weight.dtype)
+        norm = self.dora_weight_norm(adapter_name, oriented, lora).detach()
+        self._dora_norm[adapter_name] = norm
+        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
+        merged = (oriented + self.scaling[adapter_name] * lora.reshape(oriented.shape)) * scale.reshape(
+            (-1,) + (1,) * (oriented.dim() - 1))
+        return merged.T if self.fan_in_fan_out else merged
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.use_dora.get(adapter_name):
+            return weight - self.delta_weight(adapter_name).to(weight.dtype)
+        oriented = weight.T if self.fan_in_fan_out else weight
+        norm = self._dora_norm.pop(adapter_name)
+        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
+        lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
+        restored = oriented / scale.reshape((-1,) + (1,) * (oriented.dim() - 1)) - self.scaling[adapter_name] * lora
+        return restored.T if self.fan_in_fan_out else restored
+
+    def merge_bias(self, adapter_name: str, sign: int) -> None:
+        if not self.lora_bias.get(adapter_name) or adapter_name not in self.lora_B:
+            return
+        base_bias = self.get_base_layer().bias
+        with torch.no_grad():
+            delta = self.lora_B[adapter_name].bias * self.scaling[adapter_name]
+            base_bias.data += sign * delta.to(base_bias.dtype)
+
+    def _cast(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == weight.dtype else x.to(weight.dtype)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        if scale == 1:
+            return
+        for name in self.active_adapters:
+            if name in self.scaling:
+                self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for name in self.active_adapters:
+            if name not in self.scaling:
+                continue
+            if scale is None:
+                self.scaling[name] = self.lora_alpha[name] / self.r[name]
+            else:
+                self.scaling[name] /= scale
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Linear(LoraLayer):
+    """LoRA on nn.Linear, transformers Conv1D (``fan_in_fan_out``) and quantized linear layers."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 config=None, fan_in_fan_out: bool = False, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.fan_in_fan_out = getattr(config, "fan_in_fan_out", fan_in_fan_out) if config is not None else fan_in_fan_out
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        device = None if torch.get_default_device().type == "meta" else "meta"
+        # build on meta, then materialise once: nn.Linear's own init would be thrown away
+        A = nn.Linear(self.in_features, r, bias=False, device=device)
+        B = nn.Linear(r, self.out_features, bias=lora_bias, device=device)
+        if device == "meta":
+            A, B = A.to_empty(device="cpu"), B.to_empty(device="cpu")
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+                if lora_bias:
+                    bound = 1 / math.sqrt(r)
+                    nn.init.uniform_(B.bias, -bound, bound)
+        self.lora_A[adapter_name] = A
+        self.lora_B[adapter_name] = B
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        cast = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            A, B = A.float(), B.float()
+        delta = (B @ A) * self.scaling[adapter_name]
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(self.lora_A[adapter_name].weight.dtype) if cast else delta
+
+    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        x = self._cast(x, A.weight)
+        dropout = self.lora_dropout[adapter_name]
+        scaling = self.scaling[adapter_name]
+        if not self.use_dora[adapter_name]:
+            return result + (B(A(dropout(x))) * scaling).to(result.dtype)
+        reuse = isinstance(dropout, nn.Identity) or not self.training
+        if not reuse:
+            x = dropout(x)
+        return result + self._dora_output(x, result if reuse else None, adapter_name).to(result.dtype)
+
+    def _dora_output(self, x, base_result, adapter_name):
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        scaling = self.scaling[adapter_name]
+        weight = self._base_out_in().to(x.dtype)
+        lora = self.lora_matrix(adapter_name).to(x.dtype)
+        norm = self.dora_weight_norm(adapter_name, weight, lora.detach()).detach()
+        scale = (self.lora_magnitude_vector[adapter_name].weight / norm).view(1, -1)
+        if base_result is None:
+            base_result = F.linear(x, weight)
+        else:
+            bias = self.get_base_layer().bias
+            base_result = base_result - bias if bias is not None else base_result
+        return (scale - 1) * base_result + scale * B(A(x)) * scaling
+
+
+class Embedding(LoraLayer):
+    """LoRA on nn.Embedding: ``lora_embedding_A`` (r × vocab) is looked up, then mapped by
+    ``lora_embedding_B`` (dim × r)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 config=None, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        if getattr(config, "lora_bias", False):
+            warnings.warn("lora_bias is not supported for Embedding layers and is ignored.", PeftWarning)
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
+        if config is not None and config.lora_bias:
+            config = _without_lora_bias(config)
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def lora_matrix(self, adapter_name: str) -> torch.Tensor:
+        return self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]  # (dim, vocab)
+
+    def _base_out_in(self) -> torch.Tensor:
+        return self.get_base_layer().weight.T  # (dim, vocab)
+
+    def _is_meta(self, adapter_name: str) -> bool:
+        item = self.lora_embedding_A.get(adapter_name) if adapter_name in self.lora_embedding_A else None
+        return item is not None and item.device.type == "meta"
+
+    def create_magnitude(self, adapter_name: str) -> None:
+        with torch.no_grad():
+            weight = self._base_out_in().detach().float()
+            norm = self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name).float())
+        self.lora_magnitude_vector[adapter_name] = Magnitude(norm.to(self.lora_embedding_A[adapter_name].dtype))
+
+    def _set_factors(self, adapter_name, A, B):
+        raise ValueError("pissa/olora/orthogonal initialisation is only supported for linear layers")
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return (self.lora_matrix(adapter_name) * self.scaling[adapter_name]).T
+
+    def merge_weight(self, weight, adapter_name):
+        if not self.use_dora.get(adapter_name):
+            return weight + self.delta_weight(adapter_name).to(weight.dtype)
+        oriented = weight.T
+        lora = self.lora_matrix(adapter_name).to(weight.dtype)
+        norm = self.dora_weight_norm(adapter_name, oriented, lora).detach()
+        self._dora_norm[adapter_name] = norm
+        scale = (self.lora_magnitude_vector[adapter_name].weight / norm).to(weight.dtype)
+        return ((oriented + self.scaling[adapter_name] * lora) * scale.view(-1, 1)).T
+
+    def unmerge_weight(self, weight, adapter_name):
+        if not self.use_dora.get(adapter_name):
+            return weight - self.delta_weight(adapter_name).to(weight.dtype)
+        norm = self._dora_norm.pop(adapter_name)
+        scale = (self.lora_magnitude_vector[adapter_name].weight / norm).to(weight.dtype)
+        lora = self.lora_matrix(adapter_name).to(weight.dtype)
+        return (weight.T / scale.view(-1, 1) - self.scaling[adapter_name] * lora).T
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+        A, B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        scaling = self.scaling[adapter_name]
+        after_A = self._embed(x, A.T)
+        if not self.use_dora[adapter_name]:
+            return result + (after_A @ B.T * scaling).to(result.dtype)
+        weight = self._base_out_in()
+        norm = self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name).detach()).detach()
+        scale = self.lora_magnitude_vector[adapter_name].weight / norm
+        return (scale * result + scale * (after_A @ B.T) * scaling).to(result.dtype)
+
+
+class _ConvNd(LoraLayer):
+    """LoRA on nn.Conv1d/2d/3d: A is a conv with the base's kernel, B a 1×…×1 conv."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 config=None, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        if base_layer.groups > 1:
+            warnings.warn("LoRA on a conv layer with groups > 1 cannot be merged.", PeftWarning)
+        if r % base_layer.groups:
+            raise ValueError(
+                f"LoRA rank {r} must be divisible by groups={base_layer.groups} of {type(base_layer).__name__}"
+            )
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        base = self.get_base_layer()
+        conv = type(base)
+        ones = (1,) * (base.weight.dim() - 2)
+        self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                         dilation=base.dilation, bias=False)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
+
+    def _magnitude_shape(self):
+        return (1, self.out_features) + (1,) * (self.get_base_layer().weight.dim() - 2)
+
+    def dora_weight_norm(self, adapter_name, weight, lora):
+        combined = weight + self.scaling[adapter_name] * lora.reshape(weight.shape).to(weight.dtype)
+        return combined.reshape(combined.shape[0], -1).norm(p=2, dim=1)
+
+    def merge_blocker(self) -> Optional[str]:
+        if self.get_base_layer().groups > 1:
+            return "merging is not supported for conv layers with groups > 1"
+        return super().merge_blocker()
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return (self.lora_matrix(adapter_name) * self.scaling[adapter_name]).reshape(weight.shape)
+
+    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        x = self._cast(x, A.weight)
+        dropout = self.lora_dropout[adapter_name]
+        scaling = self.scaling[adapter_name]
+        if not self.use_dora[adapter_name]:
+            return result + (B(A(dropout(x))) * scaling).to(result.dtype)
+        reuse = isinstance(dropout, nn.Identity) or not self.training
+        if not reuse:
+            x = dropout(x)
+        base = self.get_base_layer()
+        weight = base.weight
+        norm = self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name).detach()).detach()
+        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).view(
+            (1, -1) + (1,) * (weight.dim() - 2))
+        if reuse:
+            base_result = result
+            if base.bias is not None:
+                base_result = base_result - base.bias.view((1, -1) + (1,) * (result.dim() - 2))
+        else:
+            base_result = base._conv_forward(x, weight, None)
+        return result + ((scale - 1) * base_result + scale * B(A(x)) * scaling).to(result.dtype)
+
+    def merge_weight(self, weight, adapter_name):
+        if not self.use_dora.get(adapter_name):
+            return weight + self.delta_weight(adapter_name).to(weight.dtype)
+        lora = self.lora_matrix(adapter_name).to(weight.dtype)
+        norm = self.dora_weight_norm(adapter_name, weight, lora).detach()
+        self._dora_norm[adapter_name] = norm
+        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        return (weight + self.scaling[adapter_name] * lora.reshape(weight.shape)) * scale.view(shape)
+
+    def unmerge_weight(self, weight, adapter_name):
+        if not self.use_dora.get(adapter_name):
+            return weight - self.delta_weight(adapter_name).to(weight.dtype)
+        norm = self._dora_norm.pop(adapter_name)
+        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(weight.shape)
+        return weight / scale.view(shape) - self.scaling[adapter_name] * lora
+
+
+class Conv1d(_ConvNd):
+    pass
+
+
+class Conv2d(_ConvNd):
+    pass
+
+
+class Conv3d(_ConvNd):
+    pass
+
+
+class MultiheadAttention(LoraLayer):
+    """LoRA on nn.MultiheadAttention (equal q/k/v dims): one adapter on the packed input
+    projection and one on ``out_proj``. Forward runs the attention with the adapted
+    weights as tensors, so gradients reach both adapters and the module is never mutated."""
+
+    supports_mixed_batch = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 config=None, **kwargs: Any) -> None:
+        if not getattr(base_layer, "_qkv_same_embed_dim", True):
+            raise ValueError("LoRA supports nn.MultiheadAttention only with equal query/key/value dimensions")
+        if getattr(config, "use_dora", False):
+            raise ValueError("DoRA is not supported for nn.MultiheadAttention; set use_dora=False")
+        super().__init__(base_layer, **kwargs)
+        self.base_layer.out_proj = Linear(base_layer.out_proj, adapter_name, r=r, lora_alpha=lora_alpha,
+                                          config=config, **kwargs)
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def update_layer(self, adapter_name, r, lora_alpha, config=None, **kwargs):
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        out_proj = self.base_layer.out_proj
+        if isinstance(out_proj, Linear) and adapter_name not in out_proj.lora_A:
+            out_proj.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def make_factors(self, adapter_name, r, lora_bias):
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def get_base_layer(self) -> nn.Module:
+        return super().get_base_layer()
+
+    def delta_weight(self, adapter_name):
+        return (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[adapter_name]
+
+    def merge_blocker(self):
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        names = self._adapters_to_merge(adapter_names)
+        base = self.get_base_layer()
+        for name in names:
+            if name not in self.lora_A:
+                continue
+            merged = base.in_proj_weight.data + self.delta_weight(name).to(base.in_proj_weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs detected when merging adapter {name!r}")
+            base.out_proj.merge(safe_merge=safe_merge, adapter_names=[name])
+            base.in_proj_weight.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", PeftWarning)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            base.in_proj_weight.data -= self.delta_weight(name).to(base.in_proj_weight.dtype)
+        base.out_proj.unmerge()
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode)
+        out_proj = self.base_layer.out_proj
+        if isinstance(out_proj, AdapterLayer):
+            out_proj.set_adapter(adapter_names, inference_mode)
+
+    def forward(self, query, *args, **kwargs):
+        kwargs.pop("adapter_names", None)
+        if self._batch_adapter_names is not None:
+            raise TypeError("LoRA on nn.MultiheadAttention does not support mixed adapter batches")
+        base = self.get_base_layer()
+        if self._disable_adapters or self.merged:
+            if self._disable_adapters and self.merged:
+                self.unmerge()
+            return base(query, *args, **kwargs)
+        active = [n for n in self._active_adapter if n in self.lora_A]
+        if not active:
+            return base(query, *args, **kwargs)
+        in_w = base.in_proj_weight + sum(self.delta_weight(n).to(base.in_proj_weight.dtype) for n in active)
+        out_layer = base.out_proj.get_base_layer()
+        out_w = out_layer.weight + sum(base.out_proj.delta_weight(n).to(out_layer.weight.dtype) for n in active)
+        return _mha_forward(base, in_w, out_w, query, *args, **kwargs)
+
+
+def _mha_forward(mha: nn.MultiheadAttention, in_proj_weight, out_proj_weight, query, key=None, value=None,
+                 key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
+                 is_causal=False):
+    key = query if key is None else key
+    value = key if value is None else value
+    if mha.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    out, weights = F.multi_head_attention_forward(
+        query, key, value, mha.embed_dim, mha.num_heads, in_proj_weight, mha.in_proj_bias,
+        mha.bias_k, mha.bias_v, mha.add_zero_attn, mha.dropout, out_proj_weight,
+        mha.out_proj.get_base_layer().bias if isinstance(mha.out_proj, AdapterLayer) else mha.out_proj.bias,
+        training=mha.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+        attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal,
+    )
+    if mha.batch_first:
+        out = out.transpose(0, 1)
+    return out, weights
+
+
+def _without_lora_bias(config):
+    import copy
+
+    config = copy.copy(config)
+    config.lora_bias = False
+    return config
