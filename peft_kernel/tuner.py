@@ -245,7 +245,10 @@ class BaseTuner(nn.Module):
             if self.prefix not in name and ".modules_to_save." not in name:
                 param.requires_grad_(False)
         for adapter in self.active_adapters:
-            bias = getattr(self.peft_config.get(adapter), "bias", "none")
+            config = self.peft_config.get(adapter)
+            if config is None or config.inference_mode:
+                continue
+            bias = getattr(config, "bias", "none")
             if bias == "all":
                 for name, param in model.named_parameters():
                     if name.endswith("bias") and ".modules_to_save." not in name:
@@ -299,7 +302,10 @@ class BaseTuner(nn.Module):
         remaining = [a for a in self.active_adapters if a != adapter_name]
         if not remaining:
             remaining = sorted(self.peft_config)[:1]
-        self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+        if remaining:
+            self.set_adapter(remaining, inference_mode=self.peft_config[remaining[0]].inference_mode)
+        else:
+            self.active_adapter = []
         self.targeted_module_names = [
             n for n, m in adapter_modules(self.model) if isinstance(m, AdapterLayer) and m._all_available_adapter_names()
         ]

@@ -1,1 +1,8 @@
-"""Conformance kit for method plugins (see :mod:`peft_kernel.testing.conformance`)."""
+"""Conformance kit: the contract tests every method plugin runs against itself.
+
+See :mod:`peft_kernel.testing.conformance`.
+"""
+
+from .conformance import Case, MethodConformance, perturb
+
+__all__ = ["Case", "MethodConformance", "perturb"]

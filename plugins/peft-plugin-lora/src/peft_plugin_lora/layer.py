@@ -359,6 +359,9 @@ class Embedding(LoraLayer):
         return item is not None and item.device.type == "meta"
 
     def create_magnitude(self, adapter_name: str) -> None:
+        if self._is_meta(adapter_name):
+            self.lora_magnitude_vector[adapter_name] = Magnitude(torch.empty(self.out_features, device="meta"))
+            return
         with torch.no_grad():
             weight = self._base_out_in().detach().float()
             norm = self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name).float())

@@ -1,0 +1,265 @@
+"""The contract every method plugin runs against itself.
+
+Subclass :class:`MethodConformance` in your plugin's tests and list the cases it should
+cover; pytest then runs every contract test for every case::
+
+    from peft_kernel.testing import Case, MethodConformance
+
+    class TestMyMethod(MethodConformance):
+        cases = [Case("mlp", model_fn=make_mlp, config_fn=lambda: MyConfig(target_modules=["lin0"]),
+                      input_fn=lambda: torch.randn(4, 10))]
+
+The tests use nothing but the public API, so a third-party plugin passes them exactly
+when peft-kernel can treat it like a first-party one. A method whose adapter is not an
+identity at initialisation sets ``identity_at_init = False``; one that cannot merge sets
+``supports_merge = False``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import PeftModel, get_peft_model
+from ..layer import AdapterLayer
+from ..state_dict import SAFETENSORS_WEIGHTS_NAME
+
+
+@dataclasses.dataclass
+class Case:
+    """One model + config + input combination to check."""
+
+    name: str
+    model_fn: Callable[[], nn.Module]
+    config_fn: Callable[[], Any]
+    input_fn: Callable[[], Any]
+    #: absolute tolerance for output comparisons
+    atol: float = 1e-5
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            out = model(**inputs)
+        else:
+            out = model(inputs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if hasattr(out, "logits"):
+        out = out.logits
+    if hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    return out.detach().float()
+
+
+def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Move every trainable adapter tensor away from its initial value (methods often
+    start as an identity; a contract check on an identity proves nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    adapters = set(getattr(model, "peft_config", {}) or {})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if adapters and not adapters & set(name.split(".")):
+                continue  # trainable base tensors (e.g. biases) are not the adapter's
+            if param.requires_grad and param.is_floating_point() and param.device.type != "meta":
+                noise = torch.randn(param.shape, generator=generator) * scale
+                param.add_(noise.to(param.device, param.dtype))
+
+
+def _base_weight_ids(model: nn.Module) -> set[int]:
+    """Weights (not biases) held directly by the innermost base layer of each adapter layer."""
+    ids = set()
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for name, param in module.get_base_layer().named_parameters(recurse=False):
+                if not name.endswith("bias"):
+                    ids.add(id(param))
+    return ids
+
+
+def _assert_close(actual, expected, atol, what):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f"{what}: max abs difference {diff:.3g} > {atol}"
+
+
+def _assert_differs(actual, expected, what):
+    diff = (actual - expected).abs().max().item()
+    assert diff > 1e-6, f"{what}: outputs did not change ({diff:.3g}); the check would be vacuous"
+
+
+class MethodConformance:
+    """Contract tests; see the module docstring. Not collected by itself (no ``Test`` prefix)."""
+
+    cases: list[Case] = []
+    identity_at_init: bool = True
+    supports_merge: bool = True
+    adapter_name_2: str = "other"
+
+    def pytest_generate_tests(self, metafunc):
+        if "case" in metafunc.fixturenames:
+            metafunc.parametrize("case", self.cases, ids=[c.name for c in self.cases])
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _fresh(self, case: Case) -> nn.Module:
+        torch.manual_seed(0)
+        return case.model_fn()
+
+    def _peft(self, case: Case, seed: int = 1, **kwargs) -> tuple[nn.Module, PeftModel]:
+        base = self._fresh(case)
+        reference = copy.deepcopy(base)
+        model = get_peft_model(base, case.config_fn(), **kwargs)
+        perturb(model, seed=seed)
+        return reference, model
+
+    # -- the contract -----------------------------------------------------------------
+
+    def test_identity_at_init(self, case: Case):
+        if not self.identity_at_init:
+            return
+        base = self._fresh(case)
+        reference = copy.deepcopy(base)
+        inputs = case.input_fn()
+        model = get_peft_model(base, case.config_fn())
+        _assert_close(_run(model, inputs), _run(reference, inputs), case.atol, "new adapter changed outputs")
+
+    def test_trainable_parameters_are_adapter_only(self, case: Case):
+        base = self._fresh(case)
+        model = get_peft_model(base, case.config_fn())
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable, "the adapter has no trainable parameters"
+        base_weights = _base_weight_ids(model)
+        wrong = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in base_weights]
+        assert not wrong, f"base weights are trainable: {wrong}"
+
+    def test_save_load_round_trip(self, case: Case, tmp_path):
+        reference, model = self._peft(case)
+        inputs = case.input_fn()
+        expected = _run(model, inputs)
+        model.save_pretrained(tmp_path)
+        assert os.path.isfile(tmp_path / "adapter_config.json")
+        assert os.path.isfile(tmp_path / SAFETENSORS_WEIGHTS_NAME)
+        loaded = PeftModel.from_pretrained(self._fresh(case), tmp_path)
+        _assert_close(_run(loaded, inputs), expected, case.atol, "reloaded adapter differs")
+        assert not any(p.requires_grad for p in loaded.parameters()), "loaded adapter must be frozen by default"
+
+    def test_checkpoint_keys_are_hf_format(self, case: Case, tmp_path):
+        from safetensors.torch import load_file
+
+        _, model = self._peft(case)
+        model.save_pretrained(tmp_path)
+        keys = list(load_file(tmp_path / SAFETENSORS_WEIGHTS_NAME))
+        assert keys, "nothing was saved"
+        for key in keys:
+            if not model.peft_config["default"].is_prompt_learning:
+                assert key.startswith("base_model."), f"{key} lacks the base_model. prefix"
+            assert "default" not in key.split("."), f"{key} still carries the adapter name"
+            assert not key.endswith(".base_layer.weight") and ".original_module." not in key, f"{key} is a base weight"
+
+    def test_merged_equals_unmerged(self, case: Case):
+        if not self.supports_merge:
+            return
+        _, model = self._peft(case)
+        inputs = case.input_fn()
+        expected = _run(model, inputs)
+        model.merge_adapter()
+        _assert_close(_run(model, inputs), expected, case.atol * 10, "merged output differs from unmerged")
+        model.unmerge_adapter()
+        _assert_close(_run(model, inputs), expected, case.atol * 10, "unmerged output differs")
+
+    def test_unmerge_restores_base(self, case: Case):
+        if not self.supports_merge:
+            return
+        reference, model = self._peft(case)
+        before = {k: v.detach().clone() for k, v in model.get_base_model().state_dict().items() if ".base_layer." in k}
+        model.merge_adapter()
+        model.unmerge_adapter()
+        for key, value in model.get_base_model().state_dict().items():
+            if key in before:
+                _assert_close(value.float(), before[key].float(), 1e-5, f"unmerge did not restore {key}")
+
+    def test_merge_and_unload(self, case: Case):
+        if not self.supports_merge:
+            return
+        _, model = self._peft(case)
+        inputs = case.input_fn()
+        expected = _run(model, inputs)
+        plain = model.merge_and_unload()
+        assert not any(isinstance(m, AdapterLayer) for m in plain.modules()), "adapter layers remain after unload"
+        _assert_close(_run(plain, inputs), expected, case.atol * 10, "merge_and_unload changed outputs")
+
+    def test_unload_gives_base(self, case: Case):
+        reference, model = self._peft(case)
+        inputs = case.input_fn()
+        config = model.peft_config["default"]
+        if not config.is_prompt_learning and not getattr(config, "modules_to_save", None):
+            plain = model.unload()  # (modules_to_save copies are kept by unload, by design)
+            _assert_close(_run(plain, inputs), _run(reference, inputs), case.atol, "unload changed the base model")
+
+    def test_disable_adapter(self, case: Case):
+        reference, model = self._peft(case)
+        inputs = case.input_fn()
+        adapted = _run(model, inputs)
+        base_out = _run(reference, inputs)
+        _assert_differs(adapted, base_out, "perturbed adapter")
+        with model.disable_adapter():
+            _assert_close(_run(model, inputs), base_out, case.atol, "disable_adapter did not give base outputs")
+        _assert_close(_run(model, inputs), adapted, case.atol, "adapter not restored after disable_adapter")
+
+    def test_two_adapters(self, case: Case):
+        _, model = self._peft(case, seed=1)
+        inputs = case.input_fn()
+        first = _run(model, inputs)
+        model.add_adapter(self.adapter_name_2, case.config_fn())
+        assert model.active_adapter == "default", "a new adapter must not become active"
+        _assert_close(_run(model, inputs), first, case.atol, "adding an adapter changed outputs")
+        model.set_adapter(self.adapter_name_2)
+        perturb(model, seed=2)
+        second = _run(model, inputs)
+        _assert_differs(second, first, "second adapter")
+        names = set(model.peft_config)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad and names & set(n.split("."))}
+        assert trainable and all(self.adapter_name_2 in n.split(".") for n in trainable), (
+            f"only the active adapter may train, got {sorted(trainable)}")
+        model.set_adapter("default")
+        _assert_close(_run(model, inputs), first, case.atol, "switching back did not restore outputs")
+
+    def test_delete_adapter(self, case: Case):
+        _, model = self._peft(case)
+        inputs = case.input_fn()
+        first = _run(model, inputs)
+        model.add_adapter(self.adapter_name_2, case.config_fn())
+        model.set_adapter(self.adapter_name_2)
+        model.delete_adapter(self.adapter_name_2)
+        assert self.adapter_name_2 not in model.peft_config
+        assert model.active_adapters == ["default"]
+        assert not any(self.adapter_name_2 in n.split(".") for n, _ in model.named_parameters())
+        _assert_close(_run(model, inputs), first, case.atol, "outputs changed after deleting another adapter")
+        try:
+            model.delete_adapter("does-not-exist")
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("deleting an unknown adapter must raise ValueError")
+
+    def test_low_cpu_mem_usage(self, case: Case, tmp_path):
+        _, model = self._peft(case)
+        inputs = case.input_fn()
+        expected = _run(model, inputs)
+        model.save_pretrained(tmp_path)
+        empty = get_peft_model(self._fresh(case), case.config_fn(), low_cpu_mem_usage=True)
+        metas = [n for n, p in empty.named_parameters() if p.device.type == "meta"]
+        assert metas, "low_cpu_mem_usage=True should create adapter weights on the meta device"
+        loaded = PeftModel.from_pretrained(self._fresh(case), tmp_path, low_cpu_mem_usage=True)
+        assert not any(p.device.type == "meta" for p in loaded.parameters()), "meta tensors left after loading"
+        _assert_close(_run(loaded, inputs), expected, case.atol, "low_cpu_mem_usage load differs")
