@@ -205,9 +205,14 @@ class PeftModel(nn.Module):
                 del tuner.peft_config[adapter_name]
             for _, module in list(adapter_modules(tuner.model)):
                 module.delete_adapter(adapter_name)
-            tuner.set_adapter(active)
+            self._restore_active(active)
             raise
-        tuner.set_adapter(active)
+        self._restore_active(active)
+
+    def _restore_active(self, active) -> None:
+        names = [active] if isinstance(active, str) else list(active)
+        frozen = all(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
+        self.base_model.set_adapter(active, inference_mode=frozen)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate exactly one adapter and make it trainable (unless inference mode)."""
