@@ -158,7 +158,7 @@ class PluginManager:
     def _each_impl(self, hook_name: str):
         """Yield ``(record, function)`` per implementation, so failures are attributable."""
         self.load()
-        for impl in reversed(getattr(self._pm.hook, hook_name).get_hookimpls()):
+        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():  # registration order
             name = self._pm.get_name(impl.plugin)
             record = self._records.setdefault(name, PluginRecord(name))
             if record.error is None:
