@@ -47,9 +47,12 @@ class PeftModel(nn.Module):
         self._is_prompt_learning = peft_config.is_prompt_learning
         spec = manager().method(peft_config.peft_type)
         if self._is_prompt_learning:
+            from .prompt_learning import PromptLearning
+
             self._peft_config = {adapter_name: peft_config}
             self.base_model = model
-            spec.model_cls.attach(self, adapter_name, peft_config)
+            self.prompt_learning = PromptLearning(self)
+            self.prompt_learning.add(adapter_name, peft_config)
         else:
             self._peft_config = None
             self.base_model = spec.model_cls(model, {adapter_name: peft_config}, adapter_name,
@@ -100,7 +103,7 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_peft_config", "_is_prompt_learning"):
+            if name in ("base_model", "_peft_config", "_is_prompt_learning", "prompt_learning"):
                 raise
             return getattr(self.base_model, name)
 
@@ -124,10 +127,10 @@ class PeftModel(nn.Module):
             return self.get_base_model().generate(*args, **kwargs)
 
     def _prompt_forward(self, *args, **kwargs):
-        return self.peft_method_handler.forward(self, *args, **kwargs)
+        return self.prompt_learning.forward(*args, **kwargs)
 
     def _prompt_generate(self, *args, **kwargs):
-        return self.peft_method_handler.generate(self, *args, **kwargs)
+        return self.prompt_learning.generate(*args, **kwargs)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, **kwargs):
@@ -164,8 +167,7 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Run the base model: all adapters are off inside the ``with`` block."""
         if self._is_prompt_learning:
-            handler = self.peft_method_handler
-            with handler.disabled(self):
+            with self.prompt_learning.disabled():
                 yield
             return
         states = [m.disable_adapters for _, m in adapter_modules(self.base_model.model)]
@@ -192,7 +194,7 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name, peft_config)
         if self._is_prompt_learning:
             self.peft_config[adapter_name] = peft_config
-            self.peft_method_handler.add(self, adapter_name, peft_config)
+            self.prompt_learning.add(adapter_name, peft_config)
             return
         self._prepare_task_config(peft_config)
         tuner = self.base_model
@@ -228,7 +230,7 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
         if self._is_prompt_learning:
-            self.peft_method_handler.delete(self, adapter_name)
+            self.prompt_learning.delete(adapter_name)
             del self.peft_config[adapter_name]
         else:
             self.base_model.delete_adapter(adapter_name)
@@ -410,7 +412,7 @@ class PeftModel(nn.Module):
 
     def set_requires_grad_false(self, adapter_name: str) -> None:
         if self._is_prompt_learning:
-            self.peft_method_handler.freeze(self, adapter_name)
+            self.prompt_learning.freeze(adapter_name)
             return
         for name, param in self.base_model.model.named_parameters():
             if adapter_name in name.split("."):

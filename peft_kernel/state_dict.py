@@ -41,7 +41,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
     """``{in-memory key: checkpoint key}`` for one adapter of a PeftModel."""
     tuner, config = _tuner_and_config(model, adapter_name)
     if config.is_prompt_learning:
-        return tuner.prompt_key_map(adapter_name) if hasattr(tuner, "prompt_key_map") else {}
+        return model.prompt_learning.key_map(adapter_name)
     inner = tuner.model
     mapping: dict[str, str] = {}
     owners: list[str] = []
