@@ -112,6 +112,8 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
         model = getattr(model, "_orig_mod", model)
     tuner, config = _tuner_and_config(model, adapter_name)
     mapping = key_map(model, adapter_name)
+    for key in _embedding_keys(model, config, save_embedding_layers):
+        mapping.setdefault(key, key)
     if state_dict is None:
         values = _live_tensors(model, mapping)
     else:
@@ -122,6 +124,53 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
         return result
     manager().adapter_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=result)
     return result
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_keys(model, config, save_embedding_layers) -> list[str]:
+    """Full embedding weights saved next to the adapter (HF PEFT's ``save_embedding_layers``).
+
+    ``"auto"`` saves them when an embedding layer is targeted. (HF PEFT also compares the
+    vocabulary size with the base model's config, which may need the network; that check
+    is not made here: pass ``True`` after resizing embeddings.)
+    """
+    import re
+
+    from . import targeting
+
+    targets = getattr(config, "target_modules", None)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targeted = False
+    if isinstance(targets, str) and targets != targeting.ALL_LINEAR:
+        targeted = any(re.fullmatch(targets, name) for name, _ in inner.named_modules()
+                       if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES))
+    elif targets:
+        targeted = any(name in targets for name in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto":
+        if not targeted or getattr(config, "trainable_token_indices", None) is not None:
+            return []
+        warnings.warn("Setting `save_embedding_layers` to True because embedding layers are in target_modules.",
+                      PeftWarning, stacklevel=3)
+        save_embedding_layers = True
+    if not save_embedding_layers or not hasattr(inner, "get_input_embeddings"):
+        return []
+    keys = []
+    prefix = MODEL_PREFIX if hasattr(model, "get_base_model") else ""
+    for layer in (inner.get_input_embeddings(), inner.get_output_embeddings()):
+        if layer is None:
+            continue
+        module = layer
+        if targeted:
+            if not isinstance(layer, AdapterLayer):
+                continue
+            module = layer.base_layer
+        for name, candidate in inner.named_modules():
+            if candidate is module:
+                keys += [f"{prefix}{name}.{p}" for p, _ in module.named_parameters()]
+                break
+    return keys
 
 
 def _live_tensors(model, mapping) -> dict[str, torch.Tensor]:
@@ -172,6 +221,8 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     unexpected, mismatched = [], []
     for disk_key, value in state.items():
         mem_key = wanted.get(disk_key)
+        if mem_key is None and _exists(model, disk_key):
+            mem_key = disk_key  # e.g. saved biases or embedding weights, stored under their own names
         if mem_key is None:
             unexpected.append(disk_key)
             continue
@@ -198,6 +249,14 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
             if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
                 module._move_adapter_to_device_of_base_layer(adapter_name)
     return _LoadResult(missing, unexpected)
+
+
+def _exists(model: nn.Module, key: str) -> bool:
+    try:
+        _lookup(model, key)
+        return True
+    except (KeyError, AttributeError):
+        return False
 
 
 class _LoadResult(tuple):
