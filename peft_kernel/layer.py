@@ -7,7 +7,9 @@ A method's layer subclasses :class:`AdapterLayer` and supplies only its math:
 * ``update_layer(adapter_name, config=..., **kw)`` — create one adapter's parameters;
 * ``adapter_forward(x, result, adapter_name)`` — apply one adapter to a base result;
 * ``delta_weight(adapter_name)`` — the additive weight delta, for merging (or override
-  ``merge_weight`` / ``unmerge_weight`` for non-additive methods).
+  ``merge_weight`` / ``unmerge_weight`` for non-additive methods);
+* optionally ``forward_active(x, adapter_names)`` — for methods that change the base
+  layer's input rather than add to its output.
 
 The kernel handles active / merged / disabled state, several adapters, deletion,
 mixed-batch routing, device and dtype placement, quantized bases, and safe merging.
@@ -115,11 +117,15 @@ class AdapterLayer(nn.Module):
         return list(self._active_adapter)
 
     def has_adapter(self, adapter_name: str) -> bool:
-        for name in self.adapter_layer_names:
-            container = getattr(self, name, None)
-            if container is not None and adapter_name in container:
-                return True
-        return False
+        present = self.__dict__.get("_present")
+        if present is None:  # cached: forward asks this for every layer on every call
+            present = set()
+            for name in self.adapter_layer_names:
+                container = getattr(self, name, None)
+                if container is not None:
+                    present.update(container.keys())
+            self.__dict__["_present"] = present
+        return adapter_name in present
 
     def has_adapter_any(self, adapter_names: Iterable[str]) -> bool:
         return any(self.has_adapter(name) for name in adapter_names)
@@ -176,7 +182,9 @@ class AdapterLayer(nn.Module):
         self._adapter_state_changed()
 
     def _adapter_state_changed(self) -> None:
-        """Called after adapters were added, removed or (de)activated; drop caches here."""
+        """Called after adapters were added, removed or (de)activated; subclasses that
+        cache per-adapter state drop it here (call super())."""
+        self.__dict__.pop("_present", None)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         """Put one adapter's tensors on the base layer's device (other adapters stay)."""
@@ -228,12 +236,21 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
-            return result
-        for name in self._active_adapter:
-            if self.has_adapter(name):
-                result = self.adapter_forward(x, result, name, *args, **kwargs)
+            return self.base_layer(x, *args, **kwargs)
+        names = [name for name in self._active_adapter if self.has_adapter(name)]
+        return self.forward_active(x, names, *args, **kwargs)
+
+    def forward_active(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        """The output for ``x`` with ``adapter_names`` (active, present, unmerged) applied.
+
+        The default runs the base layer once and folds ``adapter_forward`` over the
+        adapters. Override it when an adapter changes what goes *into* the base layer
+        (e.g. input scaling), so the base layer still runs once per call.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapter_names:
+            result = self.adapter_forward(x, result, name, *args, **kwargs)
         return result
 
     def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):

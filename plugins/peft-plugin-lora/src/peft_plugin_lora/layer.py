@@ -306,7 +306,10 @@ class Linear(LoraLayer):
         dropout = self.lora_dropout[adapter_name]
         scaling = self.scaling[adapter_name]
         if not self.use_dora[adapter_name]:
-            return result + (B(A(dropout(x))) * scaling).to(result.dtype)
+            if not isinstance(dropout, nn.Identity):
+                x = dropout(x)
+            out = B(A(x)) * scaling
+            return result + (out if out.dtype == result.dtype else out.to(result.dtype))
         reuse = isinstance(dropout, nn.Identity) or not self.training
         if not reuse:
             x = dropout(x)
