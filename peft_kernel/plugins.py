@@ -241,7 +241,7 @@ class PluginManager:
                     self._fail(record, f"failed to register quant backends: {type(exc).__name__}: {exc}")
                     continue
                 self._backends.extend(added)
-                record.backends = [b.name for b in added]
+                record.backends = [_describe_backend(b) for b in added]
         return self._backends
 
     # -- typed hook calls -------------------------------------------------------------
@@ -281,6 +281,14 @@ class PluginManager:
             if plugin is not None:
                 record.hooks = sorted(c.name for c in self._pm.get_hookcallers(plugin) or [])
         return list(self._records.values())
+
+
+def _describe_backend(backend) -> str:
+    try:
+        ok, reason = backend.available()
+    except Exception as exc:
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
+    return backend.name if ok else f"{backend.name} (unavailable: {reason})"
 
 
 def _entry_points():

@@ -38,11 +38,14 @@ class QuantBackend:
 
     def get_weight(self, module: nn.Module) -> torch.Tensor:
         """The dequantized weight, shape ``(out_features, in_features)``, as a float
-        tensor on the layer's device (never moved to an accelerator that is absent)."""
+        tensor on the layer's device (never moved to an accelerator that is absent).
+        It is the stored weight: ``set_weight(m, get_weight(m))`` must leave the layer's
+        behaviour unchanged, so merge followed by unmerge round-trips."""
         raise NotImplementedError
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype:
-        """The dtype the layer computes its output in."""
+        """The dtype the layer computes its output in (reported in layer status; adapter
+        outputs are always cast to the base result's dtype before they are added)."""
         return self.get_weight(module).dtype
 
     def merge_blocker(self, module: nn.Module) -> str | None:
@@ -73,14 +76,24 @@ def _reset() -> None:
     _backends = None
 
 
+_warned: set[str] = set()
+
+
 def find_backend(module: nn.Module) -> QuantBackend | None:
     """The registered backend that recognises ``module``, or ``None`` for plain layers."""
     for backend in _all():
         try:
             if backend.matches(module):
                 return backend
-        except Exception:  # a broken backend must not break dispatch for everyone
-            continue
+        except Exception as exc:  # a broken backend must not break dispatch for everyone
+            if backend.name not in _warned:
+                _warned.add(backend.name)
+                import warnings
+
+                from .errors import PeftWarning
+
+                warnings.warn(f"quantization backend {backend.name!r} failed to inspect a layer and is skipped: "
+                              f"{type(exc).__name__}: {exc}", PeftWarning, stacklevel=2)
     return None
 
 
