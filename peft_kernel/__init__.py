@@ -1,13 +1,13 @@
 """peft-kernel: Hugging Face PEFT's API and checkpoint format on a small plugin kernel.
 
-Methods (LoRA, IA3, VeRA, ...) and quantization backends are plugins found through the
+Methods and quantization backends are plugins found through the
 ``peft_kernel`` entry-point group; see :mod:`peft_kernel.hookspecs` for the contract.
 """
 
 from .auxiliary import ModulesToSaveWrapper
-from .config import PeftConfig, TaskType, TunerConfig
+from .config import PeftConfig, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
-from .errors import PeftWarning
+from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .layer import AdapterLayer, BufferDict
 from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
 from .peft_model import (
@@ -30,7 +30,8 @@ __all__ = [
     "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftWarning", "TaskType", "TunerConfig", "TunerLayerStatus", "TunerModelStatus", "get_layer_status",
+    "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType", "TunerConfig", "TunerLayerStatus", "TunerModelStatus",
+    "get_layer_status",
     "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
     "set_peft_model_state_dict", "unregister_layer_mapping",

@@ -113,10 +113,9 @@ class ModulesToSaveWrapper(nn.Module):
         return self._mixed_batch_forward(x, names, *args, **kwargs)
 
     def _mixed_batch_forward(self, x, names, *args, **kwargs):
-        batch = x.shape[0]
         names = list(names)
-        if batch != len(names) and batch % len(names) == 0:
-            names = [n for n in names for _ in range(batch // len(names))]
+        if x.shape[0] != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples")
         outputs = []
         groups = {}
         for i, name in enumerate(names):

@@ -50,7 +50,7 @@ class PeftConfig:
     and set ``peft_type`` in ``__post_init__`` after calling ``super().__post_init__()``."""
 
     task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "Task type, e.g. CAUSAL_LM."})
-    peft_type: Optional[str] = field(default=None, metadata={"help": "Method id, e.g. LORA."})
+    peft_type: Optional[str] = field(default=None, metadata={"help": "Method id (the registered name, upper-case)."})
     auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Base model class for AutoPeftModel."})
     peft_version: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model id or path."})
@@ -106,7 +106,7 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
         """Build ``cls`` from a dict, dropping (with a warning) keys this version does not know."""
-        if cls in (PeftConfig, TunerConfig):
+        if cls in (PeftConfig, TunerConfig, PromptLearningConfig):
             return cls.from_peft_type(**data)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - names)
@@ -208,3 +208,28 @@ class TunerConfig(PeftConfig):
         if self._custom_modules is None:
             self._custom_modules = {}
         self._custom_modules.update(mapping)
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Base for prompt-learning methods: virtual tokens instead of adapter layers.
+
+    The model dimensions (``token_dim``, ``num_layers``, ``num_attention_heads``) are
+    read from the model config when left unset (from ``text_config`` for vision-language
+    models); ``num_transformer_submodules`` defaults to 2 for ``SEQ_2_SEQ_LM`` and 1
+    otherwise. The registered ``model_cls`` of such a method is a prompt encoder, see
+    :mod:`peft_kernel.prompt_learning`.
+    """
+
+    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens."})
+    token_dim: int = field(default=None, metadata={"help": "Hidden size of the base model's token embeddings."})
+    num_transformer_submodules: Optional[int] = field(
+        default=None, metadata={"help": "Number of transformer stacks (2 for encoder-decoder, else 1)."}
+    )
+    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Attention heads of the base model."})
+    num_layers: Optional[int] = field(default=None, metadata={"help": "Layers of the base model."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. a classifier)."}
+    )
+
+    is_prompt_learning = True

@@ -13,7 +13,7 @@ from torch import nn
 _user_mappings: dict[str, dict[type, type]] = {}
 
 
-def register_layer_mapping(layer_type: type, layer_cls: type, method: str = "LORA") -> None:
+def register_layer_mapping(layer_type: type, layer_cls: type, *, method: str) -> None:
     """Adapt modules of ``layer_type`` with ``layer_cls`` for method ``method``.
 
     ``layer_cls`` is built as ``layer_cls(target, adapter_name, config=config,
@@ -29,7 +29,7 @@ def register_layer_mapping(layer_type: type, layer_cls: type, method: str = "LOR
     _user_mappings.setdefault(method.upper(), {})[layer_type] = layer_cls
 
 
-def unregister_layer_mapping(layer_type: type, method: str = "LORA") -> None:
+def unregister_layer_mapping(layer_type: type, *, method: str) -> None:
     _user_mappings.get(method.upper(), {}).pop(layer_type, None)
 
 

@@ -3,7 +3,7 @@
 Read this module top to bottom and you know everything the kernel will ask of a plugin.
 A plugin is a module (or object) whose functions are decorated with
 ``@peft_kernel.hookimpl`` and named like the specs below. First-party plugins
-(``peft-plugin-lora`` and the quantization backends) use exactly this contract; there is
+(the method plugins and the quantization backends shipped with peft-kernel) use exactly this contract; there is
 no back door.
 
 There are five families:
@@ -42,7 +42,11 @@ def peft_kernel_register_methods(register):
         ``name.upper()``. ``prefix`` defaults to ``name + "_"`` and must equal
         ``model_cls.prefix``. ``model_cls`` is the tuner class (a subclass of
         :class:`peft_kernel.BaseTuner`) or, for prompt learning, a prompt encoder class
-        (``config_cls.is_prompt_learning`` is then true).
+        (``config_cls`` then subclasses :class:`peft_kernel.PromptLearningConfig`): an
+        ``nn.Module`` built as ``model_cls(config, word_embeddings)`` whose ``forward(indices)``
+        returns the virtual-token embeddings. Everything else about prompt learning (inputs,
+        masks, labels, ``generate``, checkpoints) is the kernel's; see
+        :mod:`peft_kernel.prompt_learning` for the encoder contract.
 
     Registering a ``peft_type`` that another plugin already registered raises
     ``KeyError``; the offending plugin is reported as broken and the first one stays.

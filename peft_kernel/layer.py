@@ -23,8 +23,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from . import quant
-from .errors import PeftWarning
+from . import distributed, quant
+from .errors import MergeNotSupportedError, PeftWarning
 
 BASE_ADAPTER = "__base__"
 
@@ -258,9 +258,6 @@ class AdapterLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         batch = x.shape[self.batch_dim]
         names = list(adapter_names)
-        if batch != len(names) and len(names) and batch % len(names) == 0:
-            repeat = batch // len(names)  # e.g. beam search expanded the batch
-            names = [n for n in names for _ in range(repeat)]
         if len(names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples")
         result = result.clone()
@@ -291,7 +288,7 @@ class AdapterLayer(nn.Module):
 
     def merge_blocker(self) -> Optional[str]:
         """Why this layer cannot merge (``None`` when it can); checked before any change."""
-        return quant.merge_blocker(self.get_base_layer())
+        return distributed.merge_blocker(self) or quant.merge_blocker(self.get_base_layer())
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold adapters (default: the active ones) into the base weight.
@@ -304,7 +301,7 @@ class AdapterLayer(nn.Module):
             return
         blocker = self.merge_blocker()
         if blocker:
-            raise ValueError(f"Cannot merge into {type(self.get_base_layer()).__name__}: {blocker}")
+            raise MergeNotSupportedError(f"Cannot merge into {type(self.get_base_layer()).__name__}: {blocker}")
         base = self.get_base_layer()
         for name in names:
             if not self.has_adapter(name):

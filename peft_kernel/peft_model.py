@@ -26,7 +26,7 @@ from .state_dict import (
 )
 from .tuner import BaseTuner, adapter_modules
 
-SPECIAL_FORWARD_ARGS = {"adapter_names", "alora_offsets"}
+SPECIAL_FORWARD_ARGS = {"adapter_names"}
 
 
 class PeftModel(nn.Module):
@@ -52,12 +52,13 @@ class PeftModel(nn.Module):
             self._peft_config = {adapter_name: peft_config}
             self.base_model = model
             self.prompt_learning = PromptLearning(self)
-            self.prompt_learning.add(adapter_name, peft_config)
+            self.prompt_learning.add(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
         else:
             self._peft_config = None
             self.base_model = spec.model_cls(model, {adapter_name: peft_config}, adapter_name,
                                              low_cpu_mem_usage=low_cpu_mem_usage,
                                              autocast_adapter_dtype=autocast_adapter_dtype)
+            self.special_peft_forward_args |= set(getattr(self.base_model, "special_forward_args", ()))
         if getattr(model, "name_or_path", None) and peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = model.name_or_path
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
@@ -110,6 +111,19 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt_learning else self.base_model.model
 
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The active adapter's virtual-token embeddings (prompt learning only)."""
+        return self._check_prompt_learning("get_prompt").get_prompt(batch_size, task_ids=task_ids)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """The virtual-token embeddings of ``adapter_name`` as saved (prompt learning only)."""
+        return self._check_prompt_learning("get_prompt_embedding_to_save").get_prompt_embedding_to_save(adapter_name)
+
+    def _check_prompt_learning(self, what: str):
+        if not self._is_prompt_learning:
+            raise TypeError(f"{what} is only available for prompt learning methods, not {self.peft_type}")
+        return self.prompt_learning
+
     # -- forward and generate ---------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,7 +134,7 @@ class PeftModel(nn.Module):
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self._enable_peft_forward_hooks(**kwargs):
+        with self._enable_peft_forward_hooks(generating=True, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             if self._is_prompt_learning:
                 return self._prompt_generate(*args, **kwargs)
@@ -133,7 +147,7 @@ class PeftModel(nn.Module):
         return self.prompt_learning.generate(*args, **kwargs)
 
     @contextmanager
-    def _enable_peft_forward_hooks(self, **kwargs):
+    def _enable_peft_forward_hooks(self, generating: bool = False, **kwargs):
         """Route ``adapter_names`` (one per sample) to every adapter layer for one call."""
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None or self._is_prompt_learning:
@@ -145,6 +159,16 @@ class PeftModel(nn.Module):
         unknown = sorted(set(adapter_names) - known)
         if unknown:
             raise ValueError(f"Unknown adapter names in adapter_names: {unknown}; available: {sorted(self.peft_config)}")
+        if self.training:
+            raise ValueError("adapter_names (mixed adapter batches) is for inference; call model.eval() first")
+        batch = _batch_size(kwargs)
+        beams = kwargs.get("num_beams") or 1
+        if generating and beams > 1:  # generate expands each sample into num_beams rows
+            adapter_names = [name for name in adapter_names for _ in range(beams)]
+            batch = batch * beams if batch is not None else None
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples; "
+                             "give one adapter name per sample")
         modules = [m for _, m in adapter_modules(self.base_model.model)]
         modules += [m for _, m in self.base_model.model.named_modules() if isinstance(m, AdapterLayer)]
         for module in modules:
@@ -152,7 +176,7 @@ class PeftModel(nn.Module):
                 if module.merged:
                     raise ValueError("adapter_names cannot be used while adapters are merged; unmerge_adapter() first")
                 if not module.supports_mixed_batch and module.has_adapter_any(set(adapter_names)):
-                    raise ValueError(f"{type(module).__name__} layers do not support mixed adapter batches")
+                    raise TypeError(f"{type(module).__name__} layers do not support mixed adapter batches")
         if any(getattr(m, "disable_adapters", False) for m in modules):
             adapter_names = [BASE_ADAPTER] * len(adapter_names)
         for module in modules:
@@ -193,8 +217,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         _check_adapter_name(adapter_name, peft_config)
         if self._is_prompt_learning:
+            self._prepare_task_config(peft_config)
             self.peft_config[adapter_name] = peft_config
-            self.prompt_learning.add(adapter_name, peft_config)
+            try:
+                self.prompt_learning.add(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+            except BaseException:
+                del self.peft_config[adapter_name]
+                raise
             return
         self._prepare_task_config(peft_config)
         tuner = self.base_model
@@ -223,7 +252,9 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
-        if not self._is_prompt_learning:
+        if self._is_prompt_learning:
+            self.prompt_learning.set_adapter(adapter_name)
+        else:
             self.base_model.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -422,6 +453,14 @@ class PeftModel(nn.Module):
         """Task classes add their head to ``modules_to_save`` here."""
 
 
+def _batch_size(kwargs) -> Optional[int]:
+    for name in ("input_ids", "inputs_embeds", "x", "input"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
 def _check_adapter_name(adapter_name: str, config: PeftConfig) -> None:
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
@@ -468,8 +507,8 @@ class _HeadModel(PeftModel):
         if peft_config.modules_to_save is None:
             peft_config.modules_to_save = list(cls.head_names)
         else:
-            peft_config.modules_to_save = list(peft_config.modules_to_save)
-            peft_config.modules_to_save.extend(n for n in cls.head_names if n not in peft_config.modules_to_save)
+            # appended even when already listed: adapter_config.json stays identical to HF PEFT's
+            peft_config.modules_to_save = list(peft_config.modules_to_save) + list(cls.head_names)
 
     def _prepare_task_config(self, peft_config: PeftConfig) -> None:
         self._prepare_task_config_static(peft_config)

@@ -317,7 +317,7 @@ def _add_method(registry: dict[str, MethodSpec], spec: MethodSpec) -> None:
         raise KeyError(f"peft_type {spec.peft_type!r} is already registered (by {registry[spec.peft_type].source})")
     for other in registry.values():
         if not spec.is_prompt_learning and not other.is_prompt_learning and other.prefix == spec.prefix:
-            # methods may share a prefix only when one's tuner subclasses the other's (LoRA/AdaLoRA)
+            # methods may share a prefix only when one's tuner subclasses the other's (a variant)
             if not (issubclass(spec.model_cls, other.model_cls) or issubclass(other.model_cls, spec.model_cls)):
                 raise ValueError(f"prefix {spec.prefix!r} of {spec.peft_type} is already used by {other.peft_type}")
     registry[spec.peft_type] = spec

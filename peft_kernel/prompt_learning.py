@@ -1,43 +1,571 @@
 """Virtual-token machinery shared by every prompt-learning method.
 
-A prompt-learning method registers a config whose class attribute
-``is_prompt_learning`` is true and, as ``model_cls``, a prompt encoder: an ``nn.Module``
-built as ``model_cls(config, word_embeddings)`` that maps virtual-token indices to
-embeddings. Everything else (inserting the virtual tokens into the model's inputs,
-attention masks, labels, ``generate``, several adapters, checkpoint keys) lives here.
+A prompt-learning method registers a config that subclasses
+:class:`~peft_kernel.config.PromptLearningConfig` (so ``is_prompt_learning`` is true) and,
+as ``model_cls``, a *prompt encoder*. Everything else lives here, written once:
+
+* finding the model's word embeddings and filling the config's model dimensions;
+* inserting the virtual-token embeddings in front of ``inputs_embeds`` and extending
+  ``attention_mask`` / ``labels`` / ``token_type_ids`` to match, per task type;
+* ``generate`` for decoder-only models (virtual tokens enter once, when the key/value
+  cache is still empty) and encoder-decoder models (virtual tokens on the encoder side);
+* several adapters (one active), ``modules_to_save`` heads, ``disable_adapter()``;
+* checkpoint keys (no ``base_model.model.`` prefix, no adapter name).
+
+The prompt-encoder contract
+---------------------------
+``model_cls(config, word_embeddings)`` returns an ``nn.Module`` where
+
+* ``forward(indices)`` maps a ``LongTensor`` of virtual-token indices, shape
+  ``(batch, num_virtual_tokens * num_transformer_submodules)``, to embeddings of shape
+  ``(batch, that many, token_dim)``; with ``task_ids`` given to the PeftModel, it is
+  called as ``forward(indices, task_ids)``;
+* the class attribute ``checkpoint_keys`` maps checkpoint keys to the encoder's own
+  parameter names; the default is HF PEFT's ``{"prompt_embeddings": "embedding.weight"}``;
+* the constructor is called under ``torch.device("meta")`` for ``low_cpu_mem_usage`` and
+  with ``config.inference_mode`` set when a trained adapter is about to be loaded: an
+  encoder skips data-dependent initialisation (tokenizers, vocabulary samples) then.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import contextlib
+import functools
+import warnings
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .auxiliary import ModulesToSaveWrapper
+from .errors import PeftWarning
+from .plugins import manager
+from .tuner import _suffix_in, iter_modules_with_parent
+
+#: label value the loss functions of transformers ignore
+IGNORE_INDEX = -100
+#: checkpoint layout of encoders that do not declare ``checkpoint_keys``
+DEFAULT_CHECKPOINT_KEYS = {"prompt_embeddings": "embedding.weight"}
+
+#: positional parameters of each task class's ``forward`` (HF PEFT's order)
+_POSITIONAL = {
+    "SEQ_2_SEQ_LM": ("input_ids", "attention_mask", "inputs_embeds", "decoder_input_ids", "decoder_attention_mask",
+                     "decoder_inputs_embeds", "labels"),
+    "QUESTION_ANS": ("input_ids", "attention_mask", "inputs_embeds", "start_positions", "end_positions"),
+    "FEATURE_EXTRACTION": ("input_ids", "attention_mask", "inputs_embeds"),
+}
+_DEFAULT_POSITIONAL = ("input_ids", "attention_mask", "inputs_embeds", "labels")
+#: tasks whose labels are per token, so they get IGNORE_INDEX for every virtual token
+_PER_TOKEN_LABELS = {"CAUSAL_LM", "TOKEN_CLS"}
+#: tasks that keep token_type_ids (the virtual tokens get type 0); the others drop them
+_KEEPS_TOKEN_TYPES = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", None}
+
+_DIMENSIONS = {
+    "token_dim": ("hidden_size", "n_embd", "d_model"),
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+}
+
+
+# -- model inspection -------------------------------------------------------------------
+
+
+def _text_config(model: nn.Module):
+    """The config that describes the language part of ``model`` (``text_config`` of VLMs)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get("text_config", config)
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter()
+        except Exception:  # some composite configs raise when ambiguous
+            pass
+    text = getattr(config, "text_config", None)
+    return text if text is not None else config
+
+
+def _config_value(config, names) -> Optional[int]:
+    if config is None:
+        return None
+    for name in names:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def prepare_config(config, model: nn.Module) -> None:
+    """Validate ``config`` and fill its unset model dimensions from ``model``'s config.
+
+    ``token_dim`` is required (from the config or the model); ``num_layers`` and
+    ``num_attention_heads`` stay ``None`` when the model does not describe them.
+    """
+    n = config.num_virtual_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+    text = _text_config(model)
+    for field_name, names in _DIMENSIONS.items():
+        if getattr(config, field_name) is None:
+            value = _config_value(text, names)
+            if value is None and field_name != "token_dim":
+                continue  # only encoders that need the model's shape (e.g. per-layer prefixes) read these
+            if value is None:
+                raise ValueError(
+                    f"Please specify `{field_name}` in the {type(config).__name__}: it cannot be read from the "
+                    f"model's config (looked for {', '.join(names)})."
+                )
+            setattr(config, field_name, value)
+    if config.num_transformer_submodules is None:
+        config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+
+
+def find_word_embeddings(model: nn.Module) -> nn.Module:
+    """The module that turns token ids into embeddings.
+
+    ``get_input_embeddings()`` first, then ``embeddings.word_embeddings`` (BERT-like
+    backbones), then the first module whose weight has one row per vocabulary entry.
+    """
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            embeddings = getter()
+        except (NotImplementedError, AttributeError):
+            embeddings = None
+        if isinstance(embeddings, nn.Module):
+            return embeddings
+    try:
+        return model.get_submodule("embeddings.word_embeddings")
+    except AttributeError:
+        pass
+    vocab_size = _config_value(_text_config(model), ("vocab_size",))
+    if vocab_size is not None:
+        for name, param in model.named_parameters():
+            shape = getattr(param, "ds_shape", None) or param.shape
+            if len(shape) == 2 and shape[0] == vocab_size:
+                return model.get_submodule(name.rpartition(".")[0])
+    raise ValueError(
+        f"Cannot find the word embeddings of {type(model).__name__}: it has no get_input_embeddings(), no "
+        "embeddings.word_embeddings and no vocabulary-sized parameter. Prompt learning needs them to embed input_ids."
+    )
+
+
+def _device_of(module: nn.Module) -> Optional[torch.device]:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def _mask_2d(mask: torch.Tensor) -> torch.Tensor:
+    """A 2-D (batch, key length) keep-mask from a 4-D attention mask (bool or additive)."""
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    return keep.any(dim=-2).any(dim=1).to(torch.long)
+
+
+# -- the component ----------------------------------------------------------------------
 
 
 class PromptLearning:
-    """Attached to a :class:`~peft_kernel.PeftModel` whose method is prompt learning."""
+    """Attached to a :class:`~peft_kernel.PeftModel` whose method is prompt learning.
+
+    The prompt encoders live in ``peft_model.prompt_encoder`` (an ``nn.ModuleDict`` keyed
+    by adapter name), so parameter names match HF PEFT's
+    (``prompt_encoder.default.embedding.weight``).
+    """
 
     def __init__(self, peft_model) -> None:
         self.peft_model = peft_model
+        self.word_embeddings: Optional[nn.Module] = None
+        self._disabled = False
 
-    def add(self, adapter_name, config) -> None:
-        raise NotImplementedError("prompt learning methods are not supported yet")
+    # -- helpers ----------------------------------------------------------------------
 
-    def delete(self, adapter_name) -> None:
-        raise NotImplementedError
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model (``PeftModel.base_model`` is the model itself here)."""
+        return self.peft_model.base_model
 
-    def freeze(self, adapter_name) -> None:
-        raise NotImplementedError
+    @property
+    def encoders(self) -> nn.ModuleDict:
+        modules = self.peft_model._modules
+        if "prompt_encoder" not in modules:
+            self.peft_model.prompt_encoder = nn.ModuleDict()
+        return modules["prompt_encoder"]
 
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError
+    def _config(self, adapter_name: Optional[str] = None):
+        name = self.peft_model.active_adapter if adapter_name is None else adapter_name
+        if name is None or name not in self.peft_model.peft_config:
+            raise ValueError("No prompt-learning adapter is active; add or load one first")
+        return self.peft_model.peft_config[name]
 
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError
+    def _wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        owners: list[str] = []
+        for path, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper) and not any(path.startswith(o) for o in owners):
+                owners.append(path + ".")
+                yield path, module
 
-    @contextmanager
+    def _is_encoder_decoder(self, config) -> bool:
+        if config.task_type == "SEQ_2_SEQ_LM":
+            return True
+        if config.task_type is not None:
+            return False
+        return bool(getattr(getattr(self.model, "config", None), "is_encoder_decoder", False))
+
+    # -- adapter management -----------------------------------------------------------
+
+    def add(self, adapter_name: str, config, low_cpu_mem_usage: bool = False) -> None:
+        """Create the prompt encoder (and ``modules_to_save`` copies) of a new adapter.
+
+        The first adapter freezes the whole base model. A new adapter only becomes active
+        (and trainable) when it is the only one; otherwise ``set_adapter`` activates it.
+        """
+        prepare_config(config, self.model)
+        spec = manager().method(config.peft_type)
+        if self.word_embeddings is None:
+            self.word_embeddings = find_word_embeddings(self.model)
+            # registered like HF PEFT does, so state_dict() keys and `peft_model.word_embeddings` match
+            self.peft_model.word_embeddings = self.word_embeddings
+        if not len(self.encoders):
+            self.model.requires_grad_(False)
+        context = torch.device("meta") if low_cpu_mem_usage else contextlib.nullcontext()
+        with context:
+            encoder = spec.model_cls(config, self.word_embeddings)
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"{spec.model_cls.__name__}(config, word_embeddings) must return an nn.Module")
+        device = _device_of(self.word_embeddings)
+        if not low_cpu_mem_usage and device is not None and device.type != "meta":
+            encoder = encoder.to(device)
+        self.encoders[adapter_name] = encoder
+        try:
+            self._wrap_modules_to_save(adapter_name, config)
+        except BaseException:
+            del self.encoders[adapter_name]
+            for _, wrapper in self._wrappers():
+                wrapper.delete_adapter(adapter_name)
+            raise
+        self._apply_trainability()
+
+    def _wrap_modules_to_save(self, adapter_name: str, config) -> None:
+        names = set(config.modules_to_save or ())
+        if not names:
+            return
+        matched = False
+        owners: list[str] = []
+        for key, module, parent, attr in list(iter_modules_with_parent(self.model)):
+            if not key or any(key.startswith(o) for o in owners):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                owners.append(key + ".")
+                if _suffix_in(key, names):
+                    module.update(adapter_name)
+                    matched = True
+            elif _suffix_in(key, names):
+                setattr(parent, attr, ModulesToSaveWrapper(module, adapter_name))
+                owners.append(key + ".")
+                matched = True
+        if not matched:
+            raise ValueError(f"modules_to_save {sorted(names)} matched no module of the model; check the names")
+
+    def _apply_trainability(self) -> None:
+        """Only the active adapter trains (unless it is in inference mode)."""
+        active = self.peft_model.active_adapter
+        configs = self.peft_model.peft_config
+        trainable = active in configs and not configs[active].inference_mode
+        for name, encoder in self.encoders.items():
+            encoder.requires_grad_(trainable and name == active)
+        if active in configs:
+            for _, wrapper in self._wrappers():
+                wrapper.set_adapter([active], inference_mode=not trainable)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Called after ``PeftModel.active_adapter`` changed."""
+        self._apply_trainability()
+
+    def delete(self, adapter_name: str) -> None:
+        """Remove an adapter; when it was active, the first remaining one becomes active."""
+        del self.encoders[adapter_name]
+        for _, wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+        if self.peft_model.active_adapter == adapter_name:
+            remaining = [n for n in self.peft_model.peft_config if n != adapter_name]
+            self.peft_model.active_adapter = remaining[0] if remaining else None
+            if remaining:
+                self._apply_trainability()
+
+    def freeze(self, adapter_name: str) -> None:
+        self.encoders[adapter_name].requires_grad_(False)
+        for _, wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].requires_grad_(False)
+
+    def move_to_device(self, adapter_name: str) -> None:
+        """Put an adapter's encoder next to the word embeddings (after a meta-device load)."""
+        device = _device_of(self.word_embeddings) if self.word_embeddings is not None else None
+        if device is not None and device.type != "meta":
+            self.encoders[adapter_name].to(device)
+
+    # -- virtual tokens ---------------------------------------------------------------
+
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None,
+                   adapter_name: Optional[str] = None) -> torch.Tensor:
+        """The virtual-token embeddings, ``(batch_size, total virtual tokens, token_dim)``."""
+        name = self.peft_model.active_adapter if adapter_name is None else adapter_name
+        config = self._config(name)
+        encoder = self.encoders[name]
+        total = config.num_virtual_tokens * config.num_transformer_submodules
+        device = _device_of(encoder)
+        indices = torch.arange(total, dtype=torch.long, device=device).unsqueeze(0)
+        if task_ids is not None:
+            if task_ids.shape[0] != batch_size and batch_size % task_ids.shape[0] == 0:
+                task_ids = task_ids.repeat_interleave(batch_size // task_ids.shape[0], dim=0)
+            return encoder(indices.expand(batch_size, -1), task_ids.to(device))
+        # encode once, repeat the result (cheaper than encoding batch_size identical rows)
+        return encoder(indices).repeat(batch_size, 1, 1)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        config = self._config(adapter_name)
+        encoder = self.encoders[adapter_name]
+        total = config.num_virtual_tokens * config.num_transformer_submodules
+        indices = torch.arange(total, dtype=torch.long, device=_device_of(encoder)).unsqueeze(0)
+        with torch.no_grad():
+            return encoder(indices)[0].detach().cpu()
+
+    def _embed(self, input_ids, inputs_embeds):
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids is None:
+            raise ValueError("Pass input_ids or inputs_embeds: prompt learning prepends virtual tokens to them")
+        return self.word_embeddings(input_ids)
+
+    def _with_prompts(self, config, embeds, task_ids):
+        prompts = self.get_prompt(embeds.shape[0], task_ids=task_ids)
+        prompts = prompts[:, : config.num_virtual_tokens].to(device=embeds.device, dtype=embeds.dtype)
+        return torch.cat((prompts, embeds), dim=1)
+
+    @staticmethod
+    def _prefix(tensor: torch.Tensor, n: int, value) -> torch.Tensor:
+        """``tensor`` (batch, length) with ``n`` columns of ``value`` in front."""
+        head = torch.full((tensor.shape[0], n), value, dtype=tensor.dtype, device=tensor.device)
+        return torch.cat((head, tensor), dim=1)
+
+    # -- forward ----------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._disabled:
+            kwargs.pop("task_ids", None)
+            return self.model(*args, **kwargs)
+        config = self._config()
+        names = _POSITIONAL.get(config.task_type, _DEFAULT_POSITIONAL)
+        if len(args) > len(names):
+            raise TypeError(f"forward takes at most {len(names)} positional arguments ({', '.join(names)})")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"forward got multiple values for argument {name!r}")
+            kwargs[name] = value
+        task_ids = kwargs.pop("task_ids", None)
+        input_ids = kwargs.pop("input_ids", None)
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
+        n = config.num_virtual_tokens
+        if input_ids is None and inputs_embeds is None:
+            # encoder_outputs given: the encoder already saw the virtual tokens; the mask must cover them
+            self._extend_mask_for_encoder_outputs(kwargs, n)
+            return self.model(**kwargs)
+        seq2seq = self._is_encoder_decoder(config)
+        if kwargs.get("position_ids") is not None:
+            warnings.warn("position_ids are ignored with prompt learning: the virtual tokens shift every position; "
+                          "the model computes them.", PeftWarning, stacklevel=3)
+            kwargs["position_ids"] = None
+        if kwargs.get("token_type_ids") is not None:
+            if not seq2seq and config.task_type in _KEEPS_TOKEN_TYPES:
+                kwargs["token_type_ids"] = self._prefix(kwargs["token_type_ids"], n, 0)
+            else:
+                warnings.warn(f"token_type_ids are ignored with prompt learning for task {config.task_type}.",
+                              PeftWarning, stacklevel=3)
+                kwargs["token_type_ids"] = None
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = self._prefix(kwargs["attention_mask"], n, 1)
+        if not seq2seq:
+            labels = kwargs.get("labels")
+            per_token = config.task_type in _PER_TOKEN_LABELS or (
+                config.task_type is None and labels is not None and labels.dim() == 2
+                and labels.shape[1] == (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            )
+            if labels is not None and per_token:
+                kwargs["labels"] = self._prefix(labels, n, IGNORE_INDEX)
+            if _cache_length(kwargs.get("past_key_values")) > 0:
+                # the virtual tokens are already in the cache (incremental decoding by hand)
+                return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        embeds = self._with_prompts(config, self._embed(input_ids, inputs_embeds), task_ids)
+        return self.model(inputs_embeds=embeds, **kwargs)
+
+    def _extend_mask_for_encoder_outputs(self, kwargs, n: int) -> None:
+        mask, encoded = kwargs.get("attention_mask"), kwargs.get("encoder_outputs")
+        if mask is None or encoded is None:
+            return
+        hidden = encoded[0] if isinstance(encoded, (tuple, list)) else getattr(encoded, "last_hidden_state", None)
+        if hidden is not None and hidden.shape[1] == mask.shape[1] + n:
+            kwargs["attention_mask"] = self._prefix(mask, n, 1)
+
+    # -- generate ---------------------------------------------------------------------
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if self._disabled:
+            kwargs.pop("task_ids", None)
+            return self.model.generate(*args, **kwargs)
+        config = self._config()
+        if self._is_encoder_decoder(config):
+            return self._generate_encoder_decoder(config, *args, **kwargs)
+        return self._generate_decoder_only(config, *args, **kwargs)
+
+    def _generate_encoder_decoder(self, config, *args, **kwargs):
+        """The virtual tokens go in front of the encoder input; the decoder is untouched."""
+        if args:
+            if "input_ids" in kwargs or len(args) > 1:
+                raise TypeError("generate takes input_ids as its only positional argument")
+            kwargs["input_ids"] = args[0]
+        task_ids = kwargs.pop("task_ids", None)
+        if kwargs.pop("encoder_outputs", None) is not None:
+            warnings.warn("encoder_outputs passed to generate are ignored with prompt learning; the encoder must see "
+                          "the virtual tokens.", PeftWarning, stacklevel=3)
+        for key in ("position_ids", "token_type_ids"):
+            if kwargs.get(key) is not None:
+                warnings.warn(f"{key} are ignored with prompt learning.", PeftWarning, stacklevel=3)
+            kwargs.pop(key, None)
+        input_ids = kwargs.pop("input_ids", None)
+        embeds = self._embed(input_ids, kwargs.pop("inputs_embeds", None))
+        kwargs["inputs_embeds"] = self._with_prompts(config, embeds, task_ids)
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = self._prefix(kwargs["attention_mask"], config.num_virtual_tokens, 1)
+        return self.model.generate(**kwargs)
+
+    def _generate_decoder_only(self, config, *args, **kwargs):
+        """Run the model's own ``generate`` with its ``prepare_inputs_for_generation``
+        wrapped for the duration of the call (restored afterwards, also on errors)."""
+        task_ids = kwargs.pop("task_ids", None)
+        model = self.model
+        self._size_fixed_cache(config, args, kwargs)
+        original = model.prepare_inputs_for_generation
+        own = model.__dict__.get("prepare_inputs_for_generation", _MISSING)
+
+        @functools.wraps(original)
+        def prepare_inputs_for_generation(*p_args, **p_kwargs):
+            return self._prepare_step(original, config, task_ids, *p_args, **p_kwargs)
+
+        model.prepare_inputs_for_generation = prepare_inputs_for_generation
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            if own is _MISSING:
+                model.__dict__.pop("prepare_inputs_for_generation", None)
+            else:
+                model.prepare_inputs_for_generation = own
+
+    def _size_fixed_cache(self, config, args, kwargs) -> None:
+        """Caches of fixed size (``cache_implementation="static"``, ...) are sized by
+        ``generate`` for the real tokens only; make room for the virtual ones."""
+        if kwargs.get("past_key_values") is not None:
+            return
+        generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+        if implementation in (None, "dynamic", "offloaded", "quantized"):
+            return
+        inputs = args[0] if args else kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        length = inputs.shape[1] if inputs is not None else 0
+        new_tokens = kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+        total = length + new_tokens if new_tokens is not None else kwargs.get(
+            "max_length", getattr(generation_config, "max_length", None) or 0)
+        current = kwargs.get("max_cache_len", getattr(generation_config, "max_cache_len", None)) or 0
+        kwargs["max_cache_len"] = max(current, total + config.num_virtual_tokens)
+
+    def _prepare_step(self, original, config, task_ids, *args, **kwargs):
+        """One generation step. The virtual tokens enter while the cache is empty (the
+        prefill, or every step without a cache); afterwards they live in the cache and
+        only the attention mask has to cover them."""
+        n = config.num_virtual_tokens
+        # generation derives position_ids from the user's mask; with virtual tokens in front
+        # they would be off by n, so the model recomputes them from the cache length
+        kwargs.pop("position_ids", None)
+        kwargs.pop("token_type_ids", None)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            if len(mask) != 1:
+                raise ValueError(f"Expected a single attention mask, got {len(mask)} ({sorted(mask)})")
+            mask = next(iter(mask.values()))
+        if mask is not None:
+            if mask.dim() == 4:
+                mask = _mask_2d(mask)
+            kwargs["attention_mask"] = self._prefix(mask, n, 1)
+        if _cache_length(kwargs.get("past_key_values")) == 0:
+            input_ids = args[0] if args else kwargs.get("input_ids")
+            user_embeds = kwargs.get("inputs_embeds")
+            if user_embeds is not None and (input_ids is None or input_ids.shape[-1] == 0):
+                embeds = user_embeds
+            else:
+                embeds = self.word_embeddings(input_ids)
+            kwargs["inputs_embeds"] = self._with_prompts(config, embeds, task_ids)
+            kwargs["is_first_iteration"] = True
+            kwargs["next_sequence_length"] = None  # never cut the virtual tokens off
+        else:
+            kwargs.pop("inputs_embeds", None)
+        model_inputs = original(*args, **kwargs)
+        model_inputs.pop("position_ids", None)
+        model_inputs.pop("token_type_ids", None)
+        return model_inputs
+
+    # -- disabling --------------------------------------------------------------------
+
+    @contextlib.contextmanager
     def disabled(self):
-        raise NotImplementedError
-        yield
+        """Run the plain model: no virtual tokens, original ``modules_to_save`` modules.
+        Trainability flags are restored on exit."""
+        if self._disabled:
+            yield
+            return
+        wrappers = [w for _, w in self._wrappers()]
+        flags = [(p, p.requires_grad) for w in wrappers for p in w.parameters()]
+        states = [w.disable_adapters for w in wrappers]
+        for wrapper in wrappers:
+            wrapper.enable_adapters(False)
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+            for wrapper, was_disabled in zip(wrappers, states):
+                if not was_disabled:
+                    wrapper.enable_adapters(True)
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
-    def key_map(self, adapter_name) -> dict[str, str]:
+    # -- checkpoints ------------------------------------------------------------------
+
+    def key_map(self, adapter_name: str) -> dict[str, str]:
         """``{in-memory key: checkpoint key}`` (checkpoint keys have no prefix)."""
-        raise NotImplementedError
+        encoder = self.encoders[adapter_name]
+        layout = getattr(encoder, "checkpoint_keys", None) or DEFAULT_CHECKPOINT_KEYS
+        mapping = {f"prompt_encoder.{adapter_name}.{inner}": disk for disk, inner in layout.items()}
+        for path, wrapper in self._wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                for sub in wrapper.modules_to_save[adapter_name].state_dict():
+                    mapping[f"base_model.{path}.modules_to_save.{adapter_name}.{sub}"] = f"base_model.{path}.{sub}"
+        return mapping
+
+
+_MISSING = object()

@@ -3,7 +3,7 @@
 Keys are selected structurally: every tensor an adapter layer keeps for the adapter
 (its containers named in ``adapter_layer_names`` / ``other_param_names``), every
 ``modules_to_save`` copy, and the tuner's shared buffers. In memory a key carries the
-adapter name (``lin.lora_A.default.weight``); on disk it does not (``lin.lora_A.weight``)
+adapter name (``lin.foo_A.default.weight``); on disk it does not (``lin.foo_A.weight``)
 and every key starts with ``base_model.model.``. Loading uses the inverse of the very
 same mapping, so save and load can never disagree.
 """
@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .auxiliary import ModulesToSaveWrapper
 from .errors import PeftWarning
 from .io import atomic_write
@@ -26,7 +27,7 @@ from .plugins import manager
 WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 MODEL_PREFIX = "base_model.model."
-FSDP_INFIX = "_fsdp_wrapped_module."
+FSDP_INFIX = distributed.FSDP_INFIX
 
 
 def _tuner_and_config(model, adapter_name):
@@ -38,7 +39,11 @@ def _tuner_and_config(model, adapter_name):
 
 
 def key_map(model, adapter_name: str = "default") -> dict[str, str]:
-    """``{in-memory key: checkpoint key}`` for one adapter of a PeftModel."""
+    """``{in-memory key: checkpoint key}`` for one adapter of a PeftModel.
+
+    In-memory keys are module paths as they are (FSDP1 wrappers add ``_fsdp_wrapped_module.``
+    segments); checkpoint keys never carry those segments.
+    """
     tuner, config = _tuner_and_config(model, adapter_name)
     if config.is_prompt_learning:
         return model.prompt_learning.key_map(adapter_name)
@@ -58,7 +63,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
                 item = container[adapter_name]
                 base = f"{path}.{attr}"
                 if isinstance(item, nn.Module):
-                    for sub in item.state_dict().keys():
+                    for sub in _module_keys(item):
                         mapping[f"{MODEL_PREFIX}{base}.{adapter_name}.{sub}"] = f"{MODEL_PREFIX}{base}.{sub}"
                 else:
                     mapping[f"{MODEL_PREFIX}{base}.{adapter_name}"] = f"{MODEL_PREFIX}{base}"
@@ -66,7 +71,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
             if any(path.startswith(o) for o in owners):
                 continue
             owners.append(path + ".")
-            for sub in module.modules_to_save[adapter_name].state_dict().keys():
+            for sub in _module_keys(module.modules_to_save[adapter_name]):
                 mapping[f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{sub}"] = f"{MODEL_PREFIX}{path}.{sub}"
     for attr in getattr(tuner, "shared_buffer_names", ()):
         container = getattr(tuner, attr, None)
@@ -85,7 +90,17 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
                 if getattr(base, "bias", None) is not None:
                     full = path + ".base_layer" * _depth(module) + ".bias"
                     mapping[f"{MODEL_PREFIX}{full}"] = f"{MODEL_PREFIX}{full}"
+    if any(FSDP_INFIX in k for k in mapping):
+        mapping = {k: v.replace(FSDP_INFIX, "") for k, v in mapping.items()}
     return mapping
+
+
+def _module_keys(module: nn.Module):
+    """The state-dict keys of ``module``; read from its parameters and persistent buffers
+    (without running state-dict hooks) when FSDP1 wrappers are inside it."""
+    if not any(m._modules.get("_fsdp_wrapped_module") is not None for m in module.modules()):
+        return module.state_dict().keys()
+    return distributed.module_keys(module)
 
 
 def _depth(module: AdapterLayer) -> int:
@@ -118,8 +133,8 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
         values = _live_tensors(model, mapping)
     else:
         state_dict = _normalise(state_dict)
-        values = {k: state_dict[k] for k in mapping if k in state_dict}
-    result = {mapping[k]: v for k, v in values.items()}
+        values = {k: state_dict[k.replace(FSDP_INFIX, "")] for k in mapping if k.replace(FSDP_INFIX, "") in state_dict}
+    result = {mapping[k]: distributed.materialize(mapping[k], v) for k, v in values.items()}
     if config.is_prompt_learning:
         return result
     manager().adapter_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=result)
@@ -178,7 +193,13 @@ def _live_tensors(model, mapping) -> dict[str, torch.Tensor]:
     full = {}
     root = model
     for key in mapping:
-        full[key] = _lookup(root, key)
+        try:
+            full[key] = _lookup(root, key)
+        except KeyError:
+            found = distributed.sharded_parameter(root)
+            if found is None:
+                raise
+            distributed.materialize(key, None, reason=found[1])
     return full
 
 
@@ -213,7 +234,10 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     """
     tuner, config = _tuner_and_config(model, adapter_name)
     state = dict(peft_model_state_dict)
-    state = {k if k.startswith("base_model.") else MODEL_PREFIX + k: v for k, v in _normalise(state).items()}
+    if config.is_prompt_learning:  # keys carry no prefix (prompt_embeddings, base_model.<head>...)
+        state = _normalise(state)
+    else:
+        state = {k if k.startswith("base_model.") else MODEL_PREFIX + k: v for k, v in _normalise(state).items()}
     if not config.is_prompt_learning:
         manager().load_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=state)
     wanted = save_key_map(model, adapter_name)
@@ -227,6 +251,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
             unexpected.append(disk_key)
             continue
         target = _lookup(model, mem_key)
+        distributed.check_loadable(disk_key, target, value)
         if tuple(target.shape) != tuple(value.shape):
             mismatched.append((disk_key, tuple(value.shape), tuple(target.shape)))
             continue
@@ -244,7 +269,9 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
             _assign(model, mem_key, value, low_cpu_mem_usage)
     loaded = {m for m, _ in assignments}
     missing = [k for k in wanted.values() if k not in loaded]
-    if low_cpu_mem_usage:
+    if low_cpu_mem_usage and config.is_prompt_learning:
+        model.prompt_learning.move_to_device(adapter_name)
+    elif low_cpu_mem_usage:
         for _, module in tuner.model.named_modules():
             if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
                 module._move_adapter_to_device_of_base_layer(adapter_name)
@@ -272,6 +299,7 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, assign: bool) -> No
     current = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
     if current is None and isinstance(module, nn.ParameterDict):
         current = module[name]
+    value = distributed.load_into(key, current, value)
     if assign or current.device.type == "meta":
         new = value.to(dtype=current.dtype if current.is_floating_point() else value.dtype)
         if isinstance(current, nn.Parameter):

@@ -63,6 +63,8 @@ def _unwrap(model):
 
     if isinstance(model, PeftModel):
         tuner = model.base_model
+        if model._is_prompt_learning:  # base_model is the model itself
+            return tuner, model
         return (tuner.model if hasattr(tuner, "model") else tuner), model
     return model, None
 

@@ -5,6 +5,7 @@ unloading, trainability. A method's tuner class is a near-empty subclass of
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
@@ -12,10 +13,10 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from . import targeting
+from . import distributed, targeting
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
-from .errors import PeftWarning
+from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .layer import AdapterLayer
 from .plugins import manager
 
@@ -43,7 +44,7 @@ class BaseTuner(nn.Module):
     """Wraps a model and injects adapters of one method into it.
 
     Subclasses set :attr:`prefix` (the parameter-name prefix of the method, e.g.
-    ``"lora_"``) and :attr:`layer_cls` (the method's :class:`AdapterLayer` base) and may
+    ``"<method>_"``) and :attr:`layer_cls` (the method's :class:`AdapterLayer` base) and may
     override the ``_prepare_*`` / ``_check_*`` hooks below.
     """
 
@@ -55,6 +56,8 @@ class BaseTuner(nn.Module):
     compress_targets: bool = True
     #: names of tuner-level per-adapter containers saved with the adapter (shared buffers)
     shared_buffer_names: tuple[str, ...] = ()
+    #: extra keyword arguments of ``PeftModel.forward`` that the method's layers consume
+    special_forward_args: tuple[str, ...] = ()
     #: human-readable layer types the method supports, for error messages
     supported_layer_types: tuple[str, ...] = ()
 
@@ -143,7 +146,8 @@ class BaseTuner(nn.Module):
             config.target_modules = targets = wanted
         elif targets == targeting.ALL_LINEAR:
             config.target_modules = targets = targeting.expand_all_linear(model, config, is_layer)
-        elif isinstance(targets, set) and self.compress_targets and len(targets) >= targeting.MIN_TARGETS_FOR_COMPRESSION:
+        if (state_dict is None and isinstance(targets, set) and self.compress_targets
+                and len(targets) >= targeting.MIN_TARGETS_FOR_COMPRESSION):
             config.target_modules = targets = targeting.compress_targets(targets, names)
 
         if isinstance(targets, str) and targets == targeting.DUMMY_TARGET:
@@ -173,14 +177,15 @@ class BaseTuner(nn.Module):
             matched_any = True
             self._create_and_replace(config, adapter_name, module, key, parent, attr, low_cpu_mem_usage,
                                      autocast_adapter_dtype)
-            self.targeted_module_names.append(key)
+            if key not in self.targeted_module_names:
+                self.targeted_module_names.append(key)
 
         if modules_to_save and not wrapped_saves:
             missing = sorted(modules_to_save)
             raise ValueError(f"modules_to_save {missing} matched no module of the model; check the names")
         if not matched_any:
             hint = " (all matches were excluded by exclude_modules)" if excluded_any else ""
-            raise ValueError(
+            raise NoMatchingPeftModuleError(
                 f"Target modules {_describe_targets(config.target_modules)} not found in the base model{hint}. "
                 "Check target_modules against model.named_modules()."
             )
@@ -252,7 +257,7 @@ class BaseTuner(nn.Module):
             bias = getattr(config, "bias", "none")
             if bias == "all":
                 for name, param in model.named_parameters():
-                    if name.endswith("bias") and ".modules_to_save." not in name:
+                    if name.endswith("bias") and ".modules_to_save." not in name and ".original_module." not in name:
                         param.requires_grad_(True)
             elif isinstance(bias, str) and bias.endswith("_only"):
                 for _, module in adapter_modules(model):
@@ -315,11 +320,14 @@ class BaseTuner(nn.Module):
 
     def _check_merge_allowed(self) -> None:
         """Raise before any change when the model cannot merge."""
+        sharded = distributed.merge_blocker(self.model)
+        if sharded:
+            raise MergeNotSupportedError(f"Cannot merge while the model is sharded: {sharded}")
         for name, module in adapter_modules(self.model):
             if isinstance(module, AdapterLayer) and module.has_adapter_any(self.active_adapters):
                 reason = module.merge_blocker()
                 if reason:
-                    raise ValueError(f"Cannot merge layer {name!r}: {reason}")
+                    raise MergeNotSupportedError(f"Cannot merge layer {name!r}: {reason}")
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()
@@ -376,6 +384,229 @@ class BaseTuner(nn.Module):
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
+
+    # -- combining adapters -----------------------------------------------------------
+
+    #: combination types the method implements itself, in addition to the strategies
+    #: registered through ``peft_kernel_register_combinations`` (structural ones such as
+    #: concatenating factors, which are not a function of same-shaped tensors)
+    combination_types: tuple[str, ...] = ()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of the existing ``adapters``.
+
+        The new adapter is frozen and **not** activated (``set_adapter(adapter_name)``
+        to use it). ``combination_type`` names a strategy registered through the
+        ``peft_kernel_register_combinations`` hook or one the method implements itself
+        (:attr:`combination_types`); with a single source it is always ``"linear"``.
+        Everything that does not depend on the method happens here: validation, the
+        target and ``modules_to_save`` bookkeeping, injection, trainability and rollback
+        on failure. The method contributes two hooks: :meth:`_combined_config` (validate
+        the sources and build the new config) and :meth:`_combine_layer` (fill one
+        layer's new adapter from its sources).
+
+        :param weights: one number per source; negative weights subtract.
+        :param svd_rank, svd_clamp, svd_full_matrices, svd_driver: for strategies that
+            re-factorise a combined delta (``svd=True``).
+        :param density, majority_sign_method: passed to the strategy.
+        :raises ValueError: for an existing ``adapter_name``, unknown sources, a weight
+            count that differs from the source count, an unknown ``combination_type``
+            (the message lists the known ones), sources whose ``target_modules`` are of
+            different kinds (names vs. regex), or more than one source holding a
+            ``modules_to_save`` copy of the same module.
+        :raises TypeError: when the method does not support combining adapters.
+        """
+        if isinstance(adapters, str) or not isinstance(adapter_name, str):
+            raise ValueError("adapters must be a list of adapter names and adapter_name a string")
+        adapters = list(adapters)
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(
+                f"Adapter {adapter_name!r} already exists; delete_adapter() it first or choose another name"
+            )
+        if not adapters:
+            raise ValueError("add_weighted_adapter needs at least one source adapter")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} do not exist; available: {sorted(self.peft_config)}")
+        weights = _check_weights(weights, len(adapters))
+        configs = [self.peft_config[a] for a in adapters]
+        with_params = [a for a, c in zip(adapters, configs) if getattr(c, "target_parameters", None)]
+        if with_params:
+            raise ValueError(f"add_weighted_adapter does not support adapters that target parameters: {with_params}")
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"svd_rank must be a positive integer or None, got {svd_rank!r}")
+
+        registry = manager().combinations()
+        known = sorted(set(registry) | set(self.combination_types))
+        if combination_type not in known:
+            raise ValueError(
+                f"Unknown combination_type {combination_type!r}; known for {configs[0].peft_type}: {', '.join(known)}. "
+                "Strategies are added by plugins implementing peft_kernel_register_combinations."
+            )
+        if len(adapters) == 1:
+            combination_type = "linear"
+        combination = None if combination_type in self.combination_types else registry[combination_type]
+
+        wrappers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        for name, wrapper in wrappers:
+            owners = sorted({a for a in adapters if a in wrapper.modules_to_save})
+            if len(owners) > 1:
+                raise ValueError(
+                    f"Cannot combine adapters {owners}: each holds its own modules_to_save copy of {name!r}, and "
+                    "copies cannot be combined. Keep at most one of them among the sources."
+                )
+        target_modules = combine_target_modules([c.target_modules for c in configs], "target_modules")
+
+        config = self._combined_config(adapters, combination_type, combination, svd_rank)
+        config.target_modules = target_modules
+        saves = [m for c in configs for m in (getattr(c, "modules_to_save", None) or ())]
+        if hasattr(config, "modules_to_save"):
+            config.modules_to_save = list(dict.fromkeys(saves)) or None
+        custom = {}
+        for c in configs:
+            custom.update(getattr(c, "_custom_modules", None) or {})
+        if hasattr(config, "_custom_modules"):
+            config._custom_modules = custom or None
+
+        grads = {p: p.requires_grad for p in self.model.parameters()}
+        targeted = list(self.targeted_module_names)
+        wrapped_before = {id(m) for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))}
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+            for _, wrapper in adapter_modules(self.model):
+                if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
+                    owners = [a for a in adapters if a in wrapper.modules_to_save]
+                    if owners:  # the one source that trained this module provides the copy
+                        wrapper.modules_to_save[adapter_name].load_state_dict(
+                            wrapper.modules_to_save[owners[0]].state_dict())
+            options = dict(svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                           density=density, majority_sign_method=majority_sign_method)
+            missed = []
+            with torch.no_grad():
+                for name, module in self.model.named_modules():
+                    if not isinstance(module, AdapterLayer):
+                        continue
+                    present = [i for i, a in enumerate(adapters) if module.has_adapter(a)]
+                    if not module.has_adapter(adapter_name):
+                        if present:
+                            missed.append(name)
+                        continue
+                    self._combine_layer(module, adapter_name, [adapters[i] for i in present],
+                                        [weights[i] for i in present], combination_type, combination, **options)
+        except BaseException:
+            self.peft_config.pop(adapter_name, None)
+            for _, module in list(adapter_modules(self.model)):
+                module.delete_adapter(adapter_name)
+            self._unwrap_new_modules(wrapped_before)
+            self.targeted_module_names = targeted
+            for param, flag in grads.items():
+                param.requires_grad_(flag)
+            raise
+        if missed:
+            warnings.warn(
+                f"The combined adapter {adapter_name!r} does not cover {missed}, where some sources do: its config is "
+                f"based on {adapters[0]!r}'s exclude_modules / layers_to_transform. Those contributions are left out.",
+                PeftWarning, stacklevel=2,
+            )
+        for param in self.model.parameters():
+            param.requires_grad_(grads.get(param, False))  # the new adapter is frozen; the rest as it was
+
+    def _unwrap_new_modules(self, wrapped_before: set[int]) -> None:
+        """Put back the plain modules where a failed call had wrapped new ones."""
+        for _, module, parent, attr in list(iter_modules_with_parent(self.model)):
+            if parent is None or id(module) in wrapped_before:
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                setattr(parent, attr, module.original_module)
+            elif isinstance(module, AdapterLayer) and not module._all_available_adapter_names():
+                base = module.get_base_layer()
+                _unload_nested(base, False, False, None)
+                setattr(parent, attr, base)
+
+    def _combined_config(self, adapters: list[str], combination_type: str, combination, svd_rank: Optional[int]):
+        """Validate the sources for ``combination_type`` and return the new adapter's config.
+
+        Method hook of :meth:`add_weighted_adapter`, called before anything changes.
+        ``combination`` is the registered :class:`~peft_kernel.plugins.Combination`, or
+        ``None`` for one of the method's own :attr:`combination_types`. Return a new
+        config (usually a modified copy of the first source's); the kernel then sets its
+        ``target_modules`` (union of the sources'), ``modules_to_save`` (union) and custom
+        layer mappings. Raise ``ValueError`` for sources that cannot be combined this way.
+        """
+        raise TypeError(self._no_combination_message())
+
+    def _combine_layer(self, layer: AdapterLayer, adapter_name: str, sources: list[str], weights: list[float],
+                       combination_type: str, combination, **options: Any) -> None:
+        """Fill ``layer``'s (freshly created) ``adapter_name`` from ``sources``.
+
+        Method hook of :meth:`add_weighted_adapter`, called under ``torch.no_grad()``
+        for every adapter layer holding the new adapter, in ``named_modules()`` order.
+        ``sources`` / ``weights`` are the sources present in this layer (possibly
+        none) with their weights. ``options`` holds ``svd_clamp``,
+        ``svd_full_matrices``, ``svd_driver``, ``density`` and ``majority_sign_method``;
+        a registered strategy is called as ``combination.fn(tensors, weights,
+        density=..., majority_sign_method=...)``.
+        """
+        raise TypeError(self._no_combination_message())
+
+    def _no_combination_message(self) -> str:
+        peft_type = next((c.peft_type for c in self.peft_config.values()), type(self).__name__)
+        return (
+            f"{peft_type} does not support add_weighted_adapter: its plugin implements no combination hooks "
+            f"({type(self).__name__}._combined_config / _combine_layer)."
+        )
+
+
+def combine_target_modules(values: list, field_name: str = "target_modules"):
+    """Union of several adapters' target fields, for a combined adapter.
+
+    All values must be of one kind: name sets/lists give their union, regex strings give
+    ``"(t1)|(t2)|..."``, all ``None`` gives ``None``. Mixed kinds raise ``ValueError``.
+    """
+    kinds = {"regex" if isinstance(v, str) else "none" if v is None else "names" for v in values}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"All adapters must give `{field_name}` the same kind (all name lists or all regexes) to be combined; "
+            f"got {sorted(kinds)}"
+        )
+    if kinds == {"regex"}:
+        return "|".join(f"({v})" for v in values)
+    if kinds == {"none"}:
+        return None
+    merged: set = set()
+    for value in values:
+        merged |= set(value)
+    return merged
+
+
+def _check_weights(weights, count: int) -> list[float]:
+    if isinstance(weights, torch.Tensor):
+        weights = weights.reshape(-1).tolist()
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ValueError(f"weights must be a list of numbers, got {weights!r}") from None
+    if len(values) != count:
+        raise ValueError(f"Got {count} adapter(s) but {len(values)} weight(s); pass one weight per adapter")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"weights must be finite numbers, got {values}")
+    return values
+
 
 def _unload_nested(module: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> None:
     """Adapter layers nested inside a base layer (e.g. an attention block's out_proj)."""

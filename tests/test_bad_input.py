@@ -197,6 +197,11 @@ def test_save_to_a_file_path(tmp_path):
 def test_mixed_batch_errors():
     model = trained()
     x = torch.randn(2, 6)
+    with pytest.raises(ValueError, match="for inference"):
+        model(x, adapter_names=["default", "default"])
+    model.eval()
+    with pytest.raises(ValueError, match="2 samples"):
+        model(x, adapter_names=["default"])
     with pytest.raises(ValueError, match="Unknown adapter names"):
         model(x, adapter_names=["default", "nope"])
     model.merge_adapter()

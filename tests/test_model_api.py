@@ -46,7 +46,7 @@ def two_adapter_model():
 
 
 def test_mixed_batch_equals_per_adapter_runs():
-    model = two_adapter_model()
+    model = two_adapter_model().eval()
     x = torch.randn(5, 6)
     names = ["default", "b", "__base__", "b", "default"]
     mixed = model(x, adapter_names=names)

@@ -123,7 +123,9 @@ def test_all_linear_skips_transformers_output_embedding():
 def test_regex_never_matches_inside_adapter_layers():
     model = get_peft_model(Net(), cfg(target_modules=r"layers\.0\.q.*"))
     model.add_adapter("second", cfg(target_modules=r"layers\.0\.q.*"))
-    assert model.targeted_module_names.count("layers.0.q") == 2  # updated in place, never nested
+    assert model.targeted_module_names == ["layers.0.q"]
+    layer = model.base_model.model.layers[0].q
+    assert set(layer.lora_A) == {"default", "second"}  # updated in place, never nested
     assert not any("lora_A" in n for n in model.targeted_module_names)
     assert type(model.base_model.model.layers[0].q.base_layer) is nn.Linear
 

@@ -12,7 +12,11 @@ cover; pytest then runs every contract test for every case::
 The tests use nothing but the public API, so a third-party plugin passes them exactly
 when peft-kernel can treat it like a first-party one. A method whose adapter is not an
 identity at initialisation sets ``identity_at_init = False``; one that cannot merge sets
-``supports_merge = False``.
+``supports_merge = False`` (and must then refuse to merge with an error).
+
+Prompt-learning methods run the same contract: their outputs carry one extra position
+per virtual token in front, so outputs are compared on the positions of the real tokens
+(the last ones) whenever the adapted output is longer than the base output.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
         out = out.logits
     if hasattr(out, "last_hidden_state"):
         out = out.last_hidden_state
-    return out.detach().float()
+    out = out.detach().float()
+    out.virtual_tokens = _virtual_tokens(model)
+    return out
 
 
 def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
@@ -86,13 +92,32 @@ def _base_weight_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+def _virtual_tokens(model: nn.Module) -> int:
+    """Virtual tokens a prompt-learning PeftModel puts in front of the input (else 0)."""
+    if not getattr(model, "_is_prompt_learning", False):
+        return 0
+    return int(model.active_peft_config.num_virtual_tokens)
+
+
+def _align(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Outputs of prompt learning have one extra leading position per virtual token (when
+    the output is per input token): compare the positions of the real tokens."""
+    n = getattr(actual, "virtual_tokens", 0)
+    if n and actual.dim() >= 2 and actual.dim() == expected.dim() and actual.shape[1] == expected.shape[1] + n:
+        return actual[:, n:]
+    return actual
+
+
 def _assert_close(actual, expected, atol, what):
+    actual = _align(actual, expected)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     diff = (actual - expected).abs().max().item()
     assert diff <= atol, f"{what}: max abs difference {diff:.3g} > {atol}"
 
 
 def _assert_differs(actual, expected, what):
+    actual = _align(actual, expected)
     diff = (actual - expected).abs().max().item()
     assert diff > 1e-6, f"{what}: outputs did not change ({diff:.3g}); the check would be vacuous"
 
@@ -141,6 +166,10 @@ class MethodConformance:
         base_weights = _base_weight_ids(model)
         wrong = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in base_weights]
         assert not wrong, f"base weights are trainable: {wrong}"
+        if model.peft_config["default"].is_prompt_learning:
+            # no adapter layers to tell base from adapter: every trainable tensor must be the adapter's
+            wrong = [n for n, p in model.named_parameters() if p.requires_grad and "default" not in n.split(".")]
+            assert not wrong, f"tensors outside the adapter are trainable: {wrong}"
 
     def test_save_load_round_trip(self, case: Case, tmp_path):
         reference, model = self._peft(case)
@@ -197,6 +226,21 @@ class MethodConformance:
         plain = model.merge_and_unload()
         assert not any(isinstance(m, AdapterLayer) for m in plain.modules()), "adapter layers remain after unload"
         _assert_close(_run(plain, inputs), expected, case.atol * 10, "merge_and_unload changed outputs")
+
+    def test_merge_refused(self, case: Case):
+        if self.supports_merge:
+            return
+        _, model = self._peft(case)
+        inputs = case.input_fn()
+        expected = _run(model, inputs)
+        for call in (model.merge_adapter, model.merge_and_unload):
+            try:
+                call()
+            except (TypeError, ValueError, NotImplementedError):
+                pass
+            else:
+                raise AssertionError(f"{call.__name__} must raise for a method that cannot merge")
+        _assert_close(_run(model, inputs), expected, case.atol, "a refused merge changed outputs")
 
     def test_unload_gives_base(self, case: Case):
         reference, model = self._peft(case)

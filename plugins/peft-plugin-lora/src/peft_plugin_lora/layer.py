@@ -206,28 +206,42 @@ class LoraLayer(AdapterLayer):
                 return "lora_bias=True cannot be merged into a base layer without a bias"
         return super().merge_blocker()
 
+    def _orient(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with output channels first (the layout of ``lora_matrix``)."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    _unorient = _orient  # a transpose is its own inverse
+
+    def _merged_plain_deltas(self, oriented: torch.Tensor) -> torch.Tensor:
+        """Sum of the (oriented) deltas of plain adapters merged so far (0 when none)."""
+        total = torch.zeros_like(oriented)
+        for name in self.merged_adapters:
+            if not self.use_dora.get(name):
+                total = total + self._orient(self.delta_weight(name)).to(oriented.dtype)
+        return total
+
+    def _dora_scale(self, adapter_name: str, norm: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        scale = self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm
+        return scale.to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        delta = self.delta_weight(adapter_name).to(weight.dtype)
         if not self.use_dora.get(adapter_name):
-            return weight + delta
-        oriented = weight.T if self.fan_in_fan_out else weight
-        lora = self.lora_matrix(adapter_name).to(weight.dtype)
-        norm = self.dora_weight_norm(adapter_name, oriented, lora).detach()
+            return weight + self.delta_weight(adapter_name).to(weight.dtype)
+        # W' = m / ||W0 + sBA|| * (W + sBA): the norm uses the base W0 without the plain adapters
+        # merged before, the scale applies to all of W, exactly as the unmerged forward does
+        oriented = self._orient(weight)
+        lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
+        norm = self.dora_weight_norm(adapter_name, oriented - self._merged_plain_deltas(oriented), lora).detach()
         self._dora_norm[adapter_name] = norm
-        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
-        merged = (oriented + self.scaling[adapter_name] * lora.reshape(oriented.shape)) * scale.reshape(
-            (-1,) + (1,) * (oriented.dim() - 1))
-        return merged.T if self.fan_in_fan_out else merged
+        return self._unorient(self._dora_scale(adapter_name, norm, oriented) * (oriented + self.scaling[adapter_name] * lora))
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not self.use_dora.get(adapter_name):
             return weight - self.delta_weight(adapter_name).to(weight.dtype)
-        oriented = weight.T if self.fan_in_fan_out else weight
-        norm = self._dora_norm.pop(adapter_name)
-        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
+        oriented = self._orient(weight)
+        scale = self._dora_scale(adapter_name, self._dora_norm.pop(adapter_name), oriented)
         lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
-        restored = oriented / scale.reshape((-1,) + (1,) * (oriented.dim() - 1)) - self.scaling[adapter_name] * lora
-        return restored.T if self.fan_in_fan_out else restored
+        return self._unorient(oriented / scale - self.scaling[adapter_name] * lora)
 
     def merge_bias(self, adapter_name: str, sign: int) -> None:
         if not self.lora_bias.get(adapter_name) or adapter_name not in self.lora_B:
@@ -259,6 +273,112 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name] = self.lora_alpha[name] / self.r[name]
             else:
                 self.scaling[name] /= scale
+
+    # -- combining adapters (add_weighted_adapter) --------------------------------------
+
+    def combination_factors(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(A, B)`` of one adapter as stored (parameters, not copies), or ``None``.
+
+        A has the rank on dim 0 and B on dim 1, whatever the layer type, so that
+        ``B.reshape(out, r) @ A.reshape(r, -1)`` is the unscaled delta in (out, in·kernel)
+        orientation. Custom layers with other factor layouts override this (or
+        :meth:`combine_adapters`)."""
+        if adapter_name in self.lora_A:
+            return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if adapter_name in self.lora_embedding_A:
+            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        return None
+
+    def combination_delta(self, adapter_name: str) -> torch.Tensor:
+        """``s · B A`` as a 2-D (out, in·kernel) matrix: the layout the SVD combinations
+        work in (no transposition for ``fan_in_fan_out`` or embeddings)."""
+        A, B = self.combination_factors(adapter_name)
+        r = A.shape[0]
+        return (B.detach().reshape(B.shape[0], r) @ A.detach().reshape(r, -1)) * self.scaling[adapter_name]
+
+    def _base_layout_transposed(self) -> bool:
+        """Whether the base weight stores (in, out) rather than (out, in)."""
+        return bool(self.fan_in_fan_out)
+
+    def combine_adapters(self, adapter_name: str, sources: list[str], weights: list[float], combination_type: str,
+                         combination, *, svd_clamp=None, svd_full_matrices: bool = True, svd_driver=None,
+                         density=None, majority_sign_method: str = "total") -> None:
+        """Overwrite ``adapter_name``'s factors with the combination of ``sources``.
+
+        With s_i the sources' scalings and s the new adapter's own (1 unless rsLoRA):
+
+        * ``cat`` — A = rows-concat(w_i s_i A_i / s), B = cols-concat(B_i), zero-padded;
+        * a strategy with ``svd=True`` — applied to the full deltas s_i B_i A_i with
+          weights w_i, divided by s, then truncated SVD to this adapter's rank;
+        * any other strategy — applied to the A stack with weights sign(w_i)·c_i and to
+          the B stack with weights c_i, c_i = √|w_i s_i / s|.
+
+        A ``lora_bias`` becomes Σ w_i s_i b_i / s.
+        """
+        from peft_kernel import combine
+
+        A_new, B_new = self.combination_factors(adapter_name)
+        s_new = self.scaling[adapter_name]
+        if not sources:  # no source adapts this layer: the new adapter must not change it
+            A_new.zero_()
+            B_new.zero_()
+            self._combine_bias(adapter_name, sources, weights)
+            return
+        factors = [self.combination_factors(s) for s in sources]
+        scalings = [self.scaling[s] for s in sources]
+        kw = {"density": density, "majority_sign_method": majority_sign_method}
+        if combination is None and combination_type == "cat":
+            As, Bs = [], []
+            for (A, B), w, s in zip(factors, weights, scalings):
+                scaled = A.detach() * w * s
+                As.append(scaled / s_new if s_new != 1 else scaled)
+                Bs.append(B.detach())
+            A_cat, B_cat = torch.cat(As, dim=0), torch.cat(Bs, dim=1)
+            A_new.zero_()
+            B_new.zero_()
+            A_new[: A_cat.shape[0]] = A_cat.to(A_new.dtype)
+            B_new[:, : B_cat.shape[1]] = B_cat.to(B_new.dtype)
+        elif combination is not None and combination.svd:
+            deltas = [self.combination_delta(s) for s in sources]
+            # the strategy sees each delta in the base weight's layout (as delta_weight() gives it):
+            # that decides which entry each random draw lands on
+            transposed = self._base_layout_transposed()
+            if transposed:
+                deltas = [d.T for d in deltas]
+            delta = combination.fn(deltas, torch.tensor(weights).to(deltas[0].device), **kw)
+            if transposed:
+                delta = delta.T
+            if s_new != 1:
+                delta = delta / s_new
+            B, A = combine.svd_factorize(delta, A_new.shape[0], clamp=svd_clamp, full_matrices=svd_full_matrices,
+                                         driver=svd_driver)
+            A_new.copy_(A.reshape(A_new.shape))
+            B_new.copy_(B.reshape(B_new.shape))
+        elif combination is not None:
+            weights_A, weights_B = [], []
+            for w, s in zip(weights, scalings):
+                ws = w * s / s_new if s_new != 1 else w * s
+                c = math.sqrt(abs(ws))
+                weights_A.append(c if ws >= 0 else -c)  # the sign goes on one side only
+                weights_B.append(c)
+            device = factors[0][0].device
+            A = combination.fn([A.detach() for A, _ in factors], torch.tensor(weights_A).to(device), **kw)
+            B = combination.fn([B.detach() for _, B in factors], torch.tensor(weights_B).to(device), **kw)
+            A_new.copy_(A.to(A_new.dtype))
+            B_new.copy_(B.to(B_new.dtype))
+        else:
+            raise ValueError(f"LoRA has no combination type {combination_type!r}")
+        self._combine_bias(adapter_name, sources, weights)
+
+    def _combine_bias(self, adapter_name: str, sources: list[str], weights: list[float]) -> None:
+        if adapter_name not in self.lora_B or self.lora_B[adapter_name].bias is None:
+            return
+        bias = self.lora_B[adapter_name].bias
+        total = torch.zeros_like(bias)
+        for source, w in zip(sources, weights):
+            if source in self.lora_B and self.lora_B[source].bias is not None:
+                total += self.lora_B[source].bias.detach().to(bias.dtype) * (w * self.scaling[source])
+        bias.copy_(total / self.scaling[adapter_name])
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -354,6 +474,9 @@ class Embedding(LoraLayer):
     def lora_matrix(self, adapter_name: str) -> torch.Tensor:
         return self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]  # (dim, vocab)
 
+    def _base_layout_transposed(self) -> bool:
+        return True  # the embedding matrix is (vocab, dim)
+
     def _base_out_in(self) -> torch.Tensor:
         return self.get_base_layer().weight.T  # (dim, vocab)
 
@@ -376,23 +499,10 @@ class Embedding(LoraLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         return (self.lora_matrix(adapter_name) * self.scaling[adapter_name]).T
 
-    def merge_weight(self, weight, adapter_name):
-        if not self.use_dora.get(adapter_name):
-            return weight + self.delta_weight(adapter_name).to(weight.dtype)
-        oriented = weight.T
-        lora = self.lora_matrix(adapter_name).to(weight.dtype)
-        norm = self.dora_weight_norm(adapter_name, oriented, lora).detach()
-        self._dora_norm[adapter_name] = norm
-        scale = (self.lora_magnitude_vector[adapter_name].weight / norm).to(weight.dtype)
-        return ((oriented + self.scaling[adapter_name] * lora) * scale.view(-1, 1)).T
+    def _orient(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T  # the embedding table is (vocab, dim); channels are its columns
 
-    def unmerge_weight(self, weight, adapter_name):
-        if not self.use_dora.get(adapter_name):
-            return weight - self.delta_weight(adapter_name).to(weight.dtype)
-        norm = self._dora_norm.pop(adapter_name)
-        scale = (self.lora_magnitude_vector[adapter_name].weight / norm).to(weight.dtype)
-        lora = self.lora_matrix(adapter_name).to(weight.dtype)
-        return (weight.T / scale.view(-1, 1) - self.scaling[adapter_name] * lora).T
+    _unorient = _orient
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
@@ -437,10 +547,6 @@ class _ConvNd(LoraLayer):
     def _magnitude_shape(self):
         return (1, self.out_features) + (1,) * (self.get_base_layer().weight.dim() - 2)
 
-    def dora_weight_norm(self, adapter_name, weight, lora):
-        combined = weight + self.scaling[adapter_name] * lora.reshape(weight.shape).to(weight.dtype)
-        return combined.reshape(combined.shape[0], -1).norm(p=2, dim=1)
-
     def merge_blocker(self) -> Optional[str]:
         if self.get_base_layer().groups > 1:
             return "merging is not supported for conv layers with groups > 1"
@@ -472,25 +578,6 @@ class _ConvNd(LoraLayer):
         else:
             base_result = base._conv_forward(x, weight, None)
         return result + ((scale - 1) * base_result + scale * B(A(x)) * scaling).to(result.dtype)
-
-    def merge_weight(self, weight, adapter_name):
-        if not self.use_dora.get(adapter_name):
-            return weight + self.delta_weight(adapter_name).to(weight.dtype)
-        lora = self.lora_matrix(adapter_name).to(weight.dtype)
-        norm = self.dora_weight_norm(adapter_name, weight, lora).detach()
-        self._dora_norm[adapter_name] = norm
-        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        return (weight + self.scaling[adapter_name] * lora.reshape(weight.shape)) * scale.view(shape)
-
-    def unmerge_weight(self, weight, adapter_name):
-        if not self.use_dora.get(adapter_name):
-            return weight - self.delta_weight(adapter_name).to(weight.dtype)
-        norm = self._dora_norm.pop(adapter_name)
-        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).to(weight.dtype)
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(weight.shape)
-        return weight / scale.view(shape) - self.scaling[adapter_name] * lora
 
 
 class Conv1d(_ConvNd):
@@ -527,7 +614,7 @@ class MultiheadAttention(LoraLayer):
     def update_layer(self, adapter_name, r, lora_alpha, config=None, **kwargs):
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
         out_proj = self.base_layer.out_proj
-        if isinstance(out_proj, Linear) and adapter_name not in out_proj.lora_A:
+        if isinstance(out_proj, Linear):  # (re)initialised after in_proj: HF PEFT's random order
             out_proj.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name, r, lora_bias):

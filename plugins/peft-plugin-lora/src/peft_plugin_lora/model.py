@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+
 from peft_kernel import BaseTuner
 
 from .layer import LoraLayer
@@ -40,3 +44,83 @@ class LoraModel(BaseTuner):
 
     def unscale_layer(self, scale=None) -> None:
         self._set_layers("unscale_layer", scale)
+
+    # -- combining adapters (add_weighted_adapter) --------------------------------------
+
+    combination_types = ("cat",)
+
+    def _combined_config(self, adapters, combination_type, combination, svd_rank):
+        """Check the sources and build the combined config: a copy of the first source's
+        with ``r = lora_alpha = new rank`` and no rank/alpha patterns.
+
+        New rank: the common rank for factor-wise strategies (ranks must be equal), the
+        sum for ``cat``, ``svd_rank`` or the largest rank for SVD strategies. A source's
+        rank is ``max(r, *rank_pattern.values())``."""
+        configs = [self.peft_config[a] for a in adapters]
+        dora = [a for a, c in zip(adapters, configs) if c.use_dora]
+        if dora:
+            raise ValueError(
+                f"add_weighted_adapter cannot combine DoRA adapters ({dora}): their magnitude vectors have no "
+                "weighted combination. Merge them into the base instead (merge_and_unload)."
+            )
+        ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+        svd = combination is not None and combination.svd
+        factor_wise = combination is not None and not svd
+        if combination_type == "cat":
+            new_rank = sum(ranks)
+        elif svd:
+            new_rank = svd_rank or max(ranks)
+        else:
+            if len(set(ranks)) != 1:
+                raise ValueError(
+                    f"combination_type={combination_type!r} combines the factors entry by entry, so all adapters must "
+                    f"have the same rank; got {dict(zip(adapters, ranks))}. Use 'cat' or an SVD type such as 'svd' "
+                    "for different ranks."
+                )
+            new_rank = ranks[0]
+        for name, layer in self.model.named_modules():
+            if isinstance(layer, LoraLayer):
+                self._check_combinable_layer(name, layer, adapters, combination_type, svd, factor_wise)
+        first = configs[0]
+        init = first.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            init = True  # the factors are overwritten; never re-run an init that rewrites the base weights
+        return dataclasses.replace(
+            first, r=new_rank, lora_alpha=new_rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=init,
+            lora_bias=any(c.lora_bias for c in configs),
+        )
+
+    @staticmethod
+    def _check_combinable_layer(name, layer, adapters, combination_type, svd, factor_wise) -> None:
+        present = [a for a in adapters if layer.has_adapter(a)]
+        if not present:
+            return
+        factors = {a: layer.combination_factors(a) for a in present}
+        if any(f is None for f in factors.values()):
+            raise ValueError(
+                f"Layer {name!r} ({type(layer).__name__}) keeps its factors where add_weighted_adapter cannot find "
+                "them; override combination_factors() / combine_adapters() in the layer class to combine it."
+            )
+        if getattr(layer.get_base_layer(), "groups", 1) > 1:
+            raise ValueError(f"Layer {name!r} is a grouped convolution (groups > 1); it cannot be combined")
+        if svd:
+            half = [a for a, (A, B) in factors.items() if A.dtype in (torch.float16, torch.bfloat16)]
+            if half:
+                raise ValueError(
+                    f"combination_type={combination_type!r} needs a singular value decomposition, which is not "
+                    f"supported for float16/bfloat16; adapter(s) {half} hold {factors[half[0]][0].dtype} weights in "
+                    f"{name!r}. Cast the adapters to float32 first, or use a combination type without SVD."
+                )
+        if factor_wise:
+            shapes = {a: tuple(A.shape) + tuple(B.shape) for a, (A, B) in factors.items()}
+            if len(set(shapes.values())) > 1:
+                ranks = {a: layer.r[a] for a in present}
+                raise ValueError(
+                    f"combination_type={combination_type!r} needs equal ranks in every layer, but {name!r} has "
+                    f"ranks {ranks} (from rank_pattern). Use 'cat' or an SVD type instead."
+                )
+
+    def _combine_layer(self, layer, adapter_name, sources, weights, combination_type, combination, **options):
+        if not isinstance(layer, LoraLayer):
+            raise TypeError(f"{type(layer).__name__} is not a LoRA layer and cannot be combined by LoRA")
+        layer.combine_adapters(adapter_name, sources, weights, combination_type, combination, **options)

@@ -1,0 +1,98 @@
+"""VeRA for peft-kernel: ``VeraConfig``, ``VeraModel`` and the VeRA layer.
+
+Found through the ``peft_kernel`` entry point ``vera``; importing this module registers
+nothing by itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from torch import nn
+
+from peft_kernel import PeftWarning, hookimpl, quant
+from peft_kernel.dispatch import build_layer
+
+from .config import VeraConfig
+from .layer import Linear, VeraLayer
+from .model import VeraModel, make_projections
+
+__all__ = ["VeraConfig", "VeraModel", "VeraLayer", "Linear", "make_projections"]
+
+PEFT_TYPE = "VERA"
+PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
+
+
+def _transformers_conv1d():
+    utils = sys.modules.get("transformers.pytorch_utils")  # never import transformers ourselves
+    return getattr(utils, "Conv1D", None) if utils is not None else None
+
+
+def _set_fan_in_fan_out(config, value: bool, why: str) -> None:
+    if config.fan_in_fan_out != value:
+        warnings.warn(f"{why}; setting fan_in_fan_out={value}.", PeftWarning, stacklevel=4)
+        config.fan_in_fan_out = value
+
+
+@hookimpl
+def peft_kernel_register_methods(register):
+    register(name="vera", config_cls=VeraConfig, model_cls=VeraModel, prefix="vera_lambda_")
+
+
+@hookimpl(trylast=True)
+def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
+    if config.peft_type != PEFT_TYPE:
+        return None
+    conv1d = _transformers_conv1d()
+    if (conv1d is not None and isinstance(target, conv1d)) or (
+        quant.is_quantized(target) and getattr(target, "is_transposed", False)
+    ):
+        _set_fan_in_fan_out(config, True, "transformers Conv1D stores its weight as (in, out)")
+        return build_layer(Linear, target, target_name, adapter_name, config)
+    if isinstance(target, nn.Linear) or quant.is_quantized(target):
+        _set_fan_in_fan_out(config, False, "linear layers store their weight as (out, in)")
+        return build_layer(Linear, target, target_name, adapter_name, config)
+    return None
+
+
+@hookimpl
+def peft_kernel_adapter_state_dict(model, config, adapter_name, state_dict):
+    """The shared projections are saved only with ``save_projection=True``."""
+    if config.peft_type != PEFT_TYPE or config.save_projection:
+        return
+    for key in PROJECTION_KEYS:
+        state_dict.pop(key, None)
+
+
+@hookimpl
+def peft_kernel_load_state_dict(model, config, adapter_name, state_dict):
+    """Check the checkpoint's projections against ``save_projection``."""
+    if config.peft_type != PEFT_TYPE:
+        return
+    present = [key for key in PROJECTION_KEYS if key in state_dict]
+    if config.save_projection:
+        if len(present) != len(PROJECTION_KEYS):
+            missing = [key for key in PROJECTION_KEYS if key not in state_dict]
+            raise ValueError(
+                f"The VeRA adapter {adapter_name!r} has save_projection=True, but the checkpoint lacks {missing}. "
+                "If it was saved with save_projection=False, set that in its adapter_config.json (the projections "
+                "are then regenerated from projection_prng_key)."
+            )
+        return
+    if present:
+        warnings.warn(
+            "The checkpoint contains vera_A / vera_B but its config says save_projection=False; they are ignored and "
+            "the projections regenerated from projection_prng_key are used. Set save_projection=True to use them.",
+            PeftWarning,
+            stacklevel=2,
+        )
+        for key in present:
+            state_dict.pop(key)
+    else:
+        warnings.warn(
+            "save_projection=False: the VeRA projections were regenerated from projection_prng_key instead of being "
+            "loaded. This is exact only with the same PyTorch CPU generator as when the adapter was trained.",
+            PeftWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,113 @@
+"""VeRA layers. Per adapter, with the shared projections ``A`` (r × in_max) and ``B``
+(out_max × r) sliced to this layer's size:
+
+    h = W₀x + λ_b ⊙ (B[:out, :r] (λ_d ⊙ (A[:r, :in] dropout(x))))
+
+``vera_lambda_b`` (out) and ``vera_lambda_d`` (r) are the only trainable tensors. The
+projections live once on the tuner (``base_model.vera_A`` / ``vera_B``); each layer holds
+a reference to the same :class:`peft_kernel.BufferDict`, attached by the tuner right after
+the layer is created.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_kernel import AdapterLayer, BufferDict
+
+
+class VeraLayer(AdapterLayer):
+    adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
+    other_param_names = ("r", "vera_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        if self.in_features is None or self.out_features is None:
+            raise TypeError(f"VeRA cannot tell the input/output size of {type(base_layer).__name__}")
+        self.r: dict[str, int] = {}
+        self.vera_dropout = nn.ModuleDict({})
+        self.vera_lambda_b = nn.ParameterDict({})
+        self.vera_lambda_d = nn.ParameterDict({})
+        # shared projections, attached by the tuner (attach_projections)
+        self.vera_A: Optional[BufferDict] = None
+        self.vera_B: Optional[BufferDict] = None
+        self.fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, config=config)
+
+    # -- creation ---------------------------------------------------------------------
+
+    def update_layer(self, adapter_name: str, config=None, r: Optional[int] = None, **kwargs: Any) -> None:
+        r = r if r is not None else getattr(config, "r", 256)
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        dropout = getattr(config, "vera_dropout", 0.0)
+        self.r[adapter_name] = r
+        self.vera_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
+        lambda_b = torch.ones(self.out_features)
+        lambda_d = torch.randn(r)  # global generator, as HF PEFT, so init_weights=False agrees too
+        self.vera_lambda_b[adapter_name] = nn.Parameter(lambda_b)
+        self.vera_lambda_d[adapter_name] = nn.Parameter(lambda_d)
+        if getattr(config, "init_weights", True) and lambda_d.device.type != "meta":
+            with torch.no_grad():
+                self.vera_lambda_b[adapter_name].zero_()
+                self.vera_lambda_d[adapter_name].fill_(getattr(config, "d_initial", 0.1))
+        if self.vera_A is not None:
+            self.check_projections(adapter_name)
+        self._adapter_state_changed()
+
+    def attach_projections(self, vera_A: BufferDict, vera_B: BufferDict, adapter_name: str) -> None:
+        """Point this layer at the tuner's shared projections and check they are big enough."""
+        self.vera_A, self.vera_B = vera_A, vera_B
+        self.check_projections(adapter_name)
+
+    def check_projections(self, adapter_name: str) -> None:
+        if adapter_name not in self.vera_A or adapter_name not in self.vera_B:
+            raise ValueError(f"The shared VeRA projections have no entry for adapter {adapter_name!r}")
+        A, B = self.vera_A[adapter_name], self.vera_B[adapter_name]
+        r = self.r[adapter_name]
+        for what, have, need in (("vera_A", A.shape[1], self.in_features), ("vera_B", B.shape[0], self.out_features),
+                                 ("vera_A", A.shape[0], r), ("vera_B", B.shape[1], r)):
+            if have < need:
+                raise ValueError(
+                    f"{what} has size {have} but this layer needs at least {need}: the projections were sized by the "
+                    f"first VeRA adapter, and adapter {adapter_name!r} has larger layers or a larger r. Add the "
+                    "adapter with the largest layers and r first."
+                )
+
+    # -- math -------------------------------------------------------------------------
+
+    def projections(self, adapter_name: str, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A[:r, :in]`` and ``B[:out, :r]`` for this layer (only the slice is moved)."""
+        r = self.r[adapter_name]
+        A = self.vera_A[adapter_name][:r, : self.in_features]
+        B = self.vera_B[adapter_name][: self.out_features, :r]
+        return A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
+
+    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+        lambda_d, lambda_b = self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]
+        A, B = self.projections(adapter_name, device=x.device, dtype=lambda_d.dtype)
+        x = x if x.dtype == lambda_d.dtype else x.to(lambda_d.dtype)
+        hidden = lambda_d * F.linear(self.vera_dropout[adapter_name](x), A)
+        return (result + lambda_b * F.linear(hidden, B)).to(result.dtype)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        lambda_d, lambda_b = self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]
+        dtype = lambda_d.dtype
+        compute = torch.float32 if lambda_d.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+        A, B = self.projections(adapter_name, device=lambda_d.device, dtype=compute)
+        delta = (lambda_b.to(compute)[:, None] * B) @ (lambda_d.to(compute)[:, None] * A)  # (out, in)
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(dtype)
+
+    def __repr__(self) -> str:
+        return "vera." + super().__repr__()
+
+
+class Linear(VeraLayer):
+    """VeRA on nn.Linear, transformers Conv1D (``fan_in_fan_out``) and quantized linear layers."""

@@ -1,0 +1,186 @@
+"""VeRA against HF PEFT (the oracle): bit-identical projections for the same key, same
+outputs before and after merging, checkpoints that load both ways with identical keys and
+config fields, with and without stored projections."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import peft_kernel
+from peft_plugin_vera import VeraConfig, make_projections
+
+import _vera_models as M
+
+hf_peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CASES = [
+    ("mlp", "mlp", {"target_modules": ["lin0", "lin1"], "r": 4}),
+    ("mlp-all-r16", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "r": 16, "d_initial": 0.5,
+                            "projection_prng_key": 123}),
+    ("mlp-no-projection", "mlp", {"target_modules": ["lin0", "lin1"], "r": 4, "save_projection": False}),
+    ("mlp-bias-vera_only", "mlp", {"target_modules": ["lin0", "lin1"], "r": 4, "bias": "vera_only"}),
+    ("mlp-bias-all", "mlp", {"target_modules": ["lin1"], "r": 4, "bias": "all"}),
+    ("mlp-regex-mts", "mlp", {"target_modules": r"lin[01]", "r": 4, "modules_to_save": ["lin2"]}),
+    ("mlp_nobias", "mlp_nobias", {"target_modules": ["lin0", "lin2"], "r": 4}),
+    ("gpt2-conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "r": 8}),
+    ("gpt2-defaults", "gpt2", {"r": 8, "save_projection": False}),
+    ("llama-defaults", "llama", {"r": 8}),
+    ("llama-all-linear", "llama", {"target_modules": "all-linear", "r": 8, "projection_prng_key": 5}),
+    ("llama-layers", "llama", {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1],
+                               "layers_pattern": "layers", "r": 4, "task_type": "CAUSAL_LM"}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def make_pair(model: str, kwargs: dict, perturb: bool = True):
+    """(hf, ours) from the same base; with ``perturb`` HF's perturbed weights are copied into ours."""
+    torch.manual_seed(42)
+    hf = hf_peft.get_peft_model(M.build(model), hf_peft.VeraConfig(**copy.deepcopy(kwargs)))
+    torch.manual_seed(42)
+    ours = peft_kernel.get_peft_model(M.build(model), VeraConfig(**copy.deepcopy(kwargs)))
+    hf.eval(), ours.eval()
+    if perturb:
+        M.perturb(hf)
+        assert set(hf.state_dict()) == set(ours.state_dict()), (
+            f"state dict keys differ: {sorted(set(hf.state_dict()) ^ set(ours.state_dict()))[:10]}")
+        ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+@pytest.mark.parametrize("shape", [(4, 10, 30), (256, 32, 48), (3, 1, 1), (7, 300, 5)])
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 17])
+def test_projection_generator_is_bit_identical(shape, seed):
+    r, in_f, out_f = shape
+    A, B = make_projections(r, in_f, out_f, seed)
+    # what HF PEFT builds for the same key (its private helper, used here only as the oracle)
+    from peft.tuners.vera.model import _kaiming_init
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    hf_A = _kaiming_init((r, in_f), generator=generator)
+    hf_B = _kaiming_init((out_f, r), generator=generator)
+    assert torch.equal(A, hf_A) and torch.equal(B, hf_B)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_structure_and_init_match(case):
+    _, model, kwargs = case
+    hf, ours = make_pair(model, kwargs, perturb=False)
+    hf_sd, our_sd = hf.state_dict(), ours.state_dict()
+    assert set(our_sd) == set(hf_sd)
+    for key, value in hf_sd.items():
+        assert torch.equal(our_sd[key], value), key  # projections included: bit-identical
+    assert torch.equal(ours.base_model.vera_A["default"], hf.base_model.vera_A["default"])
+    assert torch.equal(ours.base_model.vera_B["default"], hf.base_model.vera_B["default"])
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in hf.named_parameters() if p.requires_grad)
+    assert sorted(ours.targeted_module_names) == sorted(hf.targeted_module_names)
+
+
+def test_random_init_matches():
+    kwargs = {"target_modules": ["lin0", "lin1", "lin2"], "r": 6, "init_weights": False}
+    hf, ours = make_pair("mlp", kwargs, perturb=False)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_outputs_merge_unmerge(case):
+    _, model, kwargs = case
+    hf, ours = make_pair(model, kwargs)
+    x = M.inputs(model)
+    base = M.run(M.build(model), x)
+    expected = M.run(hf, x)
+    M.assert_differs(expected, base, "adapter")
+    M.assert_close(M.run(ours, x), expected, "forward")
+    hf.merge_adapter(), ours.merge_adapter()
+    M.assert_close(M.run(ours, x), M.run(hf, x), "merged forward")
+    M.assert_close(M.run(ours, x), expected, "merged vs unmerged", atol=1e-4)
+    hf.unmerge_adapter(), ours.unmerge_adapter()
+    M.assert_close(M.run(ours, x), M.run(hf, x), "unmerged forward")
+    with hf.disable_adapter(), ours.disable_adapter():
+        M.assert_close(M.run(ours, x), M.run(hf, x), "disabled")
+    M.assert_close(M.run(ours.merge_and_unload(), x), M.run(hf.merge_and_unload(), x), "merge_and_unload")
+
+
+def _canon(value):
+    return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+
+
+def _checkpoint_files(path):
+    from safetensors.torch import load_file
+
+    with open(path / "adapter_config.json") as fh:
+        config = json.load(fh)
+    return config, load_file(path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "mlp", "mlp-no-projection", "mlp-bias-vera_only", "mlp-regex-mts", "gpt2-conv1d", "gpt2-defaults",
+    "llama-defaults", "llama-layers")], ids=lambda c: c[0])
+def test_checkpoints_both_ways(case, tmp_path):
+    _, model, kwargs = case
+    hf, ours = make_pair(model, kwargs)
+    x = M.inputs(model)
+    expected = M.run(hf, x)
+    hf.save_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    hf_config, hf_tensors = _checkpoint_files(tmp_path / "hf")
+    our_config, our_tensors = _checkpoint_files(tmp_path / "ours")
+    assert set(our_tensors) == set(hf_tensors)
+    assert ("base_model.vera_A" in our_tensors) == kwargs.get("save_projection", True)
+    for key, value in hf_tensors.items():
+        assert torch.equal(our_tensors[key], value), key
+    assert set(our_config) == set(hf_config)
+    for key in hf_config:
+        if key != "peft_version":
+            assert _canon(our_config[key]) == _canon(hf_config[key]), (key, our_config[key], hf_config[key])
+
+    assert isinstance(peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf")), VeraConfig)
+    loaded = peft_kernel.PeftModel.from_pretrained(M.build(model), str(tmp_path / "hf"))
+    M.assert_close(M.run(loaded, x), expected, "ours loading HF's checkpoint")
+    hf_loaded = hf_peft.PeftModel.from_pretrained(M.build(model), str(tmp_path / "ours"))
+    M.assert_close(M.run(hf_loaded, x), expected, "HF loading our checkpoint")
+    assert type(hf_loaded.peft_config["default"]).__name__ == "VeraConfig"
+
+
+def test_second_adapter_matches_hf():
+    first = {"target_modules": ["lin0", "lin1"], "r": 8}
+    second = {"target_modules": ["lin1"], "r": 8, "d_initial": 0.3}
+    hf, ours = make_pair("mlp", first, perturb=False)
+    hf.add_adapter("b", hf_peft.VeraConfig(**second))
+    ours.add_adapter("b", VeraConfig(**second))
+    assert torch.equal(ours.base_model.vera_A["b"], hf.base_model.vera_A["b"])
+    hf.base_model.set_adapter(["default", "b"])
+    M.perturb(hf)
+    ours.load_state_dict(hf.state_dict())
+    ours.base_model.set_adapter(["default", "b"])
+    x = M.inputs("mlp")
+    M.assert_close(M.run(ours, x), M.run(hf, x), "two active adapters")
+    for name in ("default", "b"):
+        hf.set_adapter(name), ours.set_adapter(name)
+        M.assert_close(M.run(ours, x), M.run(hf, x), f"adapter {name}")
+    hf_sd = hf_peft.get_peft_model_state_dict(hf, adapter_name="b")
+    our_sd = peft_kernel.get_peft_model_state_dict(ours, adapter_name="b")
+    assert set(our_sd) == set(hf_sd)
+    for key, value in hf_sd.items():
+        assert torch.equal(our_sd[key], value), key
+
+
+def test_smaller_second_adapter_matches_hf(tmp_path):
+    """A second adapter on smaller layers slices the first adapter's projections."""
+    hf, ours = make_pair("mlp", {"target_modules": ["lin1"], "r": 4}, perturb=False)
+    hf.add_adapter("b", hf_peft.VeraConfig(target_modules=["lin0"], r=4))
+    ours.add_adapter("b", VeraConfig(target_modules=["lin0"], r=4))
+    hf.set_adapter("b")
+    M.perturb(hf)
+    ours.load_state_dict(hf.state_dict())
+    ours.set_adapter("b")
+    x = M.inputs("mlp")
+    M.assert_close(M.run(ours, x), M.run(hf, x), "second, smaller adapter")
