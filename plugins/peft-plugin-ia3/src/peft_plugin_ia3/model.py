@@ -8,7 +8,8 @@ import dataclasses
 
 import torch
 
-from peft_kernel import BaseTuner, ModulesToSaveWrapper
+from peft_kernel import BaseTuner
+from peft_kernel.tuner import combine_target_modules
 
 from .layer import IA3Layer
 
@@ -76,76 +77,28 @@ class IA3Model(BaseTuner):
 
     # -- combining adapters -----------------------------------------------------------
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", **options) -> None:
         """Add ``adapter_name`` whose vectors are ``Σ weights[i] · l(adapters[i])``.
 
         The new adapter targets the union of the sources' ``target_modules`` and
         ``feedforward_modules`` (regexes are joined with ``|``); a layer contributes only
         the sources that adapt it. It is created frozen and inactive: call
         ``set_adapter(adapter_name)`` to use it. Weights are usually chosen to sum to 1.
+        Validation, bookkeeping and rollback are the kernel's (``BaseTuner``).
         """
-        adapters, weights = list(adapters), [float(w) for w in weights]
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; delete it or choose another name")
-        if not adapters:
-            raise ValueError("add_weighted_adapter needs at least one source adapter")
-        if len(adapters) != len(weights):
-            raise ValueError(f"Got {len(adapters)} adapters but {len(weights)} weights; pass one weight per adapter")
-        unknown = [a for a in adapters if a not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Adapter(s) {unknown} do not exist; available: {sorted(self.peft_config)}")
-        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
-        for wrapper in wrappers:
-            owners = [a for a in adapters if a in wrapper.modules_to_save]
-            if len(owners) > 1:
-                raise ValueError(
-                    f"Cannot combine adapters {owners}: each has its own modules_to_save copy of the same module"
-                )
+        super().add_weighted_adapter(adapters, weights, adapter_name, combination_type=combination_type, **options)
+
+    def _combined_config(self, adapters, combination_type, combination, svd_rank):
+        if combination_type != "linear":
+            raise ValueError(f"IA3 adapters combine linearly only; got combination_type={combination_type!r}")
         configs = [self.peft_config[a] for a in adapters]
-        target_modules = _union([c.target_modules for c in configs], "target_modules")
-        feedforward_modules = _union([c.feedforward_modules for c in configs], "feedforward_modules")
-        new_config = dataclasses.replace(configs[0], target_modules=target_modules,
-                                         feedforward_modules=feedforward_modules)
-        new_config._custom_modules = configs[0]._custom_modules
-        self.peft_config[adapter_name] = new_config
-        try:
-            self.inject_adapter(self.model, adapter_name)
-        except BaseException:
-            del self.peft_config[adapter_name]
-            for module in self.model.modules():
-                if isinstance(module, (IA3Layer, ModulesToSaveWrapper)):
-                    module.delete_adapter(adapter_name)
-            raise
-        with torch.no_grad():
-            for module in self.model.modules():
-                if isinstance(module, IA3Layer) and adapter_name in module.ia3_l:
-                    combined = torch.zeros_like(module.ia3_l[adapter_name])
-                    for source, weight in zip(adapters, weights):
-                        if source in module.ia3_l:
-                            combined += module.ia3_l[source].to(combined.device, combined.dtype) * weight
-                    module.ia3_l[adapter_name].copy_(combined)
-                elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                    owners = [a for a in adapters if a in module.modules_to_save]
-                    if owners:  # the one source that trained this module provides the copy
-                        module.modules_to_save[adapter_name].load_state_dict(
-                            module.modules_to_save[owners[0]].state_dict())
-        for name, param in self.model.named_parameters():
-            if adapter_name in name.split("."):
-                param.requires_grad_(False)
+        targets = combine_target_modules([c.target_modules for c in configs], "target_modules")
+        feedforward = combine_target_modules([c.feedforward_modules for c in configs], "feedforward_modules")
+        return dataclasses.replace(configs[0], target_modules=targets, feedforward_modules=feedforward)
 
-
-def _union(values: list, field_name: str):
-    kinds = {type(v) for v in values}
-    if len(kinds) > 1:
-        raise ValueError(
-            f"All adapters must give `{field_name}` the same kind (all name lists or all regexes) to be combined; "
-            f"got {sorted(k.__name__ for k in kinds)}"
-        )
-    if kinds == {str}:
-        return "|".join(f"({v})" for v in values)
-    if kinds == {type(None)}:
-        return None
-    merged: set = set()
-    for value in values:
-        merged |= set(value)
-    return merged
+    def _combine_layer(self, layer, adapter_name, sources, weights, combination_type, combination, **options):
+        combined = torch.zeros_like(layer.ia3_l[adapter_name])
+        for source, weight in zip(sources, weights):
+            combined += layer.ia3_l[source].to(combined.device, combined.dtype) * weight
+        layer.ia3_l[adapter_name].copy_(combined)
