@@ -97,8 +97,9 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
 
 def _module_keys(module: nn.Module):
     """The state-dict keys of ``module``; read from its parameters and persistent buffers
-    (without running state-dict hooks) when FSDP1 wrappers are inside it."""
-    if not any(m._modules.get("_fsdp_wrapped_module") is not None for m in module.modules()):
+    when it is sharded, so that no state-dict hook runs (hooks of sharding frameworks
+    gather, and a gather that not every rank makes deadlocks)."""
+    if distributed.sharded_parameter(module) is None:
         return module.state_dict().keys()
     return distributed.module_keys(module)
 

@@ -10,7 +10,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip -q --disable-pip-version-check"
 stamp="$VENV/.peft-kernel-installed"
-want=$(cat pyproject.toml plugins/*/pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)
+want=$(cat pyproject.toml plugins/*/pyproject.toml contrib/*/pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -20,5 +20,6 @@ plugins=()
 for dir in plugins/*/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
-$PIP install -e ".[test]" "${plugins[@]}"
+# contrib/peft-plugin-example: the out-of-tree plugin whose tests prove third parties pass the kit
+$PIP install -e ".[test]" "${plugins[@]}" -e contrib/peft-plugin-example
 echo "$want" > "$stamp"

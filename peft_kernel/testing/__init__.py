@@ -1,8 +1,19 @@
 """Conformance kit: the contract tests every method plugin runs against itself.
 
-See :mod:`peft_kernel.testing.conformance`.
+See :mod:`peft_kernel.testing.conformance`; quantization backend plugins use
+:mod:`peft_kernel.testing.quant` (imported on first use: it needs pytest).
 """
 
 from .conformance import Case, MethodConformance, perturb
 
-__all__ = ["Case", "MethodConformance", "perturb"]
+_QUANT = ("QuantBackendConformance", "QuantCase", "QuantPluginContract", "quantize_layers")
+
+__all__ = ["Case", "MethodConformance", "perturb", *_QUANT]
+
+
+def __getattr__(name):
+    if name in _QUANT:
+        from . import quant
+
+        return getattr(quant, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
