@@ -132,11 +132,14 @@ def check_loadable(key: str, current: torch.Tensor, value: torch.Tensor) -> None
         return
     reason = shard_reason(current)
     if reason and tuple(current.shape) != tuple(value.shape):
-        raise ValueError(
-            f"Cannot load {key!r}: the model's tensor is {reason}. Load the adapter before wrapping the model, or "
-            "inside FullyShardedDataParallel.summon_full_params(model, writeback=True) (FSDP1), or inside "
-            "deepspeed.zero.GatheredParameters(params, modifier_rank=0) (ZeRO-3)."
-        )
+        raise ValueError(load_advice(key, reason))
+
+
+def load_advice(key: str, reason: str) -> str:
+    return (f"Cannot load {key!r}: the model's tensor is {reason}. Load the adapter before wrapping the model "
+            "(PeftModel.from_pretrained(base, dir, is_trainable=True), then wrap), or under ZeRO-3 inside "
+            "deepspeed.zero.GatheredParameters(params, modifier_rank=0). Models sharded with FSDP2 "
+            "(fully_shard) can be loaded into directly.")
 
 
 # -- what to wrap ------------------------------------------------------------------------------

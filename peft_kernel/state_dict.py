@@ -251,7 +251,13 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
         if mem_key is None:
             unexpected.append(disk_key)
             continue
-        target = _lookup(model, mem_key)
+        try:
+            target = _lookup(model, mem_key)
+        except KeyError:
+            found = distributed.sharded_parameter(model)
+            if found is None:
+                raise
+            raise ValueError(distributed.load_advice(disk_key, found[1])) from None
         distributed.check_loadable(disk_key, target, value)
         if tuple(target.shape) != tuple(value.shape):
             mismatched.append((disk_key, tuple(value.shape), tuple(target.shape)))

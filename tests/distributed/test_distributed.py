@@ -196,6 +196,8 @@ def test_fsdp1_with_wrap_policy_matches_single_process(run, use_orig_params):
     assert_same_adapter(out / tag, out / reference)
     message = reports["fsdp"][0][f"{tag}_live_save_error"]
     assert message and "state_dict=" in message and "FullyShardedDataParallel" in message
+    message = reports["fsdp"][0][f"{tag}_load_error"]  # loading goes before wrapping
+    assert message and "before wrapping" in message and "FullyShardedDataParallel" in message
 
 
 def test_fsdp_checkpoint_loads_in_hf_peft(run):

@@ -229,6 +229,12 @@ def scenario_fsdp(out, rank, world, report):
             state = fsdp.state_dict()
         peft_model.save_pretrained(os.path.join(out, tag), state_dict=state, is_main_process=rank == 0)
         report[f"{tag}_merge_error"] = merge_error(peft_model.merge_and_unload)
+        dist.barrier()
+        try:
+            set_peft_model_state_dict(peft_model, load_peft_weights(os.path.join(out, tag)))
+            report[f"{tag}_load_error"] = None
+        except ValueError as exc:
+            report[f"{tag}_load_error"] = str(exc)
 
     reference(out, rank)
     reference(out, rank, Custom, "reference-custom")

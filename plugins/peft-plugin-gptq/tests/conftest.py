@@ -2,7 +2,7 @@ import os
 import sys
 
 # The repository runs pytest with --import-mode=importlib, which does not put test folders
-# on sys.path; the test modules import their helpers from this folder.
+# on sys.path; the test modules import gptq_layers from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Pack test layers with GPTQModel's pure-Python packer instead of JIT-compiling its C++

@@ -1,4 +1,5 @@
-"""LoRA (peft-kernel) on GPTQ TorchLinear layers, and the same against HF PEFT.
+"""LoRA (peft-kernel) on GPTQ TorchLinear layers, and the same against HF PEFT: the
+kernel's quantization-backend kit (:mod:`peft_kernel.testing.quant`) with a GPTQ case.
 
 Run with ``-s`` to see the measured errors.
 """
@@ -10,30 +11,15 @@ import pytest
 pytest.importorskip("gptqmodel.nn_modules.qlinear.torch")
 pytest.importorskip("peft_plugin_lora")
 
-import lora_checks_gptq as checks  # noqa: E402
 from gptq_layers import rtn_gptq_linear  # noqa: E402
+from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers  # noqa: E402
+from peft_plugin_lora import LoraConfig  # noqa: E402
 
 
-def quantize(model):
-    for name in checks.TARGETS:
-        setattr(model, name, rtn_gptq_linear(getattr(model, name), bits=4, group_size=32))
-    return model
-
-
-def test_lora_wraps_gptq_layers():
-    checks.check_wraps(quantize, "gptq")
-
-
-def test_lora_training_lowers_loss():
-    first, last = checks.check_training(quantize)
-    print(f"\n[gptq-4bit] loss {first:.4f} -> {last:.4f}")
-
-
-def test_merge_is_refused_before_anything_changes():
-    message = checks.check_merge_blocked(quantize, "forward only")
-    print(f"\n[gptq-4bit] merge refused: {message}")
-
-
-def test_lora_matches_hf_peft():
-    errors = checks.check_against_hf(quantize, merge=False)
-    print("\n[gptq-4bit] vs HF PEFT: " + ", ".join(f"{k}={v:.3g}" for k, v in errors.items()))
+class TestLoraOnGptq(QuantBackendConformance):
+    config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
+    cases = [
+        QuantCase("gptq-4bit", quantize_layers(lambda lin: rtn_gptq_linear(lin, bits=4, group_size=32)), "gptq",
+                  merge_refusal="forward only"),
+    ]

@@ -1,4 +1,5 @@
-"""LoRA (peft-kernel) on optimum-quanto QLinear layers, and the same against HF PEFT.
+"""LoRA (peft-kernel) on optimum-quanto QLinear layers, and the same against HF PEFT: the
+kernel's quantization-backend kit (:mod:`peft_kernel.testing.quant`) with quanto cases.
 
 Run with ``-s`` to see the measured errors.
 """
@@ -10,12 +11,13 @@ import pytest
 quanto = pytest.importorskip("optimum.quanto")
 pytest.importorskip("peft_plugin_lora")
 
-import lora_checks_quanto as checks  # noqa: E402
+from peft_kernel.testing.quant import TARGETS, QuantBackendConformance, QuantCase  # noqa: E402
+from peft_plugin_lora import LoraConfig  # noqa: E402
 
 
 def quantizer(weights, frozen=True, activations=None):
     def quantize(model):
-        quanto.quantize(model, weights=getattr(quanto, weights), activations=activations, include=checks.TARGETS)
+        quanto.quantize(model, weights=getattr(quanto, weights), activations=activations, include=list(TARGETS))
         if frozen:
             quanto.freeze(model)
         return model
@@ -23,48 +25,17 @@ def quantizer(weights, frozen=True, activations=None):
     return quantize
 
 
-# (id, quantize, merged_tol, roundtrip_tol)
-MERGEABLE = [
-    ("qint8", quantizer("qint8"), 0.01, 0.01),
-    ("qint8-dynamic", quantizer("qint8", frozen=False), 0.01, 1e-5),
-    ("qfloat8", quantizer("qfloat8"), 0.05, 0.05),
-    ("qint4", quantizer("qint4"), 0.12, 0.15),
-]
-ACT_QUANTIZED = ("qint8-act-qint8", quantizer("qint8", activations=quanto.qint8))
-ALL = [(c[0], c[1]) for c in MERGEABLE] + [ACT_QUANTIZED]
-
-
-@pytest.mark.parametrize("name,quantize", ALL, ids=[c[0] for c in ALL])
-def test_lora_wraps_quanto_layers(name, quantize):
-    checks.check_wraps(quantize, "quanto")
-
-
-@pytest.mark.parametrize("name,quantize", ALL, ids=[c[0] for c in ALL])
-def test_lora_training_lowers_loss(name, quantize):
-    first, last = checks.check_training(quantize)
-    print(f"\n[{name}] loss {first:.4f} -> {last:.4f}")
-
-
-@pytest.mark.parametrize("name,quantize,merged_tol,roundtrip_tol", MERGEABLE, ids=[c[0] for c in MERGEABLE])
-def test_lora_merge_against_fp32_merge(name, quantize, merged_tol, roundtrip_tol):
-    errors = checks.check_merge(quantize, merged_tol, roundtrip_tol)
-    print(f"\n[{name}] " + ", ".join(f"{k}={v:.3g}" for k, v in errors.items()))
-
-
-def test_activation_quantized_merge_is_refused():
-    message = checks.check_merge_blocked(ACT_QUANTIZED[1], "forward only")
-    print(f"\n[{ACT_QUANTIZED[0]}] merge refused: {message}")
-
-
-@pytest.mark.parametrize("name,quantize", ALL, ids=[c[0] for c in ALL])
-def test_lora_matches_hf_peft(name, quantize):
+class TestLoraOnQuanto(QuantBackendConformance):
+    config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
     # HF PEFT has no quanto integration: it treats QLinear as the nn.Linear it subclasses.
     # The forward is comparable; its merge is only meaningful while the layer is not frozen
-    # (the weight is still a float tensor), which is compared below.
-    errors = checks.check_against_hf(quantize, merge=False)
-    print(f"\n[{name}] vs HF PEFT: " + ", ".join(f"{k}={v:.3g}" for k, v in errors.items()))
-
-
-def test_lora_merge_matches_hf_peft_on_unfrozen_layers():
-    errors = checks.check_against_hf(quantizer("qint8", frozen=False), merge=True, merged_tol=1e-6)
-    print("\n[qint8-dynamic] merged vs HF PEFT: " + ", ".join(f"{k}={v:.3g}" for k, v in errors.items()))
+    # (the weight is still a float tensor), so only qint8-dynamic compares merged models.
+    cases = [
+        QuantCase("qint8", quantizer("qint8"), "quanto", merged_tol=0.01, roundtrip_tol=0.01),
+        QuantCase("qint8-dynamic", quantizer("qint8", frozen=False), "quanto", merged_tol=0.01, roundtrip_tol=1e-5,
+                  reference_merge_tol=1e-6),
+        QuantCase("qfloat8", quantizer("qfloat8"), "quanto", merged_tol=0.05, roundtrip_tol=0.05),
+        QuantCase("qint4", quantizer("qint4"), "quanto", merged_tol=0.12, roundtrip_tol=0.15),
+        QuantCase("qint8-act-qint8", quantizer("qint8", activations=quanto.qint8), "quanto", merge_refusal="forward only"),
+    ]
