@@ -700,13 +700,14 @@ def test_matches_hf_peft(combination_type, weights, method):
         model.add_weighted_adapter(["a", "b"], weights, "m", combination_type=combination_type, **kw)
     assert ours.peft_config["m"].r == hf.peft_config["m"].r
     assert set(ours.peft_config["m"].target_modules) == set(hf.peft_config["m"].target_modules)
+    # SVD factors depend on the thread count (other tests change it): the project-wide 1e-5 applies
     for name in ["emb", "lin", "fifo", "conv", "pw"]:
         for mine, theirs in zip(factors(layer(ours, name), "m"), factors(layer(hf, name), "m")):
-            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     x = torch.randint(0, 12, (2, 5))
     ours.set_adapter("m")
     hf.set_adapter("m")
-    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("combination_type,kw", [
@@ -723,7 +724,7 @@ def test_matches_hf_peft_with_rank_pattern_and_svd_options(combination_type, kw)
     assert ours.peft_config["m"].r == hf.peft_config["m"].r
     for name in ["emb", "lin", "fifo", "conv", "pw"]:
         for mine, theirs in zip(factors(layer(ours, name), "m"), factors(layer(hf, name), "m")):
-            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
