@@ -8,7 +8,12 @@ call :func:`dispatch_by_type` from their ``trylast`` dispatch hook.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 from torch import nn
+
+from .errors import PeftWarning
 
 _user_mappings: dict[str, dict[type, type]] = {}
 
@@ -52,6 +57,43 @@ def dispatch_by_type(table, target, target_name, adapter_name, config):
         if isinstance(target, layer_type):
             return build_layer(layer_cls, target, target_name, adapter_name, config)
     return None
+
+
+def transformers_conv1d():
+    """transformers' ``Conv1D`` class if transformers is already imported, else ``None``
+    (a model cannot hold one otherwise, and importing transformers is slow)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(utils, "Conv1D", None) if utils is not None else None
+
+
+def stores_weight_transposed(module: nn.Module) -> bool:
+    """Whether a linear-like layer keeps its weight as ``(in, out)`` (transformers
+    ``Conv1D``, or a quantized layer that says so with ``is_transposed``)."""
+    conv1d = transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return True
+    from . import quant
+
+    return quant.is_quantized(module) and bool(getattr(module, "is_transposed", False))
+
+
+def align_fan_in_fan_out(config, target: nn.Module) -> None:
+    """Make ``config.fan_in_fan_out`` match the weight layout of ``target`` (with a warning)."""
+    transposed = stores_weight_transposed(target)
+    if getattr(config, "fan_in_fan_out", transposed) != transposed:
+        layout = "(in, out)" if transposed else "(out, in)"
+        warnings.warn(f"{type(target).__name__} stores its weight as {layout}; setting fan_in_fan_out={transposed}.",
+                      PeftWarning, stacklevel=3)
+        config.fan_in_fan_out = transposed
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (incl. subclasses), transformers Conv1D, or a quantized linear layer."""
+    if isinstance(module, nn.Linear) or stores_weight_transposed(module):
+        return True
+    from . import quant
+
+    return quant.is_quantized(module)
 
 
 def dispatch_user_mapping(target, target_name, adapter_name, config):

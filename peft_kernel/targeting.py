@@ -8,6 +8,8 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from . import dispatch
+
 ALL_LINEAR = "all-linear"
 DUMMY_TARGET = "dummy-target-modules"
 #: target lists at least this long are compressed to their shortest equivalent suffixes
@@ -111,22 +113,6 @@ def _transformers_class(name: str):
     return getattr(module, name, None) if module is not None else None
 
 
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear (incl. quantized subclasses), transformers Conv1D, or any backend layer."""
-    if isinstance(module, nn.Linear):
-        return True
-    conv1d = _transformers_class("pytorch_utils")
-    conv1d = getattr(conv1d, "Conv1D", None) if conv1d is not None else None
-    if conv1d is None:
-        utils = sys.modules.get("transformers.pytorch_utils")
-        conv1d = getattr(utils, "Conv1D", None) if utils is not None else None
-    if conv1d is not None and isinstance(module, conv1d):
-        return True
-    from . import quant
-
-    return quant.is_quantized(module)
-
-
 def expand_all_linear(model: nn.Module, config, is_adapter_layer) -> set[str]:
     """Full names of every linear layer that ``all-linear`` means for ``model``."""
     names: set[str] = set()
@@ -136,10 +122,10 @@ def expand_all_linear(model: nn.Module, config, is_adapter_layer) -> set[str]:
             continue
         if is_adapter_layer(module):
             inside.append(name)
-            if "Linear" in type(module.get_base_layer()).__name__ or is_linear_like(module.get_base_layer()):
+            if "Linear" in type(module.get_base_layer()).__name__ or dispatch.is_linear_like(module.get_base_layer()):
                 names.add(name)
             continue
-        if is_linear_like(module):
+        if dispatch.is_linear_like(module):
             names.add(name)
     pretrained = _transformers_class("PreTrainedModel")
     if pretrained is not None and isinstance(model, pretrained):

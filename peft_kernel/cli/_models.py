@@ -176,7 +176,7 @@ def load_texts(path: Optional[str]) -> list[str]:
                 if not isinstance(record["text"], str):
                     raise CLIError(f"{path}, line {lineno}: \"text\" must be a string")
                 texts.append(record["text"])
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
         raise CLIError(f"data file {path!r} is not UTF-8 text") from None
     if not texts:
         raise CLIError(f"data file {path!r} has no examples")

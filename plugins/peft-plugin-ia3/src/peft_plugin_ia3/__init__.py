@@ -6,13 +6,10 @@ nothing by itself.
 
 from __future__ import annotations
 
-import sys
-import warnings
-
 from torch import nn
 
-from peft_kernel import PeftWarning, hookimpl, quant
-from peft_kernel.dispatch import build_layer
+from peft_kernel import hookimpl
+from peft_kernel.dispatch import align_fan_in_fan_out, build_layer, is_linear_like
 
 from .config import IA3Config
 from .layer import Conv1d, Conv2d, Conv3d, IA3Layer, Linear
@@ -27,19 +24,7 @@ LAYERS = {
     nn.Conv2d: Conv2d,
     nn.Conv3d: Conv3d,
     nn.Conv1d: Conv1d,
-    nn.Linear: Linear,
 }
-
-
-def _transformers_conv1d():
-    utils = sys.modules.get("transformers.pytorch_utils")  # never import transformers ourselves
-    return getattr(utils, "Conv1D", None) if utils is not None else None
-
-
-def _set_fan_in_fan_out(config, value: bool, why: str) -> None:
-    if config.fan_in_fan_out != value:
-        warnings.warn(f"{why}; setting fan_in_fan_out={value}.", PeftWarning, stacklevel=4)
-        config.fan_in_fan_out = value
 
 
 @hookimpl
@@ -51,17 +36,10 @@ def peft_kernel_register_methods(register):
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != PEFT_TYPE:
         return None
+    if is_linear_like(target):  # nn.Linear, transformers Conv1D, quantized linear layers
+        align_fan_in_fan_out(config, target)
+        return build_layer(Linear, target, target_name, adapter_name, config)
     for layer_type, layer_cls in LAYERS.items():
         if isinstance(target, layer_type):
-            if layer_cls is Linear:
-                _set_fan_in_fan_out(config, False, "nn.Linear stores its weight as (out, in)")
             return build_layer(layer_cls, target, target_name, adapter_name, config)
-    conv1d = _transformers_conv1d()
-    if (conv1d is not None and isinstance(target, conv1d)) or (
-        quant.is_quantized(target) and getattr(target, "is_transposed", False)
-    ):
-        _set_fan_in_fan_out(config, True, "transformers Conv1D stores its weight as (in, out)")
-        return build_layer(Linear, target, target_name, adapter_name, config)
-    if quant.is_quantized(target):
-        return build_layer(Linear, target, target_name, adapter_name, config)
     return None

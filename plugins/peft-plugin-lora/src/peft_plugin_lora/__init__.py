@@ -6,13 +6,10 @@ nothing by itself.
 
 from __future__ import annotations
 
-import sys
-import warnings
-
 from torch import nn
 
-from peft_kernel import PeftWarning, hookimpl, quant
-from peft_kernel.dispatch import build_layer
+from peft_kernel import hookimpl
+from peft_kernel.dispatch import align_fan_in_fan_out, build_layer, is_linear_like
 
 from .config import LoraConfig, LoraRuntimeConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, LoraLayer, Linear, MultiheadAttention
@@ -21,20 +18,14 @@ from .model import LoraModel
 __all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv1d", "Conv2d",
            "Conv3d", "MultiheadAttention"]
 
-#: built-in layers, most specific first
+#: built-in layers besides the linear-like ones
 LAYERS = {
     nn.Embedding: Embedding,
     nn.Conv2d: Conv2d,
     nn.Conv3d: Conv3d,
     nn.Conv1d: Conv1d,
     nn.MultiheadAttention: MultiheadAttention,
-    nn.Linear: Linear,
 }
-
-
-def _transformers_conv1d():
-    utils = sys.modules.get("transformers.pytorch_utils")
-    return getattr(utils, "Conv1D", None) if utils is not None else None
 
 
 @hookimpl
@@ -46,22 +37,12 @@ def peft_kernel_register_methods(register):
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != "LORA":
         return None
+    if is_linear_like(target):  # nn.Linear, transformers Conv1D, quantized linear layers
+        align_fan_in_fan_out(config, target)
+        return build_layer(Linear, target, target_name, adapter_name, config)
     for layer_type, layer_cls in LAYERS.items():
         if isinstance(target, layer_type):
-            if layer_cls is Linear and config.fan_in_fan_out:
-                warnings.warn("fan_in_fan_out=True does not fit nn.Linear; using False.", PeftWarning)
-                config.fan_in_fan_out = False
             return build_layer(layer_cls, target, target_name, adapter_name, config)
-    conv1d = _transformers_conv1d()
-    if (conv1d is not None and isinstance(target, conv1d)) or (
-        quant.is_quantized(target) and getattr(target, "is_transposed", False)
-    ):
-        if not config.fan_in_fan_out:
-            warnings.warn("transformers Conv1D stores weights as (in, out); using fan_in_fan_out=True.", PeftWarning)
-            config.fan_in_fan_out = True
-        return build_layer(Linear, target, target_name, adapter_name, config)
-    if quant.is_quantized(target):
-        return build_layer(Linear, target, target_name, adapter_name, config)
     return None
 
 

@@ -6,13 +6,11 @@ nothing by itself.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
-from torch import nn
 
-from peft_kernel import PeftWarning, hookimpl, quant
-from peft_kernel.dispatch import build_layer
+from peft_kernel import PeftWarning, hookimpl
+from peft_kernel.dispatch import align_fan_in_fan_out, build_layer, is_linear_like
 
 from .config import VeraConfig
 from .layer import Linear, VeraLayer
@@ -24,17 +22,6 @@ PEFT_TYPE = "VERA"
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 
-def _transformers_conv1d():
-    utils = sys.modules.get("transformers.pytorch_utils")  # never import transformers ourselves
-    return getattr(utils, "Conv1D", None) if utils is not None else None
-
-
-def _set_fan_in_fan_out(config, value: bool, why: str) -> None:
-    if config.fan_in_fan_out != value:
-        warnings.warn(f"{why}; setting fan_in_fan_out={value}.", PeftWarning, stacklevel=4)
-        config.fan_in_fan_out = value
-
-
 @hookimpl
 def peft_kernel_register_methods(register):
     register(name="vera", config_cls=VeraConfig, model_cls=VeraModel, prefix="vera_lambda_")
@@ -42,18 +29,10 @@ def peft_kernel_register_methods(register):
 
 @hookimpl(trylast=True)
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != PEFT_TYPE:
+    if config.peft_type != PEFT_TYPE or not is_linear_like(target):
         return None
-    conv1d = _transformers_conv1d()
-    if (conv1d is not None and isinstance(target, conv1d)) or (
-        quant.is_quantized(target) and getattr(target, "is_transposed", False)
-    ):
-        _set_fan_in_fan_out(config, True, "transformers Conv1D stores its weight as (in, out)")
-        return build_layer(Linear, target, target_name, adapter_name, config)
-    if isinstance(target, nn.Linear) or quant.is_quantized(target):
-        _set_fan_in_fan_out(config, False, "linear layers store their weight as (out, in)")
-        return build_layer(Linear, target, target_name, adapter_name, config)
-    return None
+    align_fan_in_fan_out(config, target)
+    return build_layer(Linear, target, target_name, adapter_name, config)
 
 
 @hookimpl
