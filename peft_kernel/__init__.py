@@ -7,6 +7,7 @@ Methods and quantization backends are plugins found through the
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
+from .distributed import fsdp_auto_wrap_policy, fully_shard_model
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .layer import AdapterLayer, BufferDict
 from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
@@ -31,7 +32,7 @@ __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType", "TunerConfig", "TunerLayerStatus", "TunerModelStatus",
-    "get_layer_status",
+    "fsdp_auto_wrap_policy", "fully_shard_model", "get_layer_status",
     "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
     "set_peft_model_state_dict", "unregister_layer_mapping",
