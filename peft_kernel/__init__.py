@@ -23,6 +23,7 @@ from .peft_model import (
 from .plugins import hookimpl, register_peft_method
 from .state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from .training import prepare_model_for_kbit_training
 from .tuner import BaseTuner
 
 BaseTunerLayer = AdapterLayer  # HF PEFT's name
@@ -33,7 +34,7 @@ __all__ = [
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType", "TunerConfig", "TunerLayerStatus", "TunerModelStatus",
     "fsdp_auto_wrap_policy", "fully_shard_model", "get_layer_status",
-    "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
+    "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "prepare_model_for_kbit_training",
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
     "set_peft_model_state_dict", "unregister_layer_mapping",
 ]

@@ -7,9 +7,9 @@ from torch import nn
 
 from peft_kernel import PeftModel, get_peft_model, hookimpl, quant
 from peft_kernel.plugins import manager, reset_manager
-from peft_kernel.quant import QuantBackend
 from peft_kernel.testing import perturb
 from peft_plugin_lora import LoraConfig
+from toy_quant import ToyBackend, ToyBackendPlugin, ToyInt8Linear
 
 
 @pytest.fixture
@@ -83,48 +83,6 @@ def test_duplicate_combination_name_reports_the_plugin(clean_manager):
 
 
 # -- quantization backend: a toy int8 layer with a per-row scale ---------------------------------
-
-
-class ToyInt8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight", torch.zeros_like(linear.weight, dtype=torch.int8))
-        self.register_buffer("scale", torch.zeros(linear.out_features))
-        self.bias = linear.bias
-        self.quantize(linear.weight.detach())
-
-    def quantize(self, weight):
-        self.scale = weight.abs().amax(1).clamp(min=1e-8) / 127
-        self.qweight = torch.round(weight / self.scale[:, None]).to(torch.int8)
-
-    def dequantize(self):
-        return self.qweight.float() * self.scale[:, None]
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.dequantize(), self.bias)
-
-
-class ToyBackend(QuantBackend):
-    name = "toy-int8"
-
-    def matches(self, module):
-        return isinstance(module, ToyInt8Linear)
-
-    def get_weight(self, module):
-        return module.dequantize()
-
-    def merge_blocker(self, module):
-        return None
-
-    def set_weight(self, module, weight):
-        module.quantize(weight)
-
-
-class ToyBackendPlugin:
-    @hookimpl
-    def peft_kernel_register_quant_backends(self, register):
-        register(ToyBackend())
 
 
 def test_quant_backend_serves_lora_forward_and_merge(clean_manager):
