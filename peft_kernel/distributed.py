@@ -45,6 +45,7 @@ MERGE_ADVICE = (
 # -- recognising sharded tensors -------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_cls():
     try:
         from torch.distributed.tensor import DTensor

@@ -197,10 +197,11 @@ class AdapterLayer(nn.Module):
                 continue
             item = container[adapter_name]
             if isinstance(item, nn.Module):
-                if any(p.device.type == "meta" for p in item.parameters()):
+                tensors = list(item.parameters()) + list(item.buffers())
+                if any(t.device.type == "meta" for t in tensors) or all(t.device == device for t in tensors):
                     continue
                 container[adapter_name] = item.to(device)
-            elif item.device.type != "meta":
+            elif item.device.type != "meta" and item.device != device:
                 if isinstance(item, nn.Parameter):
                     container[adapter_name] = nn.Parameter(item.data.to(device), requires_grad=item.requires_grad)
                 else:

@@ -155,16 +155,17 @@ class BaseTuner(nn.Module):
         else:
             matched_any = False
         excluded_any = False
-        adapter_prefixes: list[str] = []
+        inside: Optional[str] = None  # pre-order walk: an adapter layer's internals follow it directly
         modules_to_save = set(getattr(config, "modules_to_save", None) or ())
         wrapped_saves: set[str] = set()
         for key, module, parent, attr in entries:
             if not key:
                 continue
-            if any(key.startswith(p) for p in adapter_prefixes):
+            if inside is not None and key.startswith(inside):
                 continue  # internals of adapter layers are never candidates
+            inside = None
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-                adapter_prefixes.append(key + ".")
+                inside = key + "."
             if modules_to_save and _suffix_in(key, modules_to_save):
                 self._wrap_module_to_save(parent, attr, module, adapter_name)
                 wrapped_saves.add(key)
@@ -357,12 +358,13 @@ class BaseTuner(nn.Module):
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
                 adapter_names: Optional[list[str]] = None) -> nn.Module:
         replacements = []
-        owners: list[str] = []
+        inside: Optional[str] = None
         for key, module, parent, attr in iter_modules_with_parent(self.model):
-            if parent is None or any(key.startswith(o) for o in owners):
-                continue  # nested adapter layers are unloaded with their owner
+            if parent is None or (inside is not None and key.startswith(inside)):
+                continue  # nested adapter layers are unloaded with their owner (pre-order walk)
+            inside = None
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-                owners.append(key + ".")
+                inside = key + "."
                 replacements.append((key, module, parent, attr))
         iterator = replacements
         if progressbar:

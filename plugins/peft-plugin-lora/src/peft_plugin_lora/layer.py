@@ -16,8 +16,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from peft_kernel import AdapterLayer, PeftWarning, quant
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class Magnitude(nn.Module):
@@ -254,11 +259,17 @@ class LoraLayer(AdapterLayer):
     def _cast(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == weight.dtype else x.to(weight.dtype)
 
+    def _adapter_state_changed(self) -> None:
+        super()._adapter_state_changed()
+        self.__dict__.pop("_fast", None)
+
     def set_scale(self, adapter: str, scale: float) -> None:
+        self.__dict__.pop("_fast", None)
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
 
     def scale_layer(self, scale: float) -> None:
+        self.__dict__.pop("_fast", None)
         if scale == 1:
             return
         for name in self.active_adapters:
@@ -266,6 +277,7 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name] *= scale
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
+        self.__dict__.pop("_fast", None)
         for name in self.active_adapters:
             if name not in self.scaling:
                 continue
@@ -419,6 +431,34 @@ class Linear(LoraLayer):
         if self.fan_in_fan_out:
             delta = delta.T
         return delta.to(self.lora_A[adapter_name].weight.dtype) if cast else delta
+
+    def forward_active(self, x, adapter_names, *args, **kwargs):
+        # hot path: plain adapters without dropout go straight to F.linear on the factors,
+        # skipping module calls; anything with hooks (FSDP, user hooks) takes the full path
+        result = self.base_layer(x, *args, **kwargs)
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            fast = self.__dict__["_fast"] = {
+                name: (self.lora_A[name], self.lora_B[name], self.scaling[name])
+                for name in self.lora_A
+                if not self.use_dora.get(name) and isinstance(self.lora_dropout[name], nn.Identity)
+            }
+        global_hooks = _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+        factors_A, factors_B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
+        for name in adapter_names:
+            entry = fast.get(name)
+            # the cached factors must still be the plain nn.Linear modules in place (sharding
+            # frameworks replace or subclass them) and carry no hooks
+            if (entry is None or global_hooks or factors_A.get(name) is not entry[0]
+                    or factors_B.get(name) is not entry[1] or type(entry[0]) is not nn.Linear
+                    or type(entry[1]) is not nn.Linear or _hooked(entry[0]) or _hooked(entry[1])):
+                result = self.adapter_forward(x, result, name, *args, **kwargs)
+                continue
+            A, B, scaling = entry
+            weight = A.weight
+            out = F.linear(F.linear(x if x.dtype == weight.dtype else x.to(weight.dtype), weight), B.weight, B.bias)
+            result = torch.add(result, out if out.dtype == result.dtype else out.to(result.dtype), alpha=scaling)
+        return result
 
     def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
