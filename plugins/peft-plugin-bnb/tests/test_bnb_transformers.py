@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("peft_plugin_lora")
 
-from peft_kernel.testing.transformers_flow import run_transformers_flow  # noqa: E402
+from peft_plugin_lora.testing import run_transformers_flow  # noqa: E402
 
 warnings.filterwarnings("ignore", module="bitsandbytes")
 

@@ -5,7 +5,7 @@
 ``prepare_model_for_kbit_training`` -> ``get_peft_model(LoraConfig("all-linear"))`` -> a few
 training steps -> ``save_pretrained`` -> ``PeftModel.from_pretrained`` on a freshly loaded
 quantized model -> ``merge_and_unload``, asserting along the way. It needs transformers and
-peft-plugin-lora; it imports neither until it runs.
+transformers; it imports it only when it runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import PeftModel, get_peft_model, prepare_model_for_kbit_training, quant
+from peft_kernel import PeftModel, get_peft_model, prepare_model_for_kbit_training, quant
 
 VOCAB = 128
 STEPS = 5
@@ -56,7 +56,7 @@ def run_transformers_flow(tmp_path: Path, quantization_config: Callable[[], Any]
     must still be ``backend`` layers afterwards.
     """
     from transformers import AutoModelForCausalLM
-    from peft_plugin_lora import LoraConfig
+    from .config import LoraConfig
 
     base_dir = save_tiny_llama(tmp_path / "base")
     adapter_dir = tmp_path / "adapter"
