@@ -9,7 +9,7 @@ from peft_kernel import PeftModel, get_peft_model, hookimpl, quant
 from peft_kernel.plugins import manager, reset_manager
 from peft_kernel.testing import perturb
 from peft_plugin_lora import LoraConfig
-from toy_quant import ToyBackend, ToyBackendPlugin, ToyInt8Linear
+from peft_kernel.testing.toy_quant import ToyBackend, ToyBackendPlugin, ToyInt8Linear
 
 
 @pytest.fixture

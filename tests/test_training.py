@@ -31,7 +31,7 @@ def test_freezes_everything_and_enables_checkpointing():
 
 
 def test_half_precision_non_quantized_params_are_upcast_only_for_quantized_models():
-    from toy_quant import ToyBackendPlugin, quantize_linears
+    from peft_kernel.testing.toy_quant import ToyBackendPlugin, quantize_linears
 
     reset_manager()
     try:

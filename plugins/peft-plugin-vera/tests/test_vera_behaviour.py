@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from torch import nn
 
 import peft_kernel
@@ -266,54 +267,12 @@ def test_state_dict_injection_sizes_projections_from_the_keys():
 # -- quantized bases (a toy backend, registered at run time) -------------------------------
 
 
-class ToyInt8Linear(nn.Module):
-    """Per-row symmetric int8 weights; the kernel sees it only through the backend below."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = linear.bias
-        self.quantize(linear.weight.detach())
-
-    def quantize(self, weight):
-        self.scale = weight.abs().amax(1).clamp(min=1e-8) / 127
-        self.qweight = torch.round(weight / self.scale[:, None]).to(torch.int8)
-
-    def dequantize(self):
-        return self.qweight.float() * self.scale[:, None]
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.dequantize(), self.bias)
-
-
 @pytest.fixture
 def toy_backend():
-    from peft_kernel import hookimpl
     from peft_kernel.plugins import reset_manager
-    from peft_kernel.quant import QuantBackend
-
-    class ToyBackend(QuantBackend):
-        name = "toy-int8"
-
-        def matches(self, module):
-            return isinstance(module, ToyInt8Linear)
-
-        def get_weight(self, module):
-            return module.dequantize()
-
-        def merge_blocker(self, module):
-            return None
-
-        def set_weight(self, module, weight):
-            module.quantize(weight)
-
-    class ToyPlugin:
-        @hookimpl
-        def peft_kernel_register_quant_backends(self, register):
-            register(ToyBackend())
 
     reset_manager()
-    manager().register(ToyPlugin(), name="toy-backend")
+    manager().register(ToyBackendPlugin(), name="toy-backend")
     yield
     reset_manager()
 

@@ -1,5 +1,6 @@
-"""A toy int8 quantization backend (per-row scale) for kernel tests: what a backend
-plugin provides, without any quantization library."""
+"""A toy int8 quantization backend (per-row scale) for tests: what a backend plugin
+provides, without any quantization library. Register ``ToyBackendPlugin()`` with
+``peft_kernel.plugins.manager().register(...)`` and wrap layers with ``ToyInt8Linear``."""
 
 import torch
 from torch import nn
