@@ -96,6 +96,16 @@ def is_linear_like(module: nn.Module) -> bool:
     return quant.is_quantized(module)
 
 
+def dispatch_method_layer(target, target_name, adapter_name, config, linear_cls, table=None):
+    """The usual built-in dispatch of a method: ``linear_cls`` for every linear-like layer
+    (with ``fan_in_fan_out`` aligned to its layout), else the first ``isinstance`` match in
+    ``table``, else ``None``."""
+    if linear_cls is not None and is_linear_like(target):
+        align_fan_in_fan_out(config, target)
+        return build_layer(linear_cls, target, target_name, adapter_name, config)
+    return dispatch_by_type(table or {}, target, target_name, adapter_name, config)
+
+
 def dispatch_user_mapping(target, target_name, adapter_name, config):
     mapping = user_mappings(config)
     if not mapping:

@@ -59,6 +59,22 @@ class QuantBackend:
         raise NotImplementedError(self.merge_blocker(module) or "set_weight not implemented")
 
 
+def library_installed(*import_names: str) -> bool:
+    """Whether any of the named modules is imported or importable (without importing it)."""
+    import importlib.util
+    import sys
+
+    for name in import_names:
+        if name in sys.modules:
+            return True
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):  # a missing parent package
+            continue
+    return False
+
+
 _backends: list[QuantBackend] | None = None
 
 

@@ -20,14 +20,13 @@ up in ``sys.modules``: when bitsandbytes was never imported, no model can hold i
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 
 import torch
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.quant import QuantBackend
+from peft_kernel.quant import QuantBackend, library_installed
 
 
 __all__ = ["Bnb8bitBackend", "Bnb4bitBackend", "peft_kernel_register_quant_backends"]
@@ -45,13 +44,7 @@ def _bnb_class(name: str):
 
 
 def _available() -> tuple[bool, str]:
-    if "bitsandbytes" in sys.modules:
-        return True, ""
-    try:
-        spec = importlib.util.find_spec("bitsandbytes")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
+    if not library_installed("bitsandbytes"):
         return False, f"bitsandbytes is not installed: {_INSTALL_HINT}"
     return True, ""
 

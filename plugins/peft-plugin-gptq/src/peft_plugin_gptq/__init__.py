@@ -21,14 +21,13 @@ environment variables).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import torch
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.quant import QuantBackend
+from peft_kernel.quant import QuantBackend, library_installed
 
 __all__ = ["GptqBackend", "peft_kernel_register_quant_backends"]
 
@@ -49,22 +48,15 @@ def _is_auto_gptq_layer(module: nn.Module) -> bool:
     return cls.__name__ == "QuantLinear" and cls.__module__.startswith("auto_gptq.nn_modules")
 
 
-def _find_spec(name: str):
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-
-
 class GptqBackend(QuantBackend):
     """GPTQModel ``BaseQuantLinear`` layers and AutoGPTQ ``QuantLinear`` layers."""
 
     name = "gptq"
 
     def available(self) -> tuple[bool, str]:
-        if _QLINEAR_MODULE in sys.modules or "auto_gptq" in sys.modules:
+        if _QLINEAR_MODULE in sys.modules:
             return True, ""
-        if _find_spec("gptqmodel") is None and _find_spec("auto_gptq") is None:
+        if not library_installed("gptqmodel", "auto_gptq"):
             return False, f"gptqmodel is not installed: {_INSTALL_HINT}"
         return True, ""
 

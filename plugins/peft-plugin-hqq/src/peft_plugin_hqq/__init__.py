@@ -13,14 +13,13 @@ hqq is imported only by the methods that need it; ``matches`` looks the class up
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import torch
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.quant import QuantBackend
+from peft_kernel.quant import QuantBackend, library_installed
 
 
 __all__ = ["HqqBackend", "peft_kernel_register_quant_backends"]
@@ -40,13 +39,7 @@ class HqqBackend(QuantBackend):
     name = "hqq"
 
     def available(self) -> tuple[bool, str]:
-        if "hqq" in sys.modules:
-            return True, ""
-        try:
-            spec = importlib.util.find_spec("hqq")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
+        if not library_installed("hqq"):
             return False, f"hqq is not installed: {_INSTALL_HINT}"
         return True, ""
 

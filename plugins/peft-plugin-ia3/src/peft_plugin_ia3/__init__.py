@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.dispatch import align_fan_in_fan_out, build_layer, is_linear_like
+from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import IA3Config
 from .layer import Conv1d, Conv2d, Conv3d, IA3Layer, Linear
@@ -36,10 +36,4 @@ def peft_kernel_register_methods(register):
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != PEFT_TYPE:
         return None
-    if is_linear_like(target):  # nn.Linear, transformers Conv1D, quantized linear layers
-        align_fan_in_fan_out(config, target)
-        return build_layer(Linear, target, target_name, adapter_name, config)
-    for layer_type, layer_cls in LAYERS.items():
-        if isinstance(target, layer_type):
-            return build_layer(layer_cls, target, target_name, adapter_name, config)
-    return None
+    return dispatch_method_layer(target, target_name, adapter_name, config, Linear, LAYERS)

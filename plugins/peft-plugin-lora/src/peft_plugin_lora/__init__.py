@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.dispatch import align_fan_in_fan_out, build_layer, is_linear_like
+from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import LoraConfig, LoraRuntimeConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, LoraLayer, Linear, MultiheadAttention
@@ -37,13 +37,7 @@ def peft_kernel_register_methods(register):
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != "LORA":
         return None
-    if is_linear_like(target):  # nn.Linear, transformers Conv1D, quantized linear layers
-        align_fan_in_fan_out(config, target)
-        return build_layer(Linear, target, target_name, adapter_name, config)
-    for layer_type, layer_cls in LAYERS.items():
-        if isinstance(target, layer_type):
-            return build_layer(layer_cls, target, target_name, adapter_name, config)
-    return None
+    return dispatch_method_layer(target, target_name, adapter_name, config, Linear, LAYERS)
 
 
 @hookimpl

@@ -22,14 +22,13 @@ up in ``sys.modules``.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import torch
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.quant import QuantBackend
+from peft_kernel.quant import QuantBackend, library_installed
 
 
 __all__ = ["QuantoBackend", "peft_kernel_register_quant_backends"]
@@ -49,13 +48,7 @@ class QuantoBackend(QuantBackend):
     name = "quanto"
 
     def available(self) -> tuple[bool, str]:
-        if "optimum.quanto" in sys.modules:
-            return True, ""
-        try:
-            spec = importlib.util.find_spec("optimum.quanto")
-        except (ImportError, ValueError):  # 'optimum' itself missing
-            spec = None
-        if spec is None:
+        if not library_installed("optimum.quanto"):
             return False, f"optimum-quanto is not installed: {_INSTALL_HINT}"
         return True, ""
 

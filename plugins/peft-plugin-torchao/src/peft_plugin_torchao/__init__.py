@@ -22,14 +22,13 @@ weight. Weights used with dynamic activation quantization
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 
 import torch
 from torch import nn
 
 from peft_kernel import hookimpl
-from peft_kernel.quant import QuantBackend
+from peft_kernel.quant import QuantBackend, library_installed
 
 
 __all__ = ["TorchaoBackend", "peft_kernel_register_quant_backends"]
@@ -60,13 +59,7 @@ class TorchaoBackend(QuantBackend):
     name = "torchao"
 
     def available(self) -> tuple[bool, str]:
-        if "torchao" in sys.modules:
-            return True, ""
-        try:
-            spec = importlib.util.find_spec("torchao")
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None:
+        if not library_installed("torchao"):
             return False, f"torchao is not installed: {_INSTALL_HINT}"
         return True, ""
 

@@ -10,7 +10,7 @@ import warnings
 
 
 from peft_kernel import PeftWarning, hookimpl
-from peft_kernel.dispatch import align_fan_in_fan_out, build_layer, is_linear_like
+from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import VeraConfig
 from .layer import Linear, VeraLayer
@@ -29,10 +29,9 @@ def peft_kernel_register_methods(register):
 
 @hookimpl(trylast=True)
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != PEFT_TYPE or not is_linear_like(target):
+    if config.peft_type != PEFT_TYPE:
         return None
-    align_fan_in_fan_out(config, target)
-    return build_layer(Linear, target, target_name, adapter_name, config)
+    return dispatch_method_layer(target, target_name, adapter_name, config, Linear)
 
 
 @hookimpl
