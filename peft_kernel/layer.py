@@ -35,6 +35,46 @@ def unwrap_base_layer(module: nn.Module) -> nn.Module:
     return module
 
 
+_IMMUTABLE = (type(None), bool, int, float, str)
+_EMPTY_STATES: dict[type, Optional[dict]] = {}
+
+
+def empty_module(cls: type[nn.Module]) -> nn.Module:
+    """``cls()`` for a module class built without arguments (an empty ModuleDict,
+    ParameterDict, nn.Identity, ...), made by copying the state of one instance built
+    normally: about twice as fast as running nn.Module.__init__ again. Classes whose fresh
+    state holds anything but empty dicts/sets and immutable values are simply constructed."""
+    if cls not in _EMPTY_STATES:
+        state = dict(cls().__dict__)
+        copyable = all(not v if isinstance(v, (dict, set)) else isinstance(v, _IMMUTABLE) for v in state.values())
+        _EMPTY_STATES[cls] = state if copyable else None
+    state = _EMPTY_STATES[cls]
+    if state is None:
+        return cls()
+    module = cls.__new__(cls)
+    module.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in state.items()})
+    return module
+
+
+def bare_module(cls: type[nn.Module]) -> nn.Module:
+    """An instance of ``cls`` with only nn.Module's own state set up: ``cls.__init__`` is
+    not run, the caller sets the rest (for layers whose constructor does throw-away work)."""
+    module = cls.__new__(cls)
+    module.__dict__.update(empty_module(nn.Module).__dict__)
+    return module
+
+
+def _tensors_of(item: nn.Module | torch.Tensor, buffers: bool = False) -> list[torch.Tensor]:
+    """The parameters (and buffers) of an adapter container's item, or the item itself.
+    Factor layers have no submodules; for them this skips nn.Module's recursive walk."""
+    if not isinstance(item, nn.Module):
+        return [item]
+    if item._modules:
+        return list(item.parameters()) + (list(item.buffers()) if buffers else [])
+    tensors = list(item._parameters.values()) + (list(item._buffers.values()) if buffers else [])
+    return [t for t in tensors if t is not None]
+
+
 def base_layer_device(module: nn.Module) -> Optional[torch.device]:
     """Device of a (possibly quantized) layer's weight; ``None`` on meta or without weights."""
     module = unwrap_base_layer(module)
@@ -74,17 +114,26 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         nn.Module.__init__(self)
         self.base_layer = base_layer
-        self._active_adapter: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        self._batch_adapter_names: Optional[list[str]] = None
-        self.kwargs = kwargs
         base = unwrap_base_layer(base_layer)
-        shape = quant.layer_shape(base)
-        if shape is not None:
-            self.in_features, self.out_features = shape
-        else:
-            self.in_features, self.out_features = _infer_features(base)
+        in_features, out_features = quant.layer_shape(base) or _infer_features(base)
+        self.set_plain_attributes(
+            _active_adapter=[], merged_adapters=[], _disable_adapters=False, _batch_adapter_names=None,
+            kwargs=kwargs, in_features=in_features, out_features=out_features,
+        )
+
+    # Layers are built by the thousand per model; nn.Module.__setattr__'s checks were a
+    # tenth of that time. These two skip them for attributes set once in __init__.
+
+    def set_plain_attributes(self, **attributes: Any) -> None:
+        """Set attributes that hold no tensor and no module."""
+        self.__dict__.update(attributes)
+
+    def register_containers(self, *names: str, container: type[nn.Module] = nn.ModuleDict) -> None:
+        """Register an empty ``container`` submodule under each of ``names`` (new names only)."""
+        taken = [n for n in names if n in self.__dict__ or n in self._modules or n in self._parameters]
+        if taken:
+            raise AttributeError(f"{type(self).__name__} already has attributes {taken}")
+        self._modules.update({name: empty_module(container) for name in names})
 
     # -- introspection ----------------------------------------------------------------
 
@@ -161,7 +210,9 @@ class AdapterLayer(nn.Module):
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             for key, value in container.items():
-                value.requires_grad_(key in adapter_names and not inference_mode)
+                trainable = key in adapter_names and not inference_mode
+                for tensor in _tensors_of(value):
+                    tensor.requires_grad_(trainable)
         self._active_adapter = adapter_names
         self._adapter_state_changed()
 
@@ -192,12 +243,12 @@ class AdapterLayer(nn.Module):
         if device is None:
             return
         for attr in self.adapter_layer_names + self.other_param_names:
-            container = getattr(self, attr, None)
+            container = self._modules.get(attr)
             if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in container:
                 continue
             item = container[adapter_name]
             if isinstance(item, nn.Module):
-                tensors = list(item.parameters()) + list(item.buffers())
+                tensors = _tensors_of(item, buffers=True)
                 if any(t.device.type == "meta" for t in tensors) or all(t.device == device for t in tensors):
                     continue
                 container[adapter_name] = item.to(device)
@@ -216,7 +267,7 @@ class AdapterLayer(nn.Module):
             if container is None or adapter_name not in container:
                 continue
             item = container[adapter_name]
-            tensors = item.parameters() if isinstance(item, nn.Module) else [item]
+            tensors = _tensors_of(item)
             for tensor in tensors:
                 if tensor.dtype in (torch.float16, torch.bfloat16):
                     tensor.data = tensor.data.float()

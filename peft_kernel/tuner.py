@@ -5,6 +5,7 @@ unloading, trainability. A method's tuner class is a near-empty subclass of
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 from contextlib import contextmanager
@@ -33,9 +34,27 @@ def iter_modules_with_parent(model: nn.Module) -> Iterator[tuple[str, nn.Module,
                 stack.append((f"{name}.{child_attr}" if name else child_attr, child, module, child_attr))
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Injection creates a dozen small modules per target; with the cyclic collector running,
+    its repeated scans of them make that 3-5× slower. Nothing built here is cyclic garbage."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Adapter layers and ``modules_to_save`` wrappers (outermost ones) with their names."""
-    for name, module in model.named_modules():
+    seen: set[int] = set()  # a module reachable twice is listed once, as named_modules() does
+    for name, module, _, _ in iter_modules_with_parent(model):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
             yield name, module
 
@@ -127,6 +146,10 @@ class BaseTuner(nn.Module):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+        with _gc_paused():
+            self._inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+
+    def _inject_adapter(self, model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict) -> None:
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, _model_config(model))

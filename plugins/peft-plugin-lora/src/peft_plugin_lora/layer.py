@@ -19,10 +19,30 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from peft_kernel import AdapterLayer, PeftWarning, quant
+from peft_kernel.layer import bare_module, empty_module
 
 
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Linear:
+    """An nn.Linear around ``weight`` (out × in) and ``bias``, skipping its random init
+    (which costs more than the rest of building a LoRA layer)."""
+    layer = bare_module(nn.Linear)
+    layer.out_features, layer.in_features = weight.shape
+    layer.weight = nn.Parameter(weight)
+    layer.register_parameter("bias", None if bias is None else nn.Parameter(bias))
+    return layer
+
+
+def _kaiming_uniform_(tensor: torch.Tensor, a: float = math.sqrt(5)) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(tensor, a)`` (fan_in, leaky_relu): the same bound and
+    the same single ``uniform_`` draw, without the per-call dispatch overhead."""
+    fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
+    gain = math.sqrt(2.0 / (1 + a**2))
+    bound = math.sqrt(3.0) * (gain / math.sqrt(fan_in))
+    return tensor.uniform_(-bound, bound)
 
 
 class Magnitude(nn.Module):
@@ -43,19 +63,12 @@ class LoraLayer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout = nn.ModuleDict({})
-        self.lora_A = nn.ModuleDict({})
-        self.lora_B = nn.ModuleDict({})
-        self.lora_embedding_A = nn.ParameterDict({})
-        self.lora_embedding_B = nn.ParameterDict({})
-        self.lora_magnitude_vector = nn.ModuleDict({})
-        self.use_dora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
-        self._dora_norm: dict[str, torch.Tensor] = {}
-        self.fan_in_fan_out = False
+        self.register_containers("lora_dropout", "lora_A", "lora_B")
+        self.register_containers("lora_embedding_A", "lora_embedding_B", container=nn.ParameterDict)
+        self.register_containers("lora_magnitude_vector")
+        # per adapter: rank, alpha, scaling, DoRA / lora_bias flags, DoRA norms while merged
+        self.set_plain_attributes(r={}, lora_alpha={}, scaling={}, use_dora={}, lora_bias={}, _dora_norm={},
+                                  fan_in_fan_out=False)
 
     # -- creation ---------------------------------------------------------------------
 
@@ -72,7 +85,7 @@ class LoraLayer(AdapterLayer):
         init = getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True))
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else empty_module(nn.Identity)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_bias[adapter_name] = lora_bias
         self.make_factors(adapter_name, r, lora_bias)
@@ -108,8 +121,8 @@ class LoraLayer(AdapterLayer):
                 if init == "gaussian":
                     nn.init.normal_(A, std=1 / self.r[adapter_name])
                 else:
-                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                nn.init.zeros_(B)
+                    _kaiming_uniform_(A)
+                B.zero_()
                 if self.lora_bias[adapter_name]:
                     nn.init.zeros_(self.lora_B[adapter_name].bias)
         elif adapter_name in self.lora_embedding_A:
@@ -407,18 +420,16 @@ class Linear(LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
-        device = None if torch.get_default_device().type == "meta" else "meta"
-        # build on meta, then materialise once: nn.Linear's own init would be thrown away
-        A = nn.Linear(self.in_features, r, bias=False, device=device)
-        B = nn.Linear(r, self.out_features, bias=lora_bias, device=device)
-        if device == "meta":
-            A, B = A.to_empty(device="cpu"), B.to_empty(device="cpu")
+        A = _linear(torch.empty(r, self.in_features))
+        B = _linear(torch.empty(self.out_features, r), torch.empty(self.out_features) if lora_bias else None)
+        if A.weight.device.type != "meta":
+            # the draws nn.Linear's constructor makes, in its order, so that a seed gives
+            # the same factors as in HF PEFT (B is zeroed by initialise() afterwards)
             with torch.no_grad():
-                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+                _kaiming_uniform_(A.weight)
+                _kaiming_uniform_(B.weight)
                 if lora_bias:
-                    bound = 1 / math.sqrt(r)
-                    nn.init.uniform_(B.bias, -bound, bound)
+                    B.bias.uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
 
