@@ -2,31 +2,42 @@
 
 Methods and quantization backends are plugins found through the
 ``peft_kernel`` entry-point group; see :mod:`peft_kernel.hookspecs` for the contract.
+
+Importing this package does not import torch: configs, errors, ``hookimpl`` and the
+plugin registry are loaded eagerly (they are torch-free), everything else (layers,
+tuners, ``get_peft_model``, ``PeftModel``, ...) is imported on first attribute access
+(PEP 562), so ``import peft_kernel`` and plugin discovery stay fast.
 """
 
-from .auxiliary import ModulesToSaveWrapper
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import PeftConfig, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
-from .distributed import fsdp_auto_wrap_policy, fully_shard_model
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
-from .layer import AdapterLayer, BufferDict
-from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
-from .peft_model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-)
 from .plugins import hookimpl, register_peft_method
-from .state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-from .training import prepare_model_for_kbit_training
-from .tuner import BaseTuner
 
-BaseTunerLayer = AdapterLayer  # HF PEFT's name
+if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from .auxiliary import ModulesToSaveWrapper
+    from .distributed import fsdp_auto_wrap_policy, fully_shard_model
+    from .layer import AdapterLayer, BufferDict
+    from .layer import AdapterLayer as BaseTunerLayer
+    from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+    from .peft_model import (
+        PeftModel,
+        PeftModelForCausalLM,
+        PeftModelForFeatureExtraction,
+        PeftModelForQuestionAnswering,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+    )
+    from .state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+    from .training import prepare_model_for_kbit_training
+    from .tuner import BaseTuner
 
 __all__ = [
     "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
@@ -38,3 +49,55 @@ __all__ = [
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
     "set_peft_model_state_dict", "unregister_layer_mapping",
 ]
+
+#: public name -> (submodule, attribute) for everything imported on first access (needs torch)
+_LAZY: dict[str, tuple[str, str]] = {
+    "ModulesToSaveWrapper": ("auxiliary", "ModulesToSaveWrapper"),
+    "fsdp_auto_wrap_policy": ("distributed", "fsdp_auto_wrap_policy"),
+    "fully_shard_model": ("distributed", "fully_shard_model"),
+    "AdapterLayer": ("layer", "AdapterLayer"),
+    "BaseTunerLayer": ("layer", "AdapterLayer"),  # HF PEFT's name
+    "BufferDict": ("layer", "BufferDict"),
+    "get_peft_config": ("mapping", "get_peft_config"),
+    "get_peft_model": ("mapping", "get_peft_model"),
+    "inject_adapter_in_model": ("mapping", "inject_adapter_in_model"),
+    "PeftModel": ("peft_model", "PeftModel"),
+    "PeftModelForCausalLM": ("peft_model", "PeftModelForCausalLM"),
+    "PeftModelForFeatureExtraction": ("peft_model", "PeftModelForFeatureExtraction"),
+    "PeftModelForQuestionAnswering": ("peft_model", "PeftModelForQuestionAnswering"),
+    "PeftModelForSeq2SeqLM": ("peft_model", "PeftModelForSeq2SeqLM"),
+    "PeftModelForSequenceClassification": ("peft_model", "PeftModelForSequenceClassification"),
+    "PeftModelForTokenClassification": ("peft_model", "PeftModelForTokenClassification"),
+    "get_peft_model_state_dict": ("state_dict", "get_peft_model_state_dict"),
+    "load_peft_weights": ("state_dict", "load_peft_weights"),
+    "set_peft_model_state_dict": ("state_dict", "set_peft_model_state_dict"),
+    "TunerLayerStatus": ("status", "TunerLayerStatus"),
+    "TunerModelStatus": ("status", "TunerModelStatus"),
+    "get_layer_status": ("status", "get_layer_status"),
+    "get_model_status": ("status", "get_model_status"),
+    "prepare_model_for_kbit_training": ("training", "prepare_model_for_kbit_training"),
+    "BaseTuner": ("tuner", "BaseTuner"),
+}
+
+#: submodules reachable as attributes (``peft_kernel.layer``) without importing them first
+_SUBMODULES = frozenset({
+    "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "dispatch", "distributed", "errors",
+    "hookspecs", "io", "layer", "mapping", "peft_model", "plugins", "prompt_learning", "quant", "state_dict",
+    "status", "targeting", "testing", "training", "tuner",
+})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

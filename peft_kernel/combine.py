@@ -451,3 +451,21 @@ def register_builtin_combinations(register: Callable[..., None]) -> None:
     register("dare_ties_svd", dt, svd=True)
     register("magnitude_prune", mag, svd=False)
     register("magnitude_prune_svd", mag, svd=True)
+
+
+_builtin: dict[str, Callable[..., torch.Tensor]] | None = None
+
+
+def builtin_combination(name: str) -> Callable[..., torch.Tensor]:
+    """The function :func:`register_builtin_combinations` registers as ``name`` (the kernel's
+    plugin registers deferred stand-ins that call this, so discovery does not import torch)."""
+    global _builtin
+    if _builtin is None:
+        found: dict[str, Callable[..., torch.Tensor]] = {}
+
+        def register(combo_name, fn, *, svd=False):
+            found[combo_name] = fn
+
+        register_builtin_combinations(register)
+        _builtin = found
+    return _builtin[name]

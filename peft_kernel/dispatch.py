@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import sys
 import warnings
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import PeftWarning
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the functions that need it: this module is loaded with the
+# plugin registry, which must stay torch-free (``import peft_kernel`` and discovery).
 
 _user_mappings: dict[str, dict[type, type]] = {}
 
@@ -27,6 +32,8 @@ def register_layer_mapping(layer_type: type, layer_cls: type, *, method: str) ->
     the built-in layers of every plugin. Mappings are never saved with an adapter:
     register them again before loading.
     """
+    from torch import nn
+
     if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
         raise TypeError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
     if not (isinstance(layer_cls, type) and issubclass(layer_cls, nn.Module)):
@@ -89,6 +96,8 @@ def align_fan_in_fan_out(config, target: nn.Module) -> None:
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear (incl. subclasses), transformers Conv1D, or a quantized linear layer."""
+    from torch import nn
+
     if isinstance(module, nn.Linear) or stores_weight_transposed(module):
         return True
     from . import quant

@@ -48,6 +48,16 @@ def peft_kernel_register_methods(register):
         masks, labels, ``generate``, checkpoints) is the kernel's; see
         :mod:`peft_kernel.prompt_learning` for the encoder contract.
 
+    ``model_cls`` and ``config_cls`` may each be given as a class or as a lazy
+    ``"package.module:QualName"`` string (e.g. ``model_cls="peft_plugin_x.model:XModel"``).
+    A string is imported the first time the kernel needs the class (building a model,
+    loading an adapter) and then cached; a ``model_cls`` string is checked against
+    ``prefix`` at that moment, and one that cannot be imported raises ``ImportError``
+    naming the method and the plugin. Use a string for ``model_cls`` (anything that imports
+    torch) and keep the entry-point module torch-free, so that ``import peft_kernel`` and
+    plugin discovery do not import torch; configs are usually torch-free and can be
+    passed as classes.
+
     Registering a ``peft_type`` that another plugin already registered raises
     ``KeyError``; the offending plugin is reported as broken and the first one stays.
     """
@@ -147,5 +157,6 @@ def peft_kernel_register_quant_backends(register):
 
     Importing the quantization library belongs inside the backend's methods, not at
     plugin import time: a backend must be registrable when its library is missing, and
-    then reports ``available() -> (False, reason)``.
+    then reports ``available() -> (False, reason)``. The same goes for torch: this hook runs
+    during plugin listing (``peft-kernel plugins``), so import torch inside the methods too.
     """

@@ -21,6 +21,7 @@ and in :meth:`PluginManager.plugin_info`; everything else keeps working.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 import warnings
@@ -40,20 +41,87 @@ ENV_BLOCK = "PEFT_KERNEL_DISABLE_PLUGINS"
 ENV_TRACE = "PEFT_KERNEL_TRACE"
 
 
-@dataclasses.dataclass
 class MethodSpec:
-    """One registered PEFT method."""
+    """One registered PEFT method.
 
-    peft_type: str
-    config_cls: type
-    model_cls: type
-    prefix: str
-    is_mixed_compatible: bool = False
-    source: str = ""
+    ``config_cls`` and ``model_cls`` are registered either as classes or as lazy
+    ``"package.module:QualName"`` strings. A string is imported the first time the
+    attribute is read and the class is cached, so a plugin can be discovered and
+    registered without importing torch. An import that fails raises ``ImportError``
+    naming the method and the plugin.
+    """
+
+    def __init__(self, peft_type: str, config_cls: type | str, model_cls: type | str, prefix: str,
+                 is_mixed_compatible: bool = False, source: str = "") -> None:
+        self.peft_type = peft_type
+        self._config_cls = config_cls
+        self._model_cls = model_cls
+        self.prefix = prefix
+        self.is_mixed_compatible = is_mixed_compatible
+        self.source = source
+
+    @property
+    def config_cls(self) -> type:
+        if isinstance(self._config_cls, str):
+            self._config_cls = self._resolve("config_cls", self._config_cls)
+        return self._config_cls
+
+    @property
+    def model_cls(self) -> type:
+        if isinstance(self._model_cls, str):
+            cls = self._resolve("model_cls", self._model_cls)
+            _check_prefix(self.peft_type.lower(), self.prefix, cls, self.source)
+            self._model_cls = cls
+        return self._model_cls
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether both classes have been imported (``False`` while either is a lazy string)."""
+        return not isinstance(self._config_cls, str) and not isinstance(self._model_cls, str)
 
     @property
     def is_prompt_learning(self) -> bool:
         return bool(getattr(self.config_cls, "is_prompt_learning", False))
+
+    def _resolve(self, field: str, ref: str) -> type:
+        try:
+            return resolve_ref(ref)
+        except Exception as exc:
+            if self.source == "register_peft_method":
+                by, hint = "with register_peft_method()", "Check the module path and class name."
+            else:
+                by = f"by plugin {self.source!r}"
+                hint = f"Reinstall or fix that plugin, or disable it with {ENV_BLOCK}={self.source}."
+            raise ImportError(
+                f"{field} {ref!r} of PEFT method {self.peft_type!r} (registered {by}) cannot be imported: "
+                f"{type(exc).__name__}: {exc}. {hint}"
+            ) from exc
+
+    def __repr__(self) -> str:
+        def show(ref):
+            if isinstance(ref, str):
+                return repr(ref)
+            return f"{getattr(ref, '__module__', '?')}.{getattr(ref, '__qualname__', type(ref).__name__)}"
+
+        return (f"MethodSpec(peft_type={self.peft_type!r}, config_cls={show(self._config_cls)}, "
+                f"model_cls={show(self._model_cls)}, prefix={self.prefix!r}, "
+                f"is_mixed_compatible={self.is_mixed_compatible!r}, source={self.source!r})")
+
+
+def resolve_ref(ref: str) -> Any:
+    """Import ``"package.module:QualName"`` and return the named object."""
+    module_name, _, qualname = ref.partition(":")
+    obj = importlib.import_module(module_name)
+    for attr in qualname.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _is_lazy_ref(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    module_name, sep, qualname = value.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module_name.split(".") + qualname.split("."))
 
 
 @dataclasses.dataclass
@@ -305,18 +373,30 @@ def _version(dist: str) -> str | None:
 def _make_method_spec(*, name, config_cls, model_cls, prefix=None, is_mixed_compatible=False, source=""):
     if not isinstance(name, str) or not name or name != name.lower() or name.endswith("_"):
         raise ValueError(f"method name must be a non-empty lower-case string without a trailing '_', got {name!r}")
+    for field, value in (("config_cls", config_cls), ("model_cls", model_cls)):
+        if isinstance(value, str) and not _is_lazy_ref(value):
+            raise ValueError(f"{field} of method {name!r} must be a class or a lazy 'package.module:QualName' "
+                             f"string, got {value!r}")
     prefix = prefix if prefix is not None else name + "_"
+    if not isinstance(model_cls, str):  # a lazy model_cls is checked when it is first imported
+        _check_prefix(name, prefix, model_cls, source)
+    return MethodSpec(name.upper(), config_cls, model_cls, prefix, is_mixed_compatible, source)
+
+
+def _check_prefix(name: str, prefix: str, model_cls: type, source: str) -> None:
     model_prefix = getattr(model_cls, "prefix", None)
     if model_prefix is not None and model_prefix != prefix:
-        raise ValueError(f"prefix {prefix!r} of method {name!r} does not match {model_cls.__name__}.prefix {model_prefix!r}")
-    return MethodSpec(name.upper(), config_cls, model_cls, prefix, is_mixed_compatible, source)
+        by = "" if source in ("", "register_peft_method") else f" (registered by plugin {source!r})"
+        raise ValueError(f"prefix {prefix!r} of method {name!r}{by} does not match "
+                         f"{model_cls.__name__}.prefix {model_prefix!r}")
 
 
 def _add_method(registry: dict[str, MethodSpec], spec: MethodSpec) -> None:
     if spec.peft_type in registry:
         raise KeyError(f"peft_type {spec.peft_type!r} is already registered (by {registry[spec.peft_type].source})")
     for other in registry.values():
-        if not spec.is_prompt_learning and not other.is_prompt_learning and other.prefix == spec.prefix:
+        # prefix first: lazy classes are imported only when two methods share a prefix
+        if other.prefix == spec.prefix and not spec.is_prompt_learning and not other.is_prompt_learning:
             # methods may share a prefix only when one's tuner subclasses the other's (a variant)
             if not (issubclass(spec.model_cls, other.model_cls) or issubclass(other.model_cls, spec.model_cls)):
                 raise ValueError(f"prefix {spec.prefix!r} of {spec.peft_type} is already used by {other.peft_type}")
@@ -347,9 +427,11 @@ def register_peft_method(*, name, config_cls, model_cls, prefix=None, is_mixed_c
     """Register a PEFT method from plain code, without packaging a plugin.
 
     ``name`` is the lower-case method name; its ``peft_type`` is ``name.upper()`` and may
-    be any string the kernel has never seen. Raises ``KeyError`` for a ``peft_type`` that
-    is already registered and ``ValueError`` when ``prefix`` (default ``name + "_"``)
-    disagrees with ``model_cls.prefix`` or collides with another method's prefix.
+    be any string the kernel has never seen. ``config_cls`` and ``model_cls`` are classes
+    or lazy ``"package.module:QualName"`` strings, imported when first used. Raises
+    ``KeyError`` for a ``peft_type`` that is already registered and ``ValueError`` when
+    ``prefix`` (default ``name + "_"``) disagrees with ``model_cls.prefix`` (checked when a
+    lazy ``model_cls`` is imported) or collides with another method's prefix.
     """
     spec = _make_method_spec(
         name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix,

@@ -8,8 +8,11 @@ backend that recognises the layer (or treat it as a plain float layer).
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: backend plugins register without it
+    import torch
+    from torch import nn
 
 
 class QuantBackend:
@@ -141,6 +144,8 @@ def set_base_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write ``weight`` back into ``module`` (requantizing when quantized)."""
     backend = find_backend(module)
     if backend is None:
+        import torch
+
         with torch.no_grad():
             module.weight.data = weight.to(module.weight.dtype)
         return

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Iterable, Optional
-
-from torch import nn
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from . import dispatch
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ALL_LINEAR = "all-linear"
 DUMMY_TARGET = "dummy-target-modules"
