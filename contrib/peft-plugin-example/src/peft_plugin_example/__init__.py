@@ -9,21 +9,26 @@ at 0)::
 A new adapter is an identity; merging folds it into the layer exactly
 (``W ← diag(γ) W``, ``b ← γ b + β``), which needs the layer to have a bias.
 
-The whole plugin is this module plus one entry point in ``pyproject.toml``::
+The whole plugin is this module, :mod:`peft_plugin_example.layer` (the layer and the
+tuner) and one entry point in ``pyproject.toml``::
 
     [project.entry-points.peft_kernel]
     example = "peft_plugin_example"
+
+The entry-point module (this one) does not import torch, so ``import peft_kernel`` and
+plugin discovery stay fast: the config is torch-free, the method is registered with a
+lazy ``model_cls`` string, and the torch parts are imported when the method is used.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from peft_kernel import TunerConfig, hookimpl
 
-from peft_kernel import AdapterLayer, BaseTuner, TunerConfig, hookimpl
+if TYPE_CHECKING:
+    from .layer import SSFLayer, SSFModel
 
 __all__ = ["SSFConfig", "SSFLayer", "SSFModel"]
 
@@ -39,61 +44,28 @@ class SSFConfig(TunerConfig):
         self.peft_type = "SSF"
 
 
-class SSFLayer(AdapterLayer):
-    adapter_layer_names = ("ssf_scale", "ssf_shift")
+def __getattr__(name: str) -> Any:
+    """``SSFLayer`` and ``SSFModel`` are imported (with torch) on first access."""
+    if name in ("SSFLayer", "SSFModel"):
+        from . import layer
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs) -> None:
-        super().__init__(base_layer)
-        self.ssf_scale = nn.ParameterDict({})
-        self.ssf_shift = nn.ParameterDict({})
-        self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, config=config)
-
-    def update_layer(self, adapter_name: str, config=None, **kwargs) -> None:
-        init = config.init_scale if config is not None else 1.0
-        self.ssf_scale[adapter_name] = nn.Parameter(torch.full((self.out_features,), float(init)))
-        self.ssf_shift[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
-
-    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
-        scale, shift = self.ssf_scale[adapter_name], self.ssf_shift[adapter_name]
-        return (result * scale + shift).to(result.dtype)
-
-    # merging: y = γ(Wx + b) + β is the linear layer (diag(γ) W, γ b + β)
-    def merge_blocker(self) -> Optional[str]:
-        if self.get_base_layer().bias is None:
-            return "SSF folds its shift into the bias, and this layer has none"
-        return super().merge_blocker()
-
-    def merge_weight(self, weight, adapter_name):
-        return weight * self.ssf_scale[adapter_name].to(weight.dtype)[:, None]
-
-    def unmerge_weight(self, weight, adapter_name):
-        return weight / self.ssf_scale[adapter_name].to(weight.dtype)[:, None]
-
-    def merge_bias(self, adapter_name: str, sign: int) -> None:
-        bias = self.get_base_layer().bias
-        scale = self.ssf_scale[adapter_name].to(bias.dtype)
-        shift = self.ssf_shift[adapter_name].to(bias.dtype)
-        with torch.no_grad():
-            bias.copy_(bias * scale + shift if sign > 0 else (bias - shift) / scale)
-
-    def __repr__(self) -> str:
-        return "ssf." + super().__repr__()
-
-
-class SSFModel(BaseTuner):
-    prefix = "ssf_"
-    layer_cls = SSFLayer
-    supported_layer_types = ("torch.nn.Linear",)
+        return getattr(layer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hookimpl
 def peft_kernel_register_methods(register):
-    register(name="ssf", config_cls=SSFConfig, model_cls=SSFModel)
+    register(name="ssf", config_cls=SSFConfig, model_cls="peft_plugin_example.layer:SSFModel")
 
 
 @hookimpl(trylast=True)  # after user mappings and quantization backends
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type == "SSF" and isinstance(target, nn.Linear):
+    if config.peft_type != "SSF":
+        return None
+    from torch import nn
+
+    from .layer import SSFLayer
+
+    if isinstance(target, nn.Linear):
         return SSFLayer(target, adapter_name, config=config, **config.layer_kwargs(target_name))
     return None

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import copy
 import sys
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
 from peft_kernel.quant import QuantBackend, library_installed
+
+if TYPE_CHECKING:  # torch is imported where it is used: registering the backend needs none
+    import torch
+    from torch import nn
 
 
 __all__ = ["Bnb8bitBackend", "Bnb4bitBackend", "peft_kernel_register_quant_backends"]
@@ -76,9 +78,13 @@ class Bnb8bitBackend(_BnbBackend):
 
     @staticmethod
     def _holds_int8(module: nn.Module) -> bool:
+        import torch
+
         return module.weight.dtype == torch.int8
 
     def get_weight(self, module: nn.Module) -> torch.Tensor:
+        import torch
+
         weight = module.weight
         if not self._holds_int8(module):
             # has_fp16_weights=True, or not quantized yet: the parameter is the weight
@@ -93,6 +99,8 @@ class Bnb8bitBackend(_BnbBackend):
         return cb.to(torch.float32) * (scb.to(device=cb.device, dtype=torch.float32).unsqueeze(1) / 127.0)
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype:
+        import torch
+
         # The int8 matmul returns the input's dtype. bitsandbytes quantizes activations
         # from float16, which is what LLM.int8() models are run in; a float bias or an
         # fp16-weights layer tells the real dtype.
@@ -104,6 +112,7 @@ class Bnb8bitBackend(_BnbBackend):
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
+        import torch
 
         old = module.weight
         device = old.device
@@ -163,6 +172,7 @@ class Bnb4bitBackend(_BnbBackend):
         packed weight). The absmax the layer computes with is kept as is (bf16, flat) rather
         than being re-quantized, so the result is the weight the layer really uses."""
         import bitsandbytes.functional as F
+        import torch
 
         state = copy.deepcopy(state)
         absmax = state.absmax  # (in / blocksize, out), bf16
@@ -185,6 +195,7 @@ class Bnb4bitBackend(_BnbBackend):
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
         import bitsandbytes as bnb
+        import torch
 
         old = module.weight
         if not self._is_quantized(module):

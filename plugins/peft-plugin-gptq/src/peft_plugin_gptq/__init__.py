@@ -22,12 +22,14 @@ environment variables).
 from __future__ import annotations
 
 import sys
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
 from peft_kernel.quant import QuantBackend, library_installed
+
+if TYPE_CHECKING:  # torch is imported where it is used: registering the backend needs none
+    import torch
+    from torch import nn
 
 __all__ = ["GptqBackend", "peft_kernel_register_quant_backends"]
 
@@ -70,6 +72,8 @@ class GptqBackend(QuantBackend):
         return int(module.in_features), int(module.out_features)
 
     def get_weight(self, module: nn.Module) -> torch.Tensor:
+        import torch
+
         packable = _gptqmodel_class("PackableQuantLinear")
         if packable is None or not isinstance(module, packable):
             raise NotImplementedError(
@@ -82,6 +86,8 @@ class GptqBackend(QuantBackend):
         return weight[: module.in_features, : module.out_features].T
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype:
+        import torch
+
         # GPTQ layers keep scales (and bias) in the half-precision dtype they run in;
         # the output follows the input's dtype.
         scales = getattr(module, "scales", None)

@@ -14,12 +14,14 @@ hqq is imported only by the methods that need it; ``matches`` looks the class up
 from __future__ import annotations
 
 import sys
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
 from peft_kernel.quant import QuantBackend, library_installed
+
+if TYPE_CHECKING:  # torch is imported where it is used: registering the backend needs none
+    import torch
+    from torch import nn
 
 
 __all__ = ["HqqBackend", "peft_kernel_register_quant_backends"]
@@ -71,6 +73,8 @@ class HqqBackend(QuantBackend):
         return None
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
+        import torch
+
         reason = self.merge_blocker(module)
         if reason:
             raise ValueError(reason)

@@ -2,42 +2,92 @@
 
 Registered through the ``peft_kernel`` entry point; importing this module registers
 nothing by itself.
+
+This is the entry-point module, so it does not import torch: the configs are imported
+eagerly (torch-free), the tuner and the layers on first attribute access (PEP 562), and
+the method is registered with a lazy ``model_cls`` string.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from peft_kernel import hookimpl
 from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import LoraConfig, LoraRuntimeConfig
-from .layer import Conv1d, Conv2d, Conv3d, Embedding, LoraLayer, Linear, MultiheadAttention
-from .model import LoraModel
+
+if TYPE_CHECKING:
+    from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention
+    from .model import LoraModel
 
 __all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv1d", "Conv2d",
            "Conv3d", "MultiheadAttention"]
 
-#: built-in layers besides the linear-like ones
-LAYERS = {
-    nn.Embedding: Embedding,
-    nn.Conv2d: Conv2d,
-    nn.Conv3d: Conv3d,
-    nn.Conv1d: Conv1d,
-    nn.MultiheadAttention: MultiheadAttention,
+#: public name -> submodule, imported on first access (they need torch)
+_LAZY = {
+    "LoraModel": "model",
+    "LoraLayer": "layer",
+    "Linear": "layer",
+    "Embedding": "layer",
+    "Conv1d": "layer",
+    "Conv2d": "layer",
+    "Conv3d": "layer",
+    "MultiheadAttention": "layer",
 }
+
+
+_layers: dict | None = None
+
+
+def _builtin_layers() -> dict:
+    """Built-in layers besides the linear-like ones, checked in order (``LAYERS``; built on
+    first use, so importing this module does not import torch)."""
+    global _layers
+    if _layers is None:
+        from torch import nn
+
+        from .layer import Conv1d, Conv2d, Conv3d, Embedding, MultiheadAttention
+
+        _layers = {
+            nn.Embedding: Embedding,
+            nn.Conv2d: Conv2d,
+            nn.Conv3d: Conv3d,
+            nn.Conv1d: Conv1d,
+            nn.MultiheadAttention: MultiheadAttention,
+        }
+    return _layers
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LAYERS":
+        value = _builtin_layers()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | {"LAYERS"})
 
 
 @hookimpl
 def peft_kernel_register_methods(register):
-    register(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_", is_mixed_compatible=True)
+    register(name="lora", config_cls=LoraConfig, model_cls="peft_plugin_lora.model:LoraModel", prefix="lora_",
+             is_mixed_compatible=True)
 
 
 @hookimpl(trylast=True)
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != "LORA":
         return None
-    return dispatch_method_layer(target, target_name, adapter_name, config, Linear, LAYERS)
+    from .layer import Linear
+
+    return dispatch_method_layer(target, target_name, adapter_name, config, Linear, _builtin_layers())
 
 
 @hookimpl

@@ -23,12 +23,14 @@ up in ``sys.modules``.
 from __future__ import annotations
 
 import sys
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
 from peft_kernel.quant import QuantBackend, library_installed
+
+if TYPE_CHECKING:  # torch is imported where it is used: registering the backend needs none
+    import torch
+    from torch import nn
 
 
 __all__ = ["QuantoBackend", "peft_kernel_register_quant_backends"]
@@ -82,6 +84,9 @@ class QuantoBackend(QuantBackend):
         return None
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
+        import torch
+        from torch import nn
+
         reason = self.merge_blocker(module)
         if reason:
             raise ValueError(reason)

@@ -23,12 +23,14 @@ weight. Weights used with dynamic activation quantization
 from __future__ import annotations
 
 import sys
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
 from peft_kernel.quant import QuantBackend, library_installed
+
+if TYPE_CHECKING:  # torch is imported where it is used: registering the backend needs none
+    import torch
+    from torch import nn
 
 
 __all__ = ["TorchaoBackend", "peft_kernel_register_quant_backends"]
@@ -44,6 +46,9 @@ def _torchao_class(module_name: str, name: str):
 
 
 def _is_torchao_tensor(t) -> bool:
+    import torch
+    from torch import nn
+
     if t is None or type(t) in (torch.Tensor, nn.Parameter):
         return False
     base = _torchao_class("torchao.utils", "TorchAOBaseTensor")
@@ -64,6 +69,8 @@ class TorchaoBackend(QuantBackend):
         return True, ""
 
     def matches(self, module: nn.Module) -> bool:
+        from torch import nn
+
         if "torchao" not in sys.modules or not isinstance(module, nn.Linear):
             return False
         return _is_torchao_tensor(getattr(module, "weight", None))
@@ -131,6 +138,7 @@ class TorchaoBackend(QuantBackend):
 
     @staticmethod
     def _intx_plan(weight):
+        import torch
         from torchao.quantization import IntxWeightOnlyConfig, MappingType, PerAxis, PerGroup
 
         if getattr(weight, "activation_quantization", None) is not None:
@@ -165,6 +173,7 @@ class TorchaoBackend(QuantBackend):
         return self._requant_plan(module.weight)[1]
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:
+        from torch import nn
         from torchao.quantization import quantize_
 
         old = module.weight

@@ -2,21 +2,44 @@
 
 Found through the ``peft_kernel`` entry point ``vera``; importing this module registers
 nothing by itself.
+
+This is the entry-point module, so it does not import torch: the config is imported
+eagerly (torch-free), the tuner, the layer and ``make_projections`` on first attribute
+access (PEP 562), and the method is registered with a lazy ``model_cls`` string.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
-
+from typing import TYPE_CHECKING, Any
 
 from peft_kernel import PeftWarning, hookimpl
 from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import VeraConfig
-from .layer import Linear, VeraLayer
-from .model import VeraModel, make_projections
+
+if TYPE_CHECKING:
+    from .layer import Linear, VeraLayer
+    from .model import VeraModel, make_projections
 
 __all__ = ["VeraConfig", "VeraModel", "VeraLayer", "Linear", "make_projections"]
+
+#: public name -> submodule, imported on first access (they need torch)
+_LAZY = {"VeraModel": "model", "make_projections": "model", "VeraLayer": "layer", "Linear": "layer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 PEFT_TYPE = "VERA"
 PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
@@ -24,13 +47,15 @@ PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
 @hookimpl
 def peft_kernel_register_methods(register):
-    register(name="vera", config_cls=VeraConfig, model_cls=VeraModel, prefix="vera_lambda_")
+    register(name="vera", config_cls=VeraConfig, model_cls="peft_plugin_vera.model:VeraModel", prefix="vera_lambda_")
 
 
 @hookimpl(trylast=True)
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != PEFT_TYPE:
         return None
+    from .layer import Linear
+
     return dispatch_method_layer(target, target_name, adapter_name, config, Linear)
 
 
