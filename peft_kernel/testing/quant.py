@@ -28,8 +28,9 @@ contains that text, before anything changes. Any other case must merge, within
 
 :class:`QuantPluginContract` checks the plugin itself without its library: the hook
 registers the backends, the entry point makes the kernel find them, ``available()``
-names the pip command when the library is missing, plain layers never match, and
-importing or using the plugin never imports the library.
+names the pip command when the library is missing, plain layers never match,
+importing or using the plugin never imports the library, and importing the plugin and
+registering its backends never imports torch (plugin discovery stays torch-free).
 
 The method under test is only ever reached through its config, the public API and the
 :class:`~peft_kernel.layer.AdapterLayer` contract; these tests name no method.
@@ -469,6 +470,17 @@ class QuantPluginContract:
             assert not backend.matches(nn.Linear(4, 4))
             assert not backend.matches(nn.Conv1d(2, 2, 1))
             assert not backend.matches(nn.ReLU())
+
+    def test_importing_and_registering_never_imports_torch(self):
+        """Plugin discovery registers backends (``peft-kernel plugins``); it must stay torch-free."""
+        self._module()
+        code = (
+            f"import sys, {self.plugin} as p; "
+            "bs = []; p.peft_kernel_register_quant_backends(register=bs.append); "
+            "[(b.name, b.available()) for b in bs]; "
+            "assert 'torch' not in sys.modules, 'importing or registering the plugin imported torch'"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
 
     def test_importing_and_using_the_plugin_never_imports_the_library(self):
         self._module()
