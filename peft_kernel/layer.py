@@ -18,10 +18,11 @@ mixed-batch routing, device and dtype placement, quantized bases, and safe mergi
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from . import distributed, quant
 from .errors import MergeNotSupportedError, PeftWarning
@@ -62,6 +63,16 @@ def bare_module(cls: type[nn.Module]) -> nn.Module:
     module = cls.__new__(cls)
     module.__dict__.update(empty_module(nn.Module).__dict__)
     return module
+
+
+def plain_call(module: nn.Module) -> bool:
+    """Whether ``module(x)`` would run nothing but its class's ``forward``: no hooks of its
+    own or global ones (the test nn.Module.__call__ makes) and no forward replaced on the
+    instance, as accelerate's hooks do. Hot paths then skip the call machinery."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+                or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks)
 
 
 def _tensors_of(item: nn.Module | torch.Tensor, buffers: bool = False) -> list[torch.Tensor]:
@@ -117,7 +128,7 @@ class AdapterLayer(nn.Module):
         base = unwrap_base_layer(base_layer)
         in_features, out_features = quant.layer_shape(base) or _infer_features(base)
         self.set_plain_attributes(
-            _active_adapter=[], merged_adapters=[], _disable_adapters=False, _batch_adapter_names=None,
+            _active_adapter=[], merged_adapters=[], _disable_adapters=False, _batch_names=None,
             kwargs=kwargs, in_features=in_features, out_features=out_features,
         )
 
@@ -201,6 +212,7 @@ class AdapterLayer(nn.Module):
             for name in self.adapter_layer_names:
                 getattr(self, name).requires_grad_(False)
             self._disable_adapters = True
+        self._adapter_state_changed()
 
     def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
         """Activate ``adapter_names``; they become trainable unless ``inference_mode``."""
@@ -233,9 +245,20 @@ class AdapterLayer(nn.Module):
         self._adapter_state_changed()
 
     def _adapter_state_changed(self) -> None:
-        """Called after adapters were added, removed or (de)activated; subclasses that
-        cache per-adapter state drop it here (call super())."""
-        self.__dict__.pop("_present", None)
+        """Called after adapters were added, removed, (de)activated, merged or unmerged;
+        subclasses that cache per-adapter state drop it here (call super())."""
+        for cached in ("_present", "_specialised", "forward"):
+            self.__dict__.pop(cached, None)
+
+    @property
+    def _batch_adapter_names(self) -> Optional[list[str]]:
+        """Per-sample adapter names of the running mixed batch (set by PeftModel)."""
+        return self._batch_names
+
+    @_batch_adapter_names.setter
+    def _batch_adapter_names(self, names: Optional[list[str]]) -> None:
+        self.__dict__["_batch_names"] = names
+        self._adapter_state_changed()
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         """Put one adapter's tensors on the base layer's device (other adapters stay)."""
@@ -278,20 +301,46 @@ class AdapterLayer(nn.Module):
         """Return ``result`` (the base layer's output for ``x``) with one adapter applied."""
         raise NotImplementedError
 
+    # forward() is the general path. Its first call after a state change may install a
+    # specialised forward for that state as an instance attribute, which nn.Module.__call__
+    # finds first: a direct call of the base layer when merged, else what
+    # specialised_forward() returns. Each re-checks its preconditions on every call and
+    # falls back to forward(); every state change drops it (_adapter_state_changed).
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
-            adapter_names = self._batch_adapter_names
+            adapter_names = self._batch_names
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        if "_specialised" not in self.__dict__:
+            self._specialise()
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         names = [name for name in self._active_adapter if self.has_adapter(name)]
         return self.forward_active(x, names, *args, **kwargs)
+
+    def specialised_forward(self) -> Optional[Callable[..., Any]]:
+        """A faster equivalent of :meth:`forward` for the current unmerged state (a bound
+        method, so that deep copies follow the copy), or ``None``. It must call
+        ``type(self).forward`` itself whenever its preconditions no longer hold."""
+        return None
+
+    def _specialise(self) -> None:
+        self.__dict__["_specialised"] = True
+        fn = self._forward_merged if self.merged_adapters else self.specialised_forward()
+        if fn is not None:
+            self.__dict__["forward"] = fn
+
+    def _forward_merged(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or not self.merged_adapters or self._disable_adapters or self._batch_names is not None:
+            return type(self).forward(self, x, *args, **kwargs)
+        base = self._modules["base_layer"]
+        return base.forward(x, *args) if plain_call(base) else base(x, *args)
 
     def forward_active(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
         """The output for ``x`` with ``adapter_names`` (active, present, unmerged) applied.
@@ -365,6 +414,7 @@ class AdapterLayer(nn.Module):
             quant.set_base_weight(base, merged)
             self.merge_bias(name, +1)
             self.merged_adapters.append(name)
+        self._adapter_state_changed()
 
     def unmerge(self) -> None:
         """Undo all merges, most recent first."""
@@ -379,6 +429,7 @@ class AdapterLayer(nn.Module):
             weight = quant.base_weight(base).detach()
             quant.set_base_weight(base, self.unmerge_weight(weight, name))
             self.merge_bias(name, -1)
+        self._adapter_state_changed()
 
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
         if adapter_names is None:

@@ -19,11 +19,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from peft_kernel import AdapterLayer, PeftWarning, quant
-from peft_kernel.layer import bare_module, empty_module
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+from peft_kernel.layer import bare_module, empty_module, plain_call
 
 
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Linear:
@@ -275,14 +271,15 @@ class LoraLayer(AdapterLayer):
     def _adapter_state_changed(self) -> None:
         super()._adapter_state_changed()
         self.__dict__.pop("_fast", None)
+        self.__dict__.pop("_plan", None)
 
     def set_scale(self, adapter: str, scale: float) -> None:
-        self.__dict__.pop("_fast", None)
+        self._adapter_state_changed()
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
 
     def scale_layer(self, scale: float) -> None:
-        self.__dict__.pop("_fast", None)
+        self._adapter_state_changed()
         if scale == 1:
             return
         for name in self.active_adapters:
@@ -290,7 +287,7 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name] *= scale
 
     def unscale_layer(self, scale: Optional[float] = None) -> None:
-        self.__dict__.pop("_fast", None)
+        self._adapter_state_changed()
         for name in self.active_adapters:
             if name not in self.scaling:
                 continue
@@ -443,6 +440,44 @@ class Linear(LoraLayer):
             delta = delta.T
         return delta.to(self.lora_A[adapter_name].weight.dtype) if cast else delta
 
+    def specialised_forward(self):
+        # a plain nn.Linear base and plain adapters (no DoRA, no dropout): straight F.linear calls
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or self.fan_in_fan_out:
+            return None
+        plan = []
+        for name in self._active_adapter:
+            A, B = self.lora_A._modules.get(name), self.lora_B._modules.get(name)
+            if A is None:
+                continue
+            if (self.use_dora.get(name) or type(self.lora_dropout[name]) is not nn.Identity
+                    or type(A) is not nn.Linear or type(B) is not nn.Linear):
+                return None
+            plan.append((name, A, B, self.scaling[name]))
+        self.__dict__["_plan"] = (base, self._active_adapter, tuple(plan))
+        return self._forward_plain
+
+    def _forward_plain(self, x, *args, **kwargs):
+        # runs per layer per call: no nn.Module.__getattr__ (parameters are read from the
+        # _parameters dicts), and every precondition of specialised_forward() re-checked
+        base, active, plan = self._plan
+        modules = self._modules
+        if (args or kwargs or self._active_adapter is not active or self.merged_adapters or self._disable_adapters
+                or self._batch_names is not None or modules["base_layer"] is not base or not plain_call(base)):
+            return type(self).forward(self, x, *args, **kwargs)
+        factors_A, factors_B = modules["lora_A"]._modules, modules["lora_B"]._modules
+        for name, A, B, _ in plan:
+            if factors_A.get(name) is not A or factors_B.get(name) is not B or not plain_call(A) or not plain_call(B):
+                return type(self).forward(self, x, *args, **kwargs)
+        params = base._parameters
+        result = F.linear(x, params["weight"], params["bias"])
+        for _, A, B, scaling in plan:
+            A_weight, B_params = A._parameters["weight"], B._parameters
+            out = F.linear(F.linear(x if x.dtype == A_weight.dtype else x.to(A_weight.dtype), A_weight),
+                           B_params["weight"], B_params["bias"])
+            result = torch.add(result, out if out.dtype == result.dtype else out.to(result.dtype), alpha=scaling)
+        return result
+
     def forward_active(self, x, adapter_names, *args, **kwargs):
         # hot path: plain adapters without dropout go straight to F.linear on the factors,
         # skipping module calls; anything with hooks (FSDP, user hooks) takes the full path
@@ -462,7 +497,7 @@ class Linear(LoraLayer):
             # frameworks replace or subclass them) and carry no hooks
             if (entry is None or global_hooks or factors_A.get(name) is not entry[0]
                     or factors_B.get(name) is not entry[1] or type(entry[0]) is not nn.Linear
-                    or type(entry[1]) is not nn.Linear or _hooked(entry[0]) or _hooked(entry[1])):
+                    or type(entry[1]) is not nn.Linear or not plain_call(entry[0]) or not plain_call(entry[1])):
                 result = self.adapter_forward(x, result, name, *args, **kwargs)
                 continue
             A, B, scaling = entry
