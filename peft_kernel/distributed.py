@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Iterable, Optional
 
 import torch
@@ -45,17 +46,10 @@ MERGE_ADVICE = (
 # -- recognising sharded tensors -------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return None
-    return DTensor
-
-
 def is_dtensor(tensor) -> bool:
-    cls = _dtensor_cls()
+    # no DTensor can exist before its module was imported, and importing it costs a second
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
     return cls is not None and isinstance(tensor, cls)
 
 

@@ -430,6 +430,25 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
 
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        merged = self._fused_merge(weight, adapter_name, +1)
+        return super().merge_weight(weight, adapter_name) if merged is None else merged
+
+    def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        unmerged = self._fused_merge(weight, adapter_name, -1)
+        return super().unmerge_weight(weight, adapter_name) if unmerged is None else unmerged
+
+    def _fused_merge(self, weight: torch.Tensor, adapter_name: str, sign: int) -> Optional[torch.Tensor]:
+        """W ± s·BA as one addmm (no delta matrix is materialised); ``None`` for DoRA and
+        for factors in another dtype than the weight."""
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if self.use_dora.get(adapter_name) or not (A.dtype == B.dtype == weight.dtype):
+            return None
+        with torch.no_grad():
+            if self.fan_in_fan_out:  # the weight is (in, out)
+                return torch.addmm(weight, A.T, B.T, alpha=sign * self.scaling[adapter_name])
+            return torch.addmm(weight, B, A, alpha=sign * self.scaling[adapter_name])
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         cast = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
