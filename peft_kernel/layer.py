@@ -72,14 +72,19 @@ def bare_module(cls: type[nn.Module]) -> nn.Module:
     return module
 
 
+# torch's global module hooks, registered and removed in place in these dicts
+_GLOBAL_HOOKS = (_module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
+                 _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)
+
+
 def plain_call(module: nn.Module) -> bool:
     """Whether ``module(x)`` would run nothing but its class's ``forward``: no hooks of its
     own or global ones (the test nn.Module.__call__ makes) and no forward replaced on the
     instance, as accelerate's hooks do. Hot paths then skip the call machinery."""
+    forward_hooks, forward_pre_hooks, backward_hooks, backward_pre_hooks = _GLOBAL_HOOKS
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in module.__dict__
-                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
-                or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks)
+                or forward_hooks or forward_pre_hooks or backward_hooks or backward_pre_hooks)
 
 
 def _tensors_of(item: nn.Module | torch.Tensor, buffers: bool = False) -> list[torch.Tensor]:

@@ -208,3 +208,34 @@ def test_dropout_and_dora_are_not_specialised():
         layer = layer_of(model)
         layer(X)
         assert "forward" not in layer.__dict__
+
+
+def test_global_hook_registered_after_specialising_runs(peft_model):
+    layer = layer_of(peft_model)
+    layer(X)
+    peft_model.merge_adapter()
+    layer(X)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(m))
+    try:
+        peft_model.unmerge_adapter()
+        layer(X)  # specialises again (unmerged), then runs with the hook in place
+        layer(X)
+        peft_model.merge_adapter()
+        layer(X)
+        layer(X)
+    finally:
+        handle.remove()
+    # every call reaches the hook for the layer and its base, merged or not
+    assert sum(m is layer for m in calls) == 4 and sum(m is layer.base_layer for m in calls) == 4
+
+
+def test_inference_and_training_paths_agree(peft_model):
+    layer = layer_of(peft_model)
+    peft_model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        inference = layer(X.reshape(5, 1, 8))
+    training = layer(X.reshape(5, 1, 8))
+    assert training.requires_grad and not inference.requires_grad
+    torch.testing.assert_close(inference, training.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(training.detach().reshape(5, 8), expected(peft_model), rtol=0, atol=1e-5)

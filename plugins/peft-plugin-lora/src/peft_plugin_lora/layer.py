@@ -481,20 +481,32 @@ class Linear(LoraLayer):
         # _parameters dicts), and every precondition of specialised_forward() re-checked
         base, active, plan = self._plan
         modules = self._modules
+        params = base._parameters
+        weight = params["weight"]
         if (args or kwargs or self._active_adapter is not active or self.merged_adapters or self._disable_adapters
-                or self._batch_names is not None or modules["base_layer"] is not base or not plain_call(base)):
+                or self._batch_names is not None or modules["base_layer"] is not base or not plain_call(base)
+                or x.dtype != weight.dtype):
             return type(self).forward(self, x, *args, **kwargs)
         factors_A, factors_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         for name, A, B, _ in plan:
-            if factors_A.get(name) is not A or factors_B.get(name) is not B or not plain_call(A) or not plain_call(B):
+            if (factors_A.get(name) is not A or factors_B.get(name) is not B or not plain_call(A) or not plain_call(B)
+                    or A._parameters["weight"].dtype != weight.dtype or B._parameters["weight"].dtype != weight.dtype):
                 return type(self).forward(self, x, *args, **kwargs)
-        params = base._parameters
-        result = F.linear(x, params["weight"], params["bias"])
+        result = F.linear(x, weight, params["bias"])
+        if torch.is_grad_enabled():
+            for _, A, B, scaling in plan:
+                B_params = B._parameters
+                out = F.linear(F.linear(x, A._parameters["weight"]), B_params["weight"], B_params["bias"])
+                result = torch.add(result, out, alpha=scaling)
+            return result
+        # inference: add s·(xA)Bᵀ into the fresh result in place, one addmm per adapter
+        flat = result.view(-1, result.shape[-1])
         for _, A, B, scaling in plan:
-            A_weight, B_params = A._parameters["weight"], B._parameters
-            out = F.linear(F.linear(x if x.dtype == A_weight.dtype else x.to(A_weight.dtype), A_weight),
-                           B_params["weight"], B_params["bias"])
-            result = torch.add(result, out if out.dtype == result.dtype else out.to(result.dtype), alpha=scaling)
+            B_params = B._parameters
+            xa = F.linear(x, A._parameters["weight"])
+            flat.addmm_(xa.view(-1, xa.shape[-1]), B_params["weight"].t(), alpha=scaling)
+            if B_params["bias"] is not None:
+                flat.add_(B_params["bias"], alpha=scaling)
         return result
 
     def forward_active(self, x, adapter_names, *args, **kwargs):
