@@ -188,12 +188,17 @@ class AdapterLayer(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self._active_adapter)
 
+    def _container(self, name: str) -> Any:
+        """The per-adapter container ``name`` (a submodule, or a plain dict of settings)."""
+        container = self._modules.get(name)  # skips nn.Module.__getattr__ for submodules
+        return container if container is not None else getattr(self, name, None)
+
     def has_adapter(self, adapter_name: str) -> bool:
         present = self.__dict__.get("_present")
         if present is None:  # cached: forward asks this for every layer on every call
             present = set()
             for name in self.adapter_layer_names:
-                container = getattr(self, name, None)
+                container = self._container(name)
                 if container is not None:
                     present.update(container.keys())
             self.__dict__["_present"] = present
@@ -205,7 +210,7 @@ class AdapterLayer(nn.Module):
     def _all_available_adapter_names(self) -> list[str]:
         names: set[str] = set()
         for attr in self.adapter_layer_names + self.other_param_names:
-            container = getattr(self, attr, None)
+            container = self._container(attr)
             if hasattr(container, "keys"):
                 names.update(container.keys())
         return sorted(names)
@@ -232,7 +237,7 @@ class AdapterLayer(nn.Module):
             adapter_names = [adapter_names]
         adapter_names = list(adapter_names)
         for attr in self.adapter_layer_names:
-            container = getattr(self, attr)
+            container = self._container(attr)
             for key, value in container.items():
                 trainable = key in adapter_names and not inference_mode
                 for tensor in _tensors_of(value):
@@ -242,7 +247,7 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         for attr in self.adapter_layer_names + self.other_param_names:
-            container = getattr(self, attr, None)
+            container = self._container(attr)
             if container is not None and adapter_name in container:
                 del container[adapter_name]
         if adapter_name in self.merged_adapters:
@@ -298,7 +303,7 @@ class AdapterLayer(nn.Module):
         if not autocast:
             return
         for attr in self.adapter_layer_names:
-            container = getattr(self, attr, None)
+            container = self._container(attr)
             if container is None or adapter_name not in container:
                 continue
             item = container[adapter_name]

@@ -26,9 +26,8 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Lin
     """An nn.Linear around ``weight`` (out × in) and ``bias``, skipping its random init
     (which costs more than the rest of building a LoRA layer)."""
     layer = bare_module(nn.Linear)
-    layer.out_features, layer.in_features = weight.shape
-    layer.weight = nn.Parameter(weight)
-    layer.register_parameter("bias", None if bias is None else nn.Parameter(bias))
+    layer.__dict__.update(in_features=weight.shape[1], out_features=weight.shape[0])
+    layer._parameters.update(weight=nn.Parameter(weight), bias=None if bias is None else nn.Parameter(bias))
     return layer
 
 
