@@ -238,12 +238,15 @@ class PeftModel(nn.Module):
                 module.delete_adapter(adapter_name)
             self._restore_active(active)
             raise
-        self._restore_active(active)
+        if self._active_frozen(active) != peft_config.inference_mode:  # else injection already left it so
+            self._restore_active(active)
+
+    def _active_frozen(self, active) -> bool:
+        names = [active] if isinstance(active, str) else list(active)
+        return all(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
 
     def _restore_active(self, active) -> None:
-        names = [active] if isinstance(active, str) else list(active)
-        frozen = all(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
-        self.base_model.set_adapter(active, inference_mode=frozen)
+        self.base_model.set_adapter(active, inference_mode=self._active_frozen(active))
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate exactly one adapter and make it trainable (unless inference mode)."""

@@ -213,3 +213,23 @@ def test_save_load_two_adapters(case, tmp_path, request):
         loaded.set_adapter(name)
         hf.set_adapter(name)
         assert_close(output(loaded, inputs), output(hf, inputs), f"adapter {name!r} loaded from HF checkpoint")
+
+
+# an inference-mode adapter with bias="lora_only" is left out: there HF keeps the base biases
+# trainable and we freeze everything (a documented difference, tested elsewhere)
+@pytest.mark.parametrize("active_frozen,new_frozen,bias", [
+    (False, False, "none"), (False, True, "none"), (True, False, "none"), (True, True, "none"),
+    (False, False, "lora_only"), (False, True, "lora_only"),
+])
+def test_trainable_parameters_after_add_adapter(active_frozen, new_frozen, bias):
+    """Adding an adapter leaves the same parameters trainable as in HF PEFT, whatever the
+    inference_mode of the active and of the new adapter."""
+    a_hf, a_ours = config_pair(**lora_kwargs("mlp", inference_mode=active_frozen, bias=bias))
+    b_hf, b_ours = config_pair(**lora_kwargs("mlp", inference_mode=new_frozen, r=2))
+    hf = HF.get_peft_model(build_base("mlp"), a_hf, adapter_name="a")
+    ours = OURS.get_peft_model(build_base("mlp"), a_ours, adapter_name="a")
+    assert trainable_names(ours) == trainable_names(hf)
+    hf.add_adapter("b", b_hf)
+    ours.add_adapter("b", b_ours)
+    assert trainable_names(ours) == trainable_names(hf)
+    assert ours.active_adapters == hf.active_adapters == ["a"]
