@@ -11,12 +11,12 @@ tuners, ``get_peft_model``, ``PeftModel``, ...) is imported on first attribute a
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .config import PeftConfig, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
+from .lazy import lazy_attributes
 from .plugins import hookimpl, register_peft_method
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
@@ -50,54 +50,40 @@ __all__ = [
     "set_peft_model_state_dict", "unregister_layer_mapping",
 ]
 
-#: public name -> (submodule, attribute) for everything imported on first access (needs torch)
-_LAZY: dict[str, tuple[str, str]] = {
-    "ModulesToSaveWrapper": ("auxiliary", "ModulesToSaveWrapper"),
-    "fsdp_auto_wrap_policy": ("distributed", "fsdp_auto_wrap_policy"),
-    "fully_shard_model": ("distributed", "fully_shard_model"),
-    "AdapterLayer": ("layer", "AdapterLayer"),
-    "BaseTunerLayer": ("layer", "AdapterLayer"),  # HF PEFT's name
-    "BufferDict": ("layer", "BufferDict"),
-    "get_peft_config": ("mapping", "get_peft_config"),
-    "get_peft_model": ("mapping", "get_peft_model"),
-    "inject_adapter_in_model": ("mapping", "inject_adapter_in_model"),
-    "PeftModel": ("peft_model", "PeftModel"),
-    "PeftModelForCausalLM": ("peft_model", "PeftModelForCausalLM"),
-    "PeftModelForFeatureExtraction": ("peft_model", "PeftModelForFeatureExtraction"),
-    "PeftModelForQuestionAnswering": ("peft_model", "PeftModelForQuestionAnswering"),
-    "PeftModelForSeq2SeqLM": ("peft_model", "PeftModelForSeq2SeqLM"),
-    "PeftModelForSequenceClassification": ("peft_model", "PeftModelForSequenceClassification"),
-    "PeftModelForTokenClassification": ("peft_model", "PeftModelForTokenClassification"),
-    "get_peft_model_state_dict": ("state_dict", "get_peft_model_state_dict"),
-    "load_peft_weights": ("state_dict", "load_peft_weights"),
-    "set_peft_model_state_dict": ("state_dict", "set_peft_model_state_dict"),
-    "TunerLayerStatus": ("status", "TunerLayerStatus"),
-    "TunerModelStatus": ("status", "TunerModelStatus"),
-    "get_layer_status": ("status", "get_layer_status"),
-    "get_model_status": ("status", "get_model_status"),
-    "prepare_model_for_kbit_training": ("training", "prepare_model_for_kbit_training"),
-    "BaseTuner": ("tuner", "BaseTuner"),
+#: public name -> defining submodule (":Name" when it differs), imported on first access (needs torch)
+_LAZY = {
+    "ModulesToSaveWrapper": ".auxiliary",
+    "fsdp_auto_wrap_policy": ".distributed",
+    "fully_shard_model": ".distributed",
+    "AdapterLayer": ".layer",
+    "BaseTunerLayer": ".layer:AdapterLayer",  # HF PEFT's name
+    "BufferDict": ".layer",
+    "get_peft_config": ".mapping",
+    "get_peft_model": ".mapping",
+    "inject_adapter_in_model": ".mapping",
+    "PeftModel": ".peft_model",
+    "PeftModelForCausalLM": ".peft_model",
+    "PeftModelForFeatureExtraction": ".peft_model",
+    "PeftModelForQuestionAnswering": ".peft_model",
+    "PeftModelForSeq2SeqLM": ".peft_model",
+    "PeftModelForSequenceClassification": ".peft_model",
+    "PeftModelForTokenClassification": ".peft_model",
+    "get_peft_model_state_dict": ".state_dict",
+    "load_peft_weights": ".state_dict",
+    "set_peft_model_state_dict": ".state_dict",
+    "TunerLayerStatus": ".status",
+    "TunerModelStatus": ".status",
+    "get_layer_status": ".status",
+    "get_model_status": ".status",
+    "prepare_model_for_kbit_training": ".training",
+    "BaseTuner": ".tuner",
 }
 
 #: submodules reachable as attributes (``peft_kernel.layer``) without importing them first
-_SUBMODULES = frozenset({
+_SUBMODULES = (
     "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "dispatch", "distributed", "errors",
-    "hookspecs", "io", "layer", "mapping", "peft_model", "plugins", "prompt_learning", "quant", "state_dict",
-    "status", "targeting", "testing", "training", "tuner",
-})
+    "hookspecs", "io", "layer", "lazy", "mapping", "peft_model", "plugins", "prompt_learning", "quant",
+    "state_dict", "status", "targeting", "testing", "training", "tuner",
+)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, submodules=_SUBMODULES)

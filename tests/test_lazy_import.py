@@ -241,3 +241,28 @@ def test_eager_prefix_mismatch_is_still_checked_at_registration(lazy_module):
     wrong = importlib.import_module(lazy_module).WrongPrefix
     with pytest.raises(ValueError, match="does not match WrongPrefix.prefix"):
         register_peft_method(name="wrong", config_cls=f"{lazy_module}:LazyConfig", model_cls=wrong)
+
+
+def test_lazy_attributes_resolve_once_and_name_missing_attributes():
+    import sys
+    import types
+
+    from peft_kernel.lazy import lazy_attributes
+
+    module = types.ModuleType("lazy_probe")
+    module.__all__ = ["TaskType", "Alias", "answer"]
+    sys.modules["lazy_probe"] = module
+    calls = []
+    try:
+        module.__getattr__, module.__dir__ = lazy_attributes(
+            "lazy_probe", {"TaskType": "peft_kernel.config", "Alias": "peft_kernel.config:PeftConfig"},
+            computed={"answer": lambda: calls.append(1) or 42}, submodules=("errors",))
+        from peft_kernel.config import PeftConfig, TaskType
+
+        assert module.TaskType is TaskType and module.Alias is PeftConfig
+        assert module.answer == 42 and module.answer == 42 and calls == [1]  # stored after the first access
+        assert {"TaskType", "Alias", "answer", "errors"} <= set(dir(module))
+        with pytest.raises(AttributeError, match="lazy_probe.*has no attribute 'nothing'"):
+            module.nothing
+    finally:
+        del sys.modules["lazy_probe"]

@@ -10,10 +10,11 @@ the method is registered with a lazy ``model_cls`` string.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
+from peft_kernel.lazy import lazy_attributes
 from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import LoraConfig, LoraRuntimeConfig
@@ -25,54 +26,36 @@ if TYPE_CHECKING:
 __all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv1d", "Conv2d",
            "Conv3d", "MultiheadAttention"]
 
-#: public name -> submodule, imported on first access (they need torch)
+#: public name -> defining submodule, imported on first access (they need torch)
 _LAZY = {
-    "LoraModel": "model",
-    "LoraLayer": "layer",
-    "Linear": "layer",
-    "Embedding": "layer",
-    "Conv1d": "layer",
-    "Conv2d": "layer",
-    "Conv3d": "layer",
-    "MultiheadAttention": "layer",
+    "LoraModel": ".model",
+    "LoraLayer": ".layer",
+    "Linear": ".layer",
+    "Embedding": ".layer",
+    "Conv1d": ".layer",
+    "Conv2d": ".layer",
+    "Conv3d": ".layer",
+    "MultiheadAttention": ".layer",
 }
 
 
-_layers: dict | None = None
-
-
+@functools.cache
 def _builtin_layers() -> dict:
     """Built-in layers besides the linear-like ones, checked in order (``LAYERS``; built on
     first use, so importing this module does not import torch)."""
-    global _layers
-    if _layers is None:
-        from torch import nn
+    from torch import nn
 
-        from .layer import Conv1d, Conv2d, Conv3d, Embedding, MultiheadAttention
+    from .layer import Conv1d, Conv2d, Conv3d, Embedding, MultiheadAttention
 
-        _layers = {
-            nn.Embedding: Embedding,
-            nn.Conv2d: Conv2d,
-            nn.Conv3d: Conv3d,
-            nn.Conv1d: Conv1d,
-            nn.MultiheadAttention: MultiheadAttention,
-        }
-    return _layers
+    return {
+        nn.Embedding: Embedding,
+        nn.Conv2d: Conv2d,
+        nn.Conv3d: Conv3d,
+        nn.Conv1d: Conv1d,
+        nn.MultiheadAttention: MultiheadAttention,
+    }
 
-
-def __getattr__(name: str) -> Any:
-    if name == "LAYERS":
-        value = _builtin_layers()
-    elif name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__) | {"LAYERS"})
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, computed={"LAYERS": _builtin_layers})
 
 
 @hookimpl

@@ -11,10 +11,10 @@ method is registered with a lazy ``model_cls`` string.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
+from peft_kernel.lazy import lazy_attributes
 
 from .config import PromptTuningConfig, PromptTuningInit
 
@@ -23,20 +23,12 @@ if TYPE_CHECKING:
 
 __all__ = ["PromptEmbedding", "PromptTuningConfig", "PromptTuningInit"]
 
-#: public name -> submodule, imported on first access (it needs torch)
-_LAZY = {"PromptEmbedding": "model"}
+#: public name -> defining submodule, imported on first access (they need torch)
+_LAZY = {
+    "PromptEmbedding": ".model",
+}
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 @hookimpl

@@ -10,11 +10,11 @@ access (PEP 562), and the method is registered with a lazy ``model_cls`` string.
 
 from __future__ import annotations
 
-import importlib
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peft_kernel import PeftWarning, hookimpl
+from peft_kernel.lazy import lazy_attributes
 from peft_kernel.dispatch import dispatch_method_layer
 
 from .config import VeraConfig
@@ -25,20 +25,15 @@ if TYPE_CHECKING:
 
 __all__ = ["VeraConfig", "VeraModel", "VeraLayer", "Linear", "make_projections"]
 
-#: public name -> submodule, imported on first access (they need torch)
-_LAZY = {"VeraModel": "model", "make_projections": "model", "VeraLayer": "layer", "Linear": "layer"}
+#: public name -> defining submodule, imported on first access (they need torch)
+_LAZY = {
+    "VeraModel": ".model",
+    "make_projections": ".model",
+    "VeraLayer": ".layer",
+    "Linear": ".layer",
+}
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 PEFT_TYPE = "VERA"
