@@ -16,7 +16,6 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_hooks
 
 from peft_kernel import AdapterLayer, PeftWarning, quant
 from peft_kernel.layer import bare_module, empty_module, plain_call
@@ -269,7 +268,6 @@ class LoraLayer(AdapterLayer):
 
     def _adapter_state_changed(self) -> None:
         super()._adapter_state_changed()
-        self.__dict__.pop("_fast", None)
         self.__dict__.pop("_plan", None)
 
     def set_scale(self, adapter: str, scale: float) -> None:
@@ -459,10 +457,9 @@ class Linear(LoraLayer):
         return delta.to(self.lora_A[adapter_name].weight.dtype) if cast else delta
 
     def specialised_forward(self):
-        # a plain nn.Linear base and plain adapters (no DoRA, no dropout): straight F.linear calls
+        # plain adapters (no DoRA, no dropout, nn.Linear factors): F.linear on the factors,
+        # and on the base weight too when the base is a plain nn.Linear
         base = self._modules["base_layer"]
-        if type(base) is not nn.Linear or self.fan_in_fan_out:
-            return None
         plan = []
         for name in self._active_adapter:
             A, B = self.lora_A._modules.get(name), self.lora_B._modules.get(name)
@@ -472,26 +469,35 @@ class Linear(LoraLayer):
                     or type(A) is not nn.Linear or type(B) is not nn.Linear):
                 return None
             plan.append((name, A, B, self.scaling[name]))
-        self.__dict__["_plan"] = (base, self._active_adapter, tuple(plan))
+        linear_base = type(base) is nn.Linear and not self.fan_in_fan_out
+        self.__dict__["_plan"] = (base, self._active_adapter, tuple(plan), linear_base)
         return self._forward_plain
 
     def _forward_plain(self, x, *args, **kwargs):
         # runs per layer per call: no nn.Module.__getattr__ (parameters are read from the
         # _parameters dicts), and every precondition of specialised_forward() re-checked
-        base, active, plan = self._plan
+        base, active, plan, linear_base = self._plan
         modules = self._modules
-        params = base._parameters
-        weight = params["weight"]
         if (args or kwargs or self._active_adapter is not active or self.merged_adapters or self._disable_adapters
-                or self._batch_names is not None or modules["base_layer"] is not base or not plain_call(base)
-                or x.dtype != weight.dtype):
+                or self._batch_names is not None or modules["base_layer"] is not base):
             return type(self).forward(self, x, *args, **kwargs)
         factors_A, factors_B = modules["lora_A"]._modules, modules["lora_B"]._modules
+        dtype = base._parameters["weight"].dtype if linear_base else None
+        direct = linear_base and x.dtype == dtype and plain_call(base)
         for name, A, B, _ in plan:
-            if (factors_A.get(name) is not A or factors_B.get(name) is not B or not plain_call(A) or not plain_call(B)
-                    or A._parameters["weight"].dtype != weight.dtype or B._parameters["weight"].dtype != weight.dtype):
+            if factors_A.get(name) is not A or factors_B.get(name) is not B or not plain_call(A) or not plain_call(B):
                 return type(self).forward(self, x, *args, **kwargs)
-        result = F.linear(x, weight, params["bias"])
+            direct = direct and A._parameters["weight"].dtype == dtype and B._parameters["weight"].dtype == dtype
+        if not direct:  # any base layer (called as a module), factors in their own dtype
+            result = base(x)
+            for _, A, B, scaling in plan:
+                A_weight, B_params = A._parameters["weight"], B._parameters
+                out = F.linear(F.linear(x if x.dtype == A_weight.dtype else x.to(A_weight.dtype), A_weight),
+                               B_params["weight"], B_params["bias"])
+                result = torch.add(result, out if out.dtype == result.dtype else out.to(result.dtype), alpha=scaling)
+            return result
+        params = base._parameters
+        result = F.linear(x, params["weight"], params["bias"])
         if torch.is_grad_enabled():
             for _, A, B, scaling in plan:
                 B_params = B._parameters
@@ -506,34 +512,6 @@ class Linear(LoraLayer):
             flat.addmm_(xa.view(-1, xa.shape[-1]), B_params["weight"].t(), alpha=scaling)
             if B_params["bias"] is not None:
                 flat.add_(B_params["bias"], alpha=scaling)
-        return result
-
-    def forward_active(self, x, adapter_names, *args, **kwargs):
-        # hot path: plain adapters without dropout go straight to F.linear on the factors,
-        # skipping module calls; anything with hooks (FSDP, user hooks) takes the full path
-        result = self.base_layer(x, *args, **kwargs)
-        fast = self.__dict__.get("_fast")
-        if fast is None:
-            fast = self.__dict__["_fast"] = {
-                name: (self.lora_A[name], self.lora_B[name], self.scaling[name])
-                for name in self.lora_A
-                if not self.use_dora.get(name) and isinstance(self.lora_dropout[name], nn.Identity)
-            }
-        global_hooks = _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
-        factors_A, factors_B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
-        for name in adapter_names:
-            entry = fast.get(name)
-            # the cached factors must still be the plain nn.Linear modules in place (sharding
-            # frameworks replace or subclass them) and carry no hooks
-            if (entry is None or global_hooks or factors_A.get(name) is not entry[0]
-                    or factors_B.get(name) is not entry[1] or type(entry[0]) is not nn.Linear
-                    or type(entry[1]) is not nn.Linear or not plain_call(entry[0]) or not plain_call(entry[1])):
-                result = self.adapter_forward(x, result, name, *args, **kwargs)
-                continue
-            A, B, scaling = entry
-            weight = A.weight
-            out = F.linear(F.linear(x if x.dtype == weight.dtype else x.to(weight.dtype), weight), B.weight, B.bias)
-            result = torch.add(result, out if out.dtype == result.dtype else out.to(result.dtype), alpha=scaling)
         return result
 
     def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
