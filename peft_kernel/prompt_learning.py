@@ -32,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def _text_config(model: nn.Module):
     return text if text is not None else config
 
 
-def _config_value(config, names) -> Optional[int]:
+def _config_value(config, names) -> int | None:
     if config is None:
         return None
     for name in names:
@@ -152,11 +153,23 @@ def find_word_embeddings(model: nn.Module) -> nn.Module:
     )
 
 
-def _device_of(module: nn.Module) -> Optional[torch.device]:
+def _device_of(module: nn.Module) -> torch.device | None:
     for tensor in module.parameters():
         return tensor.device
     for tensor in module.buffers():
         return tensor.device
+    return None
+
+
+#: keyword names of the key/value cache in transformers' forward/generate calls (``past_key_values``
+#: became ``cache`` in transformers 5.2x; both are looked for, whichever the installed version passes)
+_CACHE_KEYS = ("cache", "past_key_values")
+
+
+def _find_cache(kwargs: dict):
+    for key in _CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
     return None
 
 
@@ -168,6 +181,14 @@ def _cache_length(cache) -> int:
     if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
         return int(cache[0][0].shape[-2])
     return 0
+
+
+def _shift_positions(position_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``generate``'s position ids (its view: real tokens only, left padding already left out)
+    with ``n`` virtual tokens in front: they take positions ``0 … n-1``, every real token
+    moves up by ``n``. Works for any leading dimensions (e.g. multimodal rotary positions)."""
+    head = torch.arange(n, dtype=position_ids.dtype, device=position_ids.device)
+    return torch.cat((head.expand(*position_ids.shape[:-1], n), position_ids + n), dim=-1)
 
 
 def _mask_2d(mask: torch.Tensor) -> torch.Tensor:
@@ -189,7 +210,7 @@ class PromptLearning:
 
     def __init__(self, peft_model) -> None:
         self.peft_model = peft_model
-        self.word_embeddings: Optional[nn.Module] = None
+        self.word_embeddings: nn.Module | None = None
         self._disabled = False
 
     # -- helpers ----------------------------------------------------------------------
@@ -206,7 +227,7 @@ class PromptLearning:
             self.peft_model.prompt_encoder = nn.ModuleDict()
         return modules["prompt_encoder"]
 
-    def _config(self, adapter_name: Optional[str] = None):
+    def _config(self, adapter_name: str | None = None):
         name = self.peft_model.active_adapter if adapter_name is None else adapter_name
         if name is None or name not in self.peft_model.peft_config:
             raise ValueError("No prompt-learning adapter is active; add or load one first")
@@ -321,8 +342,8 @@ class PromptLearning:
 
     # -- virtual tokens ---------------------------------------------------------------
 
-    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None,
-                   adapter_name: Optional[str] = None) -> torch.Tensor:
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None,
+                   adapter_name: str | None = None) -> torch.Tensor:
         """The virtual-token embeddings, ``(batch_size, total virtual tokens, token_dim)``."""
         name = self.peft_model.active_adapter if adapter_name is None else adapter_name
         config = self._config(name)
@@ -407,7 +428,7 @@ class PromptLearning:
             )
             if labels is not None and per_token:
                 kwargs["labels"] = self._prefix(labels, n, IGNORE_INDEX)
-            if _cache_length(kwargs.get("past_key_values")) > 0:
+            if _cache_length(_find_cache(kwargs)) > 0:
                 # the virtual tokens are already in the cache (incremental decoding by hand)
                 return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         embeds = self._with_prompts(config, self._embed(input_ids, inputs_embeds), task_ids)
@@ -478,7 +499,7 @@ class PromptLearning:
     def _size_fixed_cache(self, config, args, kwargs) -> None:
         """Caches of fixed size (``cache_implementation="static"``, ...) are sized by
         ``generate`` for the real tokens only; make room for the virtual ones."""
-        if kwargs.get("past_key_values") is not None:
+        if _find_cache(kwargs) is not None:
             return
         generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
@@ -497,12 +518,12 @@ class PromptLearning:
     def _prepare_step(self, original, config, task_ids, *args, **kwargs):
         """One generation step. The virtual tokens enter while the cache is empty (the
         prefill, or every step without a cache); afterwards they live in the cache and
-        only the attention mask has to cover them."""
+        only the attention mask and the positions have to account for them."""
         n = config.num_virtual_tokens
-        # generation derives position_ids from the user's mask; with virtual tokens in front
-        # they would be off by n, so the model recomputes them from the cache length
-        kwargs.pop("position_ids", None)
         kwargs.pop("token_type_ids", None)
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            kwargs["position_ids"] = _shift_positions(position_ids, n)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict):
             if len(mask) != 1:
@@ -511,8 +532,9 @@ class PromptLearning:
         if mask is not None:
             if mask.dim() == 4:
                 mask = _mask_2d(mask)
-            kwargs["attention_mask"] = self._prefix(mask, n, 1)
-        if _cache_length(kwargs.get("past_key_values")) == 0:
+            mask = self._prefix(mask, n, 1)
+            kwargs["attention_mask"] = mask
+        if _cache_length(_find_cache(kwargs)) == 0:
             input_ids = args[0] if args else kwargs.get("input_ids")
             user_embeds = kwargs.get("inputs_embeds")
             if user_embeds is not None and (input_ids is None or input_ids.shape[-1] == 0):
@@ -525,7 +547,6 @@ class PromptLearning:
         else:
             kwargs.pop("inputs_embeds", None)
         model_inputs = original(*args, **kwargs)
-        model_inputs.pop("position_ids", None)
         model_inputs.pop("token_type_ids", None)
         return model_inputs
 

@@ -8,13 +8,12 @@ import copy
 import json
 import os
 
+import _pt_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_plugin_prompt_tuning import PromptTuningConfig
-
-import _pt_models as M
 
 hf_peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -144,8 +143,14 @@ GENERATE = [
 ]
 
 
-@pytest.mark.parametrize("model", ["llama", "t5"])
-@pytest.mark.parametrize("case", GENERATE, ids=[c[0] for c in GENERATE])
+# HF PEFT 0.21.2 generates from a wrong cache on decoder-only models with transformers 5.25: its
+# cached logits differ from a full forward by 1e-2 to 9e-2 and a static cache raises
+# KeyError('cache_position'). Tokens are compared with HF only where HF is right; our own
+# generation is checked against the full forward in test_generation.py.
+HF_RIGHT = [("t5", case) for case in GENERATE] + [("llama", GENERATE[2])]
+
+
+@pytest.mark.parametrize("model, case", HF_RIGHT, ids=[f"{c[0]}-{m}" for m, c in HF_RIGHT])
 def test_generate_same_tokens(model, case):
     hf, ours = make_pair(model)
     kwargs = {"input_ids": M.ids(), "do_sample": False, "suppress_tokens": [0, 1, 2], **case[1]}
@@ -158,6 +163,21 @@ def test_generate_same_tokens(model, case):
     base = MODELS[model]().generate(**kwargs)
     assert not torch.equal(actual, base), "the virtual tokens did not change the generation; the check is vacuous"
     assert "prepare_inputs_for_generation" not in vars(ours.base_model), "generate left the model patched"
+
+
+HF_CACHE_BUG = "HF PEFT 0.21.2 on transformers 5.25: cached generation of decoder-only models is not exact"
+
+
+@pytest.mark.xfail(strict=True, reason=HF_CACHE_BUG)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_hf_cached_generation_is_exact(cache):
+    """The oracle against the math: when this passes, HF is fixed and the token comparisons
+    above can cover the cached Llama cases again."""
+    from peft_kernel.testing.generation import generation_gap
+
+    hf, _ = make_pair("llama")
+    kwargs = {"cache_implementation": "static"} if cache == "static" else {}
+    assert generation_gap(hf, M.ids(), **kwargs) <= 1e-4
 
 
 def test_generate_disabled_is_base_generate():
