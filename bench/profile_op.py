@@ -15,8 +15,8 @@ cumulative and by own (tottime) time; ``--out file.prof`` keeps the raw profile 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import copy
+import cProfile
 import io
 import os
 import pstats
@@ -49,9 +49,8 @@ def main() -> int:
         print(f"{stmt}: {time.perf_counter() - t0:.3f} s under the profiler")
         return _report(prof, args)
 
-    import torch
-
     import run as bench
+    import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

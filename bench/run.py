@@ -345,9 +345,9 @@ def worker(lib: str, out_path: str, quick: bool, dry_run: bool, threads: int) ->
 
         info["lib_version"] = "peft " + peft.__version__
     else:
-        import peft_kernel
-
         from importlib import metadata
+
+        import peft_kernel
 
         try:
             version = metadata.version("peft-kernel")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self._batch_adapter_names: Optional[list[str]] = None
+        self._batch_adapter_names: list[str] | None = None
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:

@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
-from typing import Callable, Literal, Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Literal, Union
 
 import torch
 
@@ -167,7 +167,7 @@ def _prune_by_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def _prune_at_random(
-    tensor: torch.Tensor, density: float, rescale: bool, generator: Optional[torch.Generator]
+    tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None
 ) -> torch.Tensor:
     # One Bernoulli draw per entry, from a probability tensor of the input's own shape,
     # dtype and device: this consumes the generator exactly like the reference does.
@@ -182,7 +182,7 @@ def prune(
     method: Literal["magnitude", "random"] = "magnitude",
     rescale: bool = False,
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Zero all but (about) a ``density`` fraction of ``tensor``'s entries.
 
@@ -316,7 +316,7 @@ def dare_linear(
     weights: Weights,
     density: float,
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DARE: drop entries at random (keep probability ``density``), divide the kept ones
     by ``density``, then take the weighted sum. Unbiased: its expectation is
@@ -330,7 +330,7 @@ def dare_ties(
     density: float,
     majority_sign_method: Literal["total", "frequency"] = "total",
     *,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DARE drop and rescale, then the TIES sign election and disjoint mean."""
     _check_sign_method(majority_sign_method)
@@ -355,9 +355,9 @@ def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
 def svd_factorize(
     delta: torch.Tensor,
     rank: int,
-    clamp: Optional[float] = None,
+    clamp: float | None = None,
     full_matrices: bool = True,
-    driver: Optional[str] = None,
+    driver: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a 2-D ``delta`` (out × in) into ``B`` (out × rank) and ``A`` (rank × in)
     with ``B @ A`` the best rank-``rank`` approximation of ``delta``.

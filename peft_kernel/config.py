@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from .errors import PeftWarning
 from .io import atomic_write_text
@@ -49,12 +49,12 @@ class PeftConfig:
     """Fields common to every adapter. Subclass it (usually via :class:`TunerConfig`)
     and set ``peft_type`` in ``__post_init__`` after calling ``super().__post_init__()``."""
 
-    task_type: Optional[Union[str, TaskType]] = field(default=None, metadata={"help": "Task type, e.g. CAUSAL_LM."})
-    peft_type: Optional[str] = field(default=None, metadata={"help": "Method id (the registered name, upper-case)."})
-    auto_mapping: Optional[dict] = field(default=None, metadata={"help": "Base model class for AutoPeftModel."})
-    peft_version: Optional[str] = field(default=None, metadata={"help": "Filled in automatically."})
-    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Base model id or path."})
-    revision: Optional[str] = field(default=None, metadata={"help": "Base model revision."})
+    task_type: str | TaskType | None = field(default=None, metadata={"help": "Task type, e.g. CAUSAL_LM."})
+    peft_type: str | None = field(default=None, metadata={"help": "Method id (the registered name, upper-case)."})
+    auto_mapping: dict | None = field(default=None, metadata={"help": "Base model class for AutoPeftModel."})
+    peft_version: str | None = field(default=None, metadata={"help": "Filled in automatically."})
+    base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model id or path."})
+    revision: str | None = field(default=None, metadata={"help": "Base model revision."})
     inference_mode: bool = field(default=False, metadata={"help": "Freeze the adapter."})
 
     is_prompt_learning = False
@@ -94,7 +94,7 @@ class PeftConfig:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_peft_type(cls, **kwargs) -> "PeftConfig":
+    def from_peft_type(cls, **kwargs) -> PeftConfig:
         """Build the config class registered for ``kwargs["peft_type"]``."""
         if "peft_type" not in kwargs:
             raise ValueError("adapter config has no 'peft_type'; it is required to know which method to load")
@@ -104,7 +104,7 @@ class PeftConfig:
         return config_cls.from_dict(kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build ``cls`` from a dict, dropping (with a warning) keys this version does not know."""
         if cls in (PeftConfig, TunerConfig, PromptLearningConfig):
             return cls.from_peft_type(**data)
@@ -128,7 +128,7 @@ class PeftConfig:
                 raise ValueError(f"{path} is not valid JSON ({exc}); was it written completely?") from None
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load ``adapter_config.json`` from a directory (``subfolder`` inside it)."""
         path = pretrained_model_name_or_path
         if subfolder:
@@ -164,19 +164,19 @@ class TunerConfig(PeftConfig):
     ``"." + entry``; ``"all-linear"`` means every linear layer except the output head.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names (list, suffix match) or a regex (full match) to adapt."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or regex never to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt layers with these indices (list targets only)."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer container (e.g. 'layers'), with layers_to_transform."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. a classifier)."}
     )
 
@@ -223,12 +223,12 @@ class PromptLearningConfig(PeftConfig):
 
     num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens."})
     token_dim: int = field(default=None, metadata={"help": "Hidden size of the base model's token embeddings."})
-    num_transformer_submodules: Optional[int] = field(
+    num_transformer_submodules: int | None = field(
         default=None, metadata={"help": "Number of transformer stacks (2 for encoder-decoder, else 1)."}
     )
-    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Attention heads of the base model."})
-    num_layers: Optional[int] = field(default=None, metadata={"help": "Layers of the base model."})
-    modules_to_save: Optional[list[str]] = field(
+    num_attention_heads: int | None = field(default=None, metadata={"help": "Attention heads of the base model."})
+    num_layers: int | None = field(default=None, metadata={"help": "Layers of the base model."})
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained fully and saved with the adapter (e.g. a classifier)."}
     )
 

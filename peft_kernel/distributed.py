@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ def is_dtensor(tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
-def shard_reason(tensor) -> Optional[str]:
+def shard_reason(tensor) -> str | None:
     """Why ``tensor`` is not a whole local tensor, or ``None`` when it is."""
     if not isinstance(tensor, torch.Tensor):
         return None
@@ -67,7 +67,7 @@ def shard_reason(tensor) -> Optional[str]:
     return None
 
 
-def sharded_parameter(module: nn.Module) -> Optional[tuple[str, str]]:
+def sharded_parameter(module: nn.Module) -> tuple[str, str] | None:
     """``(name, reason)`` of the first sharded parameter of ``module``, or ``None``.
 
     A module whose FSDP1 wrapper took its parameters away (``use_orig_params=False``) is
@@ -83,7 +83,7 @@ def sharded_parameter(module: nn.Module) -> Optional[tuple[str, str]]:
     return None
 
 
-def merge_blocker(module: nn.Module) -> Optional[str]:
+def merge_blocker(module: nn.Module) -> str | None:
     """Why adapters in ``module`` cannot be merged because of sharding (``None``: they can)."""
     found = sharded_parameter(module)
     if found is None:
@@ -92,7 +92,7 @@ def merge_blocker(module: nn.Module) -> Optional[str]:
     return f"parameter {name!r} is {reason}. {MERGE_ADVICE}"
 
 
-def materialize(key: str, value: Optional[torch.Tensor], reason: Optional[str] = None) -> torch.Tensor:
+def materialize(key: str, value: torch.Tensor | None, reason: str | None = None) -> torch.Tensor:
     """A whole local tensor for checkpoint ``key``: DTensors are gathered (collective),
     other sharded forms raise with what to do instead."""
     if is_dtensor(value):
@@ -168,7 +168,7 @@ def _no_split_names(model: nn.Module) -> list[str]:
     return names
 
 
-def block_classes(model: nn.Module, names: Optional[Iterable[str]] = None) -> set[type]:
+def block_classes(model: nn.Module, names: Iterable[str] | None = None) -> set[type]:
     """Classes of the model's repeated blocks.
 
     ``names`` (class names) win; else ``$FSDP_TRANSFORMER_CLS_TO_WRAP`` (comma-separated);
@@ -204,7 +204,7 @@ def _has_trainable_weight(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.requires_grad
 
 
-def fsdp_auto_wrap_policy(model: nn.Module, transformer_layer_cls_names: Optional[Iterable[str]] = None):
+def fsdp_auto_wrap_policy(model: nn.Module, transformer_layer_cls_names: Iterable[str] | None = None):
     """An ``auto_wrap_policy`` for ``FullyShardedDataParallel`` (FSDP1) of a PEFT model.
 
     Wraps, each in its own FSDP unit: every leaf module with a trainable ``weight`` (the
@@ -235,7 +235,7 @@ def _adapter_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-def fully_shard_model(model: nn.Module, transformer_layer_cls_names: Optional[Iterable[str]] = None,
+def fully_shard_model(model: nn.Module, transformer_layer_cls_names: Iterable[str] | None = None,
                       **fully_shard_kwargs) -> nn.Module:
     """Shard a PEFT model with FSDP2 (``torch.distributed.fsdp.fully_shard``), in place.
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ def unwrap_base_layer(module: nn.Module) -> nn.Module:
 _IMMUTABLE = (type(None), bool, int, float, str)
 _CONTAINERS = (dict, collections.OrderedDict, set)
 #: per class: (immutable attributes, [(name, empty container type)]), or None
-_EMPTY_STATES: dict[type, Optional[tuple[dict, list]]] = {}
+_EMPTY_STATES: dict[type, tuple[dict, list] | None] = {}
 
 
 def empty_module(cls: type[nn.Module]) -> nn.Module:
@@ -98,7 +99,7 @@ def _tensors_of(item: nn.Module | torch.Tensor, buffers: bool = False) -> list[t
     return [t for t in tensors if t is not None]
 
 
-def base_layer_device(module: nn.Module) -> Optional[torch.device]:
+def base_layer_device(module: nn.Module) -> torch.device | None:
     """Device of a (possibly quantized) layer's weight; ``None`` on meta or without weights."""
     module = unwrap_base_layer(module)
     for name in ("qweight", "W_q", "weight", "in_proj_weight"):
@@ -110,7 +111,7 @@ def base_layer_device(module: nn.Module) -> Optional[torch.device]:
     return None
 
 
-def base_layer_dtype(module: nn.Module) -> Optional[torch.dtype]:
+def base_layer_dtype(module: nn.Module) -> torch.dtype | None:
     module = unwrap_base_layer(module)
     backend = quant.find_backend(module)
     if backend is not None:
@@ -169,7 +170,7 @@ class AdapterLayer(nn.Module):
         return base.qweight if hasattr(base, "qweight") else base.weight
 
     @property
-    def bias(self) -> Optional[torch.Tensor]:
+    def bias(self) -> torch.Tensor | None:
         return getattr(self.get_base_layer(), "bias", None)
 
     @property
@@ -268,12 +269,12 @@ class AdapterLayer(nn.Module):
             self.__dict__.pop(cached, None)
 
     @property
-    def _batch_adapter_names(self) -> Optional[list[str]]:
+    def _batch_adapter_names(self) -> list[str] | None:
         """Per-sample adapter names of the running mixed batch (set by PeftModel)."""
         return self._batch_names
 
     @_batch_adapter_names.setter
-    def _batch_adapter_names(self, names: Optional[list[str]]) -> None:
+    def _batch_adapter_names(self, names: list[str] | None) -> None:
         self.__dict__["_batch_names"] = names
         self._adapter_state_changed()
 
@@ -341,7 +342,7 @@ class AdapterLayer(nn.Module):
         names = [name for name in self._active_adapter if self.has_adapter(name)]
         return self.forward_active(x, names, *args, **kwargs)
 
-    def specialised_forward(self) -> Optional[Callable[..., Any]]:
+    def specialised_forward(self) -> Callable[..., Any] | None:
         """A faster equivalent of :meth:`forward` for the current unmerged state (a bound
         method, so that deep copies follow the copy), or ``None``. It must call
         ``type(self).forward`` itself whenever its preconditions no longer hold."""
@@ -404,11 +405,11 @@ class AdapterLayer(nn.Module):
     def merge_bias(self, adapter_name: str, sign: int) -> None:
         """Fold an adapter's bias contribution into the base bias (optional)."""
 
-    def merge_blocker(self) -> Optional[str]:
+    def merge_blocker(self) -> str | None:
         """Why this layer cannot merge (``None`` when it can); checked before any change."""
         return distributed.merge_blocker(self) or quant.merge_blocker(self.get_base_layer())
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weight.
 
         Already merged adapters are skipped with a warning. With ``safe_merge`` the
@@ -448,7 +449,7 @@ class AdapterLayer(nn.Module):
             self.merge_bias(name, -1)
         self._adapter_state_changed()
 
-    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         if adapter_names is None:
             adapter_names = self.active_adapters
         if isinstance(adapter_names, str):
@@ -466,7 +467,7 @@ class AdapterLayer(nn.Module):
         return f"adapters={self._all_available_adapter_names()}, active={self.active_adapters}"
 
 
-def _infer_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
+def _infer_features(base: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if isinstance(base, nn.Embedding):
@@ -483,7 +484,7 @@ def _infer_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
 class BufferDict(nn.Module):
     """A dict of tensors registered as buffers (per-adapter, non-trainable state)."""
 
-    def __init__(self, buffers: Optional[dict[str, torch.Tensor]] = None, persistent: bool = False) -> None:
+    def __init__(self, buffers: dict[str, torch.Tensor] | None = None, persistent: bool = False) -> None:
         super().__init__()
         self.persistent = persistent
         if buffers:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 
 def lazy_attributes(module_name: str, attributes: Mapping[str, str],
-                    computed: Optional[Mapping[str, Callable[[], Any]]] = None,
+                    computed: Mapping[str, Callable[[], Any]] | None = None,
                     submodules: Iterable[str] = ()) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for the module ``module_name``.
 

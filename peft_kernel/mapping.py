@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 from torch import nn
 
@@ -20,7 +19,7 @@ def get_peft_config(config_dict: dict) -> PeftConfig:
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
-                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` (in place) with a new, trainable adapter described by ``peft_config``.
 
@@ -46,7 +45,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
-                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
+                            low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
     """Add adapter layers to any ``nn.Module`` in place and return it (no PeftModel wrapper).
 
     With ``state_dict``, its keys decide which modules are adapted (values are not loaded).

@@ -6,7 +6,7 @@ import copy
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
 
     @property
-    def modules_to_save(self) -> Optional[set[str]]:
+    def modules_to_save(self) -> set[str] | None:
         names: set[str] = set()
         for config in self.peft_config.values():
             names.update(getattr(config, "modules_to_save", None) or ())
@@ -111,7 +111,7 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model if self._is_prompt_learning else self.base_model.model
 
-    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The active adapter's virtual-token embeddings (prompt learning only)."""
         return self._check_prompt_learning("get_prompt").get_prompt(batch_size, task_ids=task_ids)
 
@@ -293,14 +293,14 @@ class PeftModel(nn.Module):
 
     # -- merging (forwarded to the tuner) ---------------------------------------------
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_tuner("merge_adapter").merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         self._check_tuner("unmerge_adapter").unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+                         adapter_names: list[str] | None = None) -> nn.Module:
         return self._check_tuner("merge_and_unload").merge_and_unload(
             progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -330,8 +330,8 @@ class PeftModel(nn.Module):
     # -- saving and loading -----------------------------------------------------------
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
-                        selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
-                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        selected_adapters: list[str] | None = None, save_embedding_layers="auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs: Any) -> None:
         """Write each adapter in HF PEFT's format: ``default`` at the top level, others in
         ``<save_directory>/<name>/``. Everything is computed before anything is written,
@@ -390,9 +390,9 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        is_trainable: bool = False, config: PeftConfig | None = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
-                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None, **kwargs: Any):
+                        low_cpu_mem_usage: bool = False, key_mapping: dict | None = None, **kwargs: Any):
         """Load a saved adapter (ours or HF PEFT's) onto ``model``."""
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
@@ -418,9 +418,9 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
-                     key_mapping: Optional[dict] = None, **kwargs: Any):
+                     key_mapping: dict | None = None, **kwargs: Any):
         """Load another adapter from a directory; it is not activated. Returns the load
         result (``missing_keys``, ``unexpected_keys``)."""
         created = kwargs.pop("_created", False)
@@ -456,7 +456,7 @@ class PeftModel(nn.Module):
         """Task classes add their head to ``modules_to_save`` here."""
 
 
-def _batch_size(kwargs) -> Optional[int]:
+def _batch_size(kwargs) -> int | None:
     for name in ("input_ids", "inputs_embeds", "x", "input"):
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.dim() > 0:

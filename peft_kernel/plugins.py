@@ -25,8 +25,9 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 

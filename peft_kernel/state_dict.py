@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,7 +117,7 @@ def _normalise(state_dict: dict[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
-def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_name: str = "default",
+def get_peft_model_state_dict(model, state_dict: dict | None = None, adapter_name: str = "default",
                               unwrap_compiled: bool = False, save_embedding_layers="auto") -> dict[str, torch.Tensor]:
     """The adapter's tensors under their checkpoint keys (no adapter name; HF PEFT format).
 
@@ -320,7 +320,7 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, assign: bool) -> No
 # -- files ------------------------------------------------------------------------------
 
 
-def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: Optional[dict] = None,
+def load_peft_weights(model_id: str, device: str | None = None, key_mapping: dict | None = None,
                       use_pickle: bool = True, **hub_kwargs) -> dict[str, torch.Tensor]:
     """Read an adapter's tensors from a local directory.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from torch import nn
 
@@ -20,7 +20,7 @@ class TunerLayerStatus:
     enabled: bool
     active_adapters: list[str]
     merged_adapters: list[str]
-    requires_grad: dict[str, Union[bool, Irregular]]
+    requires_grad: dict[str, bool | Irregular]
     available_adapters: list[str]
     devices: dict[str, list[str]]
 
@@ -33,10 +33,10 @@ class TunerModelStatus:
     trainable_params: int
     total_params: int
     num_adapter_layers: int
-    enabled: Union[bool, Irregular]
-    active_adapters: Union[list[str], Irregular]
-    merged_adapters: Union[list[str], Irregular]
-    requires_grad: dict[str, Union[bool, Irregular]]
+    enabled: bool | Irregular
+    active_adapters: list[str] | Irregular
+    merged_adapters: list[str] | Irregular
+    requires_grad: dict[str, bool | Irregular]
     available_adapters: list[str]
     devices: dict[str, list[str]]
 

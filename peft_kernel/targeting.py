@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import TYPE_CHECKING, Iterable, Optional
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import dispatch
 
@@ -17,7 +18,7 @@ DUMMY_TARGET = "dummy-target-modules"
 MIN_TARGETS_FOR_COMPRESSION = 20
 
 
-def _suffix_match(key: str, entries: Iterable[str]) -> Optional[str]:
+def _suffix_match(key: str, entries: Iterable[str]) -> str | None:
     for entry in entries:
         if key == entry or key.endswith("." + entry):
             return entry
@@ -33,7 +34,7 @@ def is_excluded(config, key: str) -> bool:
     return _suffix_match(key, excluded) is not None
 
 
-def layer_index(key: str, layers_pattern) -> Optional[int]:
+def layer_index(key: str, layers_pattern) -> int | None:
     """Index of the first numbered segment (``.<pattern>.<digits>``) in ``key``."""
     if layers_pattern is None:
         patterns = [None]

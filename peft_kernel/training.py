@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from . import quant
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+                                    gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Make a quantized model ready for adapter training (HF PEFT's function of the same name).
 
     Freezes every base parameter, upcasts the remaining half-precision float parameters

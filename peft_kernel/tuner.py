@@ -8,8 +8,9 @@ import copy
 import gc
 import math
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +23,9 @@ from .layer import AdapterLayer
 from .plugins import manager
 
 
-def iter_modules_with_parent(model: nn.Module) -> Iterator[tuple[str, nn.Module, Optional[nn.Module], str]]:
+def iter_modules_with_parent(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None, str]]:
     """``(qualified name, module, parent, attribute name)`` for every module, parents first."""
-    stack: list[tuple[str, nn.Module, Optional[nn.Module], str]] = [("", model, None, "")]
+    stack: list[tuple[str, nn.Module, nn.Module | None, str]] = [("", model, None, "")]
     while stack:
         name, module, parent, attr = stack.pop()
         yield name, module, parent, attr
@@ -81,7 +82,7 @@ class BaseTuner(nn.Module):
     supported_layer_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
-                 low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None,
+                 low_cpu_mem_usage: bool = False, state_dict: dict | None = None,
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.model = model
@@ -145,7 +146,7 @@ class BaseTuner(nn.Module):
     # -- injection --------------------------------------------------------------------
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+                       low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
         with _gc_paused():
             self._inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
 
@@ -178,7 +179,7 @@ class BaseTuner(nn.Module):
         else:
             matched_any = False
         excluded_any = False
-        inside: Optional[str] = None  # pre-order walk: an adapter layer's internals follow it directly
+        inside: str | None = None  # pre-order walk: an adapter layer's internals follow it directly
         modules_to_save = set(getattr(config, "modules_to_save", None) or ())
         wrapped_saves: set[str] = set()
         for key, module, parent, attr in entries:
@@ -353,7 +354,7 @@ class BaseTuner(nn.Module):
                 if reason:
                     raise MergeNotSupportedError(f"Cannot merge layer {name!r}: {reason}")
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()
         for _, module in adapter_modules(self.model):
             if isinstance(module, AdapterLayer):
@@ -369,7 +370,7 @@ class BaseTuner(nn.Module):
             warnings.warn("No adapter is merged; nothing to unmerge.", PeftWarning, stacklevel=2)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+                         adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the adapters into the base weights and return the plain model."""
         self._check_merge_allowed()
         return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
@@ -379,9 +380,9 @@ class BaseTuner(nn.Module):
         return self._unload(merge=False)
 
     def _unload(self, merge: bool, progressbar: bool = False, safe_merge: bool = False,
-                adapter_names: Optional[list[str]] = None) -> nn.Module:
+                adapter_names: list[str] | None = None) -> nn.Module:
         replacements = []
-        inside: Optional[str] = None
+        inside: str | None = None
         for key, module, parent, attr in iter_modules_with_parent(self.model):
             if parent is None or (inside is not None and key.startswith(inside)):
                 continue  # nested adapter layers are unloaded with their owner (pre-order walk)
@@ -423,11 +424,11 @@ class BaseTuner(nn.Module):
         weights: list[float],
         adapter_name: str,
         combination_type: str = "svd",
-        svd_rank: Optional[int] = None,
-        svd_clamp: Optional[float] = None,
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
         svd_full_matrices: bool = True,
-        svd_driver: Optional[str] = None,
-        density: Optional[float] = None,
+        svd_driver: str | None = None,
+        density: float | None = None,
         majority_sign_method: str = "total",
     ) -> None:
         """Add ``adapter_name``, a weighted combination of the existing ``adapters``.
@@ -563,7 +564,7 @@ class BaseTuner(nn.Module):
                 _unload_nested(base, False, False, None)
                 setattr(parent, attr, base)
 
-    def _combined_config(self, adapters: list[str], combination_type: str, combination, svd_rank: Optional[int]):
+    def _combined_config(self, adapters: list[str], combination_type: str, combination, svd_rank: int | None):
         """Validate the sources for ``combination_type`` and return the new adapter's config.
 
         Method hook of :meth:`add_weighted_adapter`, called before anything changes.

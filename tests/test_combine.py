@@ -430,7 +430,7 @@ def test_svd_differential_against_oracle_model(combination_type, svd_rank, clamp
     # reseed right at the combination step so that both sides draw the same masks
     import peft.tuners.lora.model as oracle_model
 
-    original = getattr(oracle_model, "dare_linear")
+    original = oracle_model.dare_linear
 
     def seeded(*args, **kwargs):
         torch.manual_seed(7)

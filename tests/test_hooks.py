@@ -8,8 +8,8 @@ from torch import nn
 from peft_kernel import PeftModel, get_peft_model, hookimpl, quant
 from peft_kernel.plugins import manager, reset_manager
 from peft_kernel.testing import perturb
-from peft_plugin_lora import LoraConfig
 from peft_kernel.testing.toy_quant import ToyBackend, ToyBackendPlugin, ToyInt8Linear
+from peft_plugin_lora import LoraConfig
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """Target matching follows HF PEFT's rules exactly (reference §3)."""
 
 import pytest
-import torch
 from torch import nn
 
 from peft_kernel import get_peft_model

@@ -14,11 +14,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from separable_conv3d import SeparableLoraConv3d  # noqa: E402
+
 import peft_kernel  # noqa: E402
 from peft_kernel import PeftModel, get_peft_model  # noqa: E402
 from peft_plugin_lora import LoraConfig  # noqa: E402
-
-from separable_conv3d import SeparableLoraConv3d  # noqa: E402
 
 
 class VideoNet(nn.Module):

@@ -19,11 +19,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lora_lstm import LoraLSTM  # noqa: E402
+
 import peft_kernel  # noqa: E402
 from peft_kernel import PeftModel, get_peft_model  # noqa: E402
 from peft_plugin_lora import LoraConfig  # noqa: E402
-
-from lora_lstm import LoraLSTM  # noqa: E402
 
 
 class SequenceClassifier(nn.Module):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ class LoraLSTM(LoraLayer):
 
     # -- merging (two weights, so the single-weight default does not apply) ----------
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         lstm = self.get_base_layer()
         for name in self._adapters_to_merge(adapter_names):
             if not self.has_adapter(name):

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 ENV_DEBUG = "PEFT_KERNEL_DEBUG"
 ENV_DEFAULT_METHOD = "PEFT_KERNEL_METHOD"
@@ -54,7 +54,7 @@ class StagedDir:
 
     def __init__(self, final: str) -> None:
         self.final = os.path.abspath(final)
-        self.tmp: Optional[str] = None
+        self.tmp: str | None = None
 
     def __enter__(self) -> str:
         parent = os.path.dirname(self.final)
@@ -163,7 +163,7 @@ def load_json_object(path: str, what: str) -> dict:
     return data
 
 
-def alpha_field(fields) -> Optional[str]:
+def alpha_field(fields) -> str | None:
     """The scaling field of a method: ``alpha`` or the single field ending in ``_alpha``."""
     if "alpha" in fields:
         return "alpha"
@@ -171,8 +171,8 @@ def alpha_field(fields) -> Optional[str]:
     return candidates[0] if len(candidates) == 1 else None
 
 
-def build_method_config(spec, *, config_file: Optional[str] = None, r=None, alpha=None,
-                        target_modules: Optional[str] = None, options=(), task_type: Optional[str] = None):
+def build_method_config(spec, *, config_file: str | None = None, r=None, alpha=None,
+                        target_modules: str | None = None, options=(), task_type: str | None = None):
     """Build ``spec.config_cls`` from a JSON file, the shortcut flags and ``--option`` pairs
     (later sources win). Unknown option names are an error, not a silent no-op."""
     fields = config_fields(spec.config_cls)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 from ._common import CLIError
 
@@ -70,7 +69,7 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def check_model_arg(model: Optional[str]) -> None:
+def check_model_arg(model: str | None) -> None:
     """Cheap validation before anything heavy is imported."""
     if model is None or model == DEFAULT_MODEL:
         return
@@ -98,7 +97,7 @@ def build_default_model():
     return model.eval()
 
 
-def load_model(model: Optional[str], task_type: Optional[str] = "CAUSAL_LM", auto_mapping: Optional[dict] = None):
+def load_model(model: str | None, task_type: str | None = "CAUSAL_LM", auto_mapping: dict | None = None):
     """``default`` → the built-in model; a directory → the transformers auto class for ``task_type``."""
     if model is None or model == DEFAULT_MODEL:
         return build_default_model()
@@ -121,7 +120,7 @@ def has_tokenizer_files(model_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(model: Optional[str], model_vocab_size: Optional[int] = None):
+def load_tokenizer(model: str | None, model_vocab_size: int | None = None):
     """The model's own tokenizer when its directory has one, else :class:`ByteTokenizer`."""
     if model is not None and model != DEFAULT_MODEL and has_tokenizer_files(model):
         from transformers import AutoTokenizer
@@ -148,7 +147,7 @@ def default_data_path() -> str:
     return str(resources.files("peft_kernel.data").joinpath("tiny_sentences.jsonl"))
 
 
-def load_texts(path: Optional[str]) -> list[str]:
+def load_texts(path: str | None) -> list[str]:
     """Examples from JSONL (a ``"text"`` field per line) or plain text (one per line).
 
     Blank lines are skipped. A malformed line is an error that names its line number.

@@ -18,7 +18,13 @@ import os
 import time
 
 from ._common import (
-    CLIError, StagedDir, build_method_config, check_output_dir, default_method_name, require, resolve_method,
+    CLIError,
+    StagedDir,
+    build_method_config,
+    check_output_dir,
+    default_method_name,
+    require,
+    resolve_method,
 )
 from ._models import DEFAULT_MODEL, check_model_arg, load_model, load_texts, load_tokenizer
 

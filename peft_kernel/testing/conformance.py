@@ -24,7 +24,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

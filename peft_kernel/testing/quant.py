@@ -43,7 +43,8 @@ import importlib.util
 import subprocess
 import sys
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -106,17 +107,17 @@ class QuantCase:
     #: ``QuantBackend.name`` that must recognise the quantized layers
     backend: str
     #: mergeable cases: bound on the merged model's relative error against the float merge
-    merged_tol: Optional[float] = None
+    merged_tol: float | None = None
     #: mergeable cases: bound on the relative change after merge + unmerge
-    roundtrip_tol: Optional[float] = None
+    roundtrip_tol: float | None = None
     #: forward-only cases: text the ValueError refusing the merge must contain
-    merge_refusal: Optional[str] = None
+    merge_refusal: str | None = None
     #: with a reference: also compare the merged models, within this relative tolerance
-    reference_merge_tol: Optional[float] = None
+    reference_merge_tol: float | None = None
     #: ``"output"`` compares the merged outputs, ``"weight"`` the dequantized merged base weights
     reference_merged_compare: str = "output"
     #: adjusts the reference side's quantized base model before the oracle wraps it
-    reference_prepare: Optional[Callable[[nn.Module], Any]] = None
+    reference_prepare: Callable[[nn.Module], Any] | None = None
     #: dtype of the inputs
     dtype: torch.dtype = torch.float32
 
@@ -144,7 +145,7 @@ def _container_names(model: nn.Module) -> set[str]:
     return {name for m in model.modules() if isinstance(m, AdapterLayer) for name in m.adapter_layer_names}
 
 
-def adapter_parameters(peft_model, adapter: str = ADAPTER, names_from: Optional[nn.Module] = None) -> dict:
+def adapter_parameters(peft_model, adapter: str = ADAPTER, names_from: nn.Module | None = None) -> dict:
     """``{name: parameter}`` of ``adapter``'s per-adapter containers (``adapter_layer_names``
     of the adapter layers of ``names_from``, by default ``peft_model`` itself)."""
     containers = _container_names(peft_model if names_from is None else names_from)
@@ -188,9 +189,9 @@ class QuantBackendConformance:
 
     cases: Sequence[QuantCase] = ()
     #: ``config_fn(target_modules) -> config`` of the adapter method under test
-    config_fn: Optional[Callable[[list], Any]] = None
+    config_fn: Callable[[list], Any] | None = None
     #: ``reference_config_fn(target_modules) -> HF PEFT config`` for the same adapter; ``None``: no oracle
-    reference_config_fn: Optional[Callable[[list], Any]] = None
+    reference_config_fn: Callable[[list], Any] | None = None
     #: optimizer steps of the training check
     training_steps: int = 15
 

@@ -5,14 +5,13 @@ import sys
 
 import pytest
 import torch
+from _contrib import CONTRIB, load
 from torch import nn
 
 import peft_kernel
 from peft_kernel.testing import Case, MethodConformance
-from peft_plugin_lora import LoraConfig
 from peft_plugin_lora import Conv3d as BuiltinConv3d
-
-from _contrib import CONTRIB, load
+from peft_plugin_lora import LoraConfig
 
 separable = load("custom_conv3d/separable_conv3d.py", "contrib_separable_conv3d")
 example = load("custom_conv3d/example.py", "contrib_conv3d_example")

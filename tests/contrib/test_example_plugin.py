@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _contrib import CONTRIB, load
 
 EXAMPLE = CONTRIB / "peft-plugin-example"

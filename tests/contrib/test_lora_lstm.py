@@ -5,13 +5,12 @@ import sys
 
 import pytest
 import torch
+from _contrib import CONTRIB, load
 from torch import nn
 
 import peft_kernel
 from peft_kernel.testing import Case, MethodConformance
 from peft_plugin_lora import LoraConfig
-
-from _contrib import CONTRIB, load
 
 lora_lstm = load("lora_lstm/lora_lstm.py", "contrib_lora_lstm")
 example = load("lora_lstm/example.py", "contrib_lora_lstm_example")

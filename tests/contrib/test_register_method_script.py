@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
+from _contrib import CONTRIB, load
 from torch import nn
 
 import peft_kernel
 from peft_kernel.plugins import reset_manager
 from peft_kernel.testing import Case, MethodConformance
-
-from _contrib import CONTRIB, load
 
 script = load("register_method_script.py", "contrib_register_method_script")
 

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from _models import (
     HF,
     OURS,
@@ -14,9 +13,9 @@ from _models import (
     assert_same_keys,
     assert_state_dicts_close,
     build_base,
+    cached_pair,
     expect_hf_mha_bug,
     make_inputs,
-    cached_pair,
     make_pair,
     output,
     trainable_names,

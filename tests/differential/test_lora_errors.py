@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _models import HF, OURS, assert_same_exception, build_base, lora_kwargs, make_inputs
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from _models import HF, OURS, config_pair, copy_state, lora_kwargs, build_base, make_pair, perturb_trainable
+from _models import HF, OURS, build_base, config_pair, copy_state, lora_kwargs, make_pair, perturb_trainable
 
 GEN = {"max_new_tokens": 5, "do_sample": False, "num_beams": 1, "pad_token_id": 0}
 

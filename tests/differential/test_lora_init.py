@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _models import (
     assert_close,
     assert_state_dicts_close,

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _models import (
     SELFTEST,
     assert_close,
     assert_same_exception,
-    expect_hf_mha_bug,
-    hf_mha_out_proj_bug,
     assert_same_keys,
     assert_state_dicts_close,
     build_base,
-    make_inputs,
     cached_pair,
-    pair_copy,
+    expect_hf_mha_bug,
+    hf_mha_out_proj_bug,
+    make_inputs,
     max_abs_diff,
     output,
+    pair_copy,
     trainable_names,
 )
 

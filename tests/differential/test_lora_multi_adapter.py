@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from _models import (
     HF,
     OURS,

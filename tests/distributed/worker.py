@@ -162,9 +162,8 @@ def scenario_ddp(out, rank, world, report):
 
 def scenario_fsdp(out, rank, world, report):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 
     from peft_kernel.distributed import fsdp_auto_wrap_policy, fully_shard_model
     from peft_kernel.state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict

@@ -11,6 +11,7 @@ from torch import nn
 pytest.importorskip("gptqmodel.nn_modules.qlinear.torch")
 
 from gptq_layers import rtn_gptq_linear  # noqa: E402
+
 from peft_plugin_gptq import GptqBackend  # noqa: E402
 
 IN, OUT = 128, 64

@@ -12,6 +12,7 @@ pytest.importorskip("gptqmodel.nn_modules.qlinear.torch")
 pytest.importorskip("peft_plugin_lora")
 
 from gptq_layers import rtn_gptq_linear  # noqa: E402
+
 from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers  # noqa: E402
 from peft_plugin_lora import LoraConfig  # noqa: E402
 

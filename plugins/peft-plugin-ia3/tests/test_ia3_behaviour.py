@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import _ia3_models as M
 import pytest
 import torch
-from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from torch import nn
 
 import peft_kernel
 from peft_kernel import PeftWarning, get_peft_model
 from peft_kernel.plugins import manager
+from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_ia3 import IA3Config, IA3Model
-
-import _ia3_models as M
 
 
 def _model(**config):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import copy
 import json
 
+import _ia3_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_plugin_ia3 import IA3Config
-
-import _ia3_models as M
 
 hf_peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

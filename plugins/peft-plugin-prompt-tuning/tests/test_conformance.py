@@ -1,12 +1,11 @@
 """Prompt tuning runs the kernel's conformance kit on every task type it supports."""
 
+import _pt_models as M
 import pytest
 import torch
 
 from peft_kernel.testing import Case, MethodConformance
 from peft_plugin_prompt_tuning import PromptTuningConfig
-
-import _pt_models as M
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::peft_kernel.PeftWarning")

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 
+import _vera_models as M
 import pytest
 import torch
-from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from torch import nn
 
 import peft_kernel
 from peft_kernel import PeftModel, PeftWarning, get_peft_model
 from peft_kernel.plugins import manager
+from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_vera import VeraConfig, VeraModel
-
-import _vera_models as M
 
 pytestmark = pytest.mark.filterwarnings("ignore:save_projection=False")
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 
+import _vera_models as M
 import pytest
 
 from peft_kernel.testing import Case, MethodConformance
 from peft_plugin_vera import VeraConfig
-
-import _vera_models as M
 
 pytestmark = [pytest.mark.conformance, pytest.mark.filterwarnings("ignore")]
 

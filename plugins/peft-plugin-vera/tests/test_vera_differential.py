@@ -7,13 +7,12 @@ from __future__ import annotations
 import copy
 import json
 
+import _vera_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_plugin_vera import VeraConfig, make_projections
-
-import _vera_models as M
 
 hf_peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")

@@ -6,8 +6,6 @@ method is used, so discovering the plugin stays torch-free.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -34,7 +32,7 @@ class SSFLayer(AdapterLayer):
         return (result * scale + shift).to(result.dtype)
 
     # merging: y = γ(Wx + b) + β is the linear layer (diag(γ) W, γ b + β)
-    def merge_blocker(self) -> Optional[str]:
+    def merge_blocker(self) -> str | None:
         if self.get_base_layer().bias is None:
             return "SSF folds its shift into the bias, and this layer has none"
         return super().merge_blocker()

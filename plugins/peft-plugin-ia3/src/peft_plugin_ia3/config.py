@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft_kernel import TunerConfig
 
@@ -26,13 +26,13 @@ class IA3Config(TunerConfig):
 
     # HF PEFT's IA3Config has no layer selection by index; keep the kernel's fields out of
     # the constructor and out of adapter_config.json so files stay identical.
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, init=False, repr=False, metadata={"runtime_only": True}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, init=False, repr=False, metadata={"runtime_only": True}
     )
-    feedforward_modules: Optional[Union[list[str], str]] = field(
+    feedforward_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Targets whose *input* is scaled (names, suffix match, or a regex); a subset of "
                           "target_modules. None: the model type's default."},

@@ -14,7 +14,7 @@ linear layers and ``(1, C, 1, …)`` for convolutions.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class IA3Layer(AdapterLayer):
     def vector_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def update_layer(self, adapter_name: str, config=None, is_feedforward: Optional[bool] = None,
+    def update_layer(self, adapter_name: str, config=None, is_feedforward: bool | None = None,
                      **kwargs: Any) -> None:
         if is_feedforward is not None and bool(is_feedforward) != self.is_feedforward:
             role = "feed-forward" if self.is_feedforward else "output-scaling"

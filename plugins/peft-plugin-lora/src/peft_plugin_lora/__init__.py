@@ -14,8 +14,8 @@ import functools
 from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
-from peft_kernel.lazy import lazy_attributes
 from peft_kernel.dispatch import dispatch_method_layer
+from peft_kernel.lazy import lazy_attributes
 
 from .config import LoraConfig, LoraRuntimeConfig
 

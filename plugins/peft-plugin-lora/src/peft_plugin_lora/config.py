@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft_kernel import TunerConfig
 from peft_kernel.targeting import get_pattern_key
@@ -35,35 +35,35 @@ class LoraConfig(TunerConfig):
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True when the base stores weight as (in, out), e.g. GPT-2 Conv1D."})
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases train and are saved."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling lora_alpha / sqrt(r)."})
-    init_lora_weights: Union[bool, str] = field(
+    init_lora_weights: bool | str = field(
         default=True,
         metadata={"help": "True (Kaiming A, zero B), False (random, for tests), 'gaussian', 'pissa', "
                           "'pissa_niter_N', 'olora', 'orthogonal', or 'loftq' (not yet)."},
     )
-    rank_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Module name/regex -> rank."})
-    alpha_pattern: Optional[dict] = field(default_factory=dict, metadata={"help": "Module name/regex -> alpha."})
-    megatron_config: Optional[dict] = field(default=None, metadata={"help": "Not supported yet."})
-    megatron_core: Optional[str] = field(default="megatron.core", metadata={"help": "Not supported yet."})
-    trainable_token_indices: Optional[Union[list, dict]] = field(default=None, metadata={"help": "Not supported yet."})
-    loftq_config: Union[dict, Any] = field(default_factory=dict, metadata={"help": "Not supported yet."})
-    eva_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
-    corda_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
-    lora_ga_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
+    rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> rank."})
+    alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> alpha."})
+    megatron_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported yet."})
+    trainable_token_indices: list | dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    loftq_config: dict | Any = field(default_factory=dict, metadata={"help": "Not supported yet."})
+    eva_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    corda_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    lora_ga_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
-    velora_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
-    alora_invocation_tokens: Optional[list[int]] = field(default=None, metadata={"help": "Not supported yet."})
+    velora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    alora_invocation_tokens: list[int] | None = field(default=None, metadata={"help": "Not supported yet."})
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
     qalora_group_size: int = field(default=16, metadata={"help": "Not supported yet."})
-    monteclora_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
-    layer_replication: Optional[list] = field(default=None, metadata={"help": "Not supported yet."})
+    monteclora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    layer_replication: list | None = field(default=None, metadata={"help": "Not supported yet."})
     runtime_config: LoraRuntimeConfig = field(
         default_factory=LoraRuntimeConfig, metadata={"help": "Runtime settings (not saved).", "runtime_only": True}
     )
     lora_bias: bool = field(default=False, metadata={"help": "Trainable bias on lora_B (for extracted LoRAs)."})
-    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Not supported yet."})
-    use_bdlora: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
-    arrow_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
-    kasa_config: Optional[Any] = field(default=None, metadata={"help": "Not supported yet."})
+    target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported yet."})
+    use_bdlora: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    arrow_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    kasa_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from peft_kernel import AdapterLayer, PeftWarning, quant
 from peft_kernel.layer import bare_module, empty_module, plain_call
 
 
-def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
     """An nn.Linear around ``weight`` (out × in) and ``bias``, skipping its random init
     (which costs more than the rest of building a LoRA layer)."""
     layer = bare_module(nn.Linear)
@@ -212,7 +212,7 @@ class LoraLayer(AdapterLayer):
 
     # -- merging ----------------------------------------------------------------------
 
-    def merge_blocker(self) -> Optional[str]:
+    def merge_blocker(self) -> str | None:
         for name in self.active_adapters:
             if self.lora_bias.get(name) and getattr(self.get_base_layer(), "bias", None) is None:
                 return "lora_bias=True cannot be merged into a base layer without a bias"
@@ -283,7 +283,7 @@ class LoraLayer(AdapterLayer):
             if name in self.scaling:
                 self.scaling[name] *= scale
 
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
+    def unscale_layer(self, scale: float | None = None) -> None:
         self._adapter_state_changed()
         for name in self.active_adapters:
             if name not in self.scaling:
@@ -295,7 +295,7 @@ class LoraLayer(AdapterLayer):
 
     # -- combining adapters (add_weighted_adapter) --------------------------------------
 
-    def combination_factors(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def combination_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A, B)`` of one adapter as stored (parameters, not copies), or ``None``.
 
         A has the rank on dim 0 and B on dim 1, whatever the layer type, so that
@@ -435,7 +435,7 @@ class Linear(LoraLayer):
         unmerged = self._fused_merge(weight, adapter_name, -1)
         return super().unmerge_weight(weight, adapter_name) if unmerged is None else unmerged
 
-    def _fused_merge(self, weight: torch.Tensor, adapter_name: str, sign: int) -> Optional[torch.Tensor]:
+    def _fused_merge(self, weight: torch.Tensor, adapter_name: str, sign: int) -> torch.Tensor | None:
         """W ± s·BA as one addmm (no delta matrix is materialised); ``None`` for DoRA and
         for factors in another dtype than the weight."""
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -641,7 +641,7 @@ class _ConvNd(LoraLayer):
     def _magnitude_shape(self):
         return (1, self.out_features) + (1,) * (self.get_base_layer().weight.dim() - 2)
 
-    def merge_blocker(self) -> Optional[str]:
+    def merge_blocker(self) -> str | None:
         if self.get_base_layer().groups > 1:
             return "merging is not supported for conv layers with groups > 1"
         return super().merge_blocker()

@@ -11,8 +11,9 @@ transformers; it imports it only when it runs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ class FlowResult:
     losses: list[float]
     reload_err: float          # max |logits| difference: reloaded adapter vs trained model
     adapter_effect: float      # max |logits| difference: adapter on vs off
-    merged_err: Optional[float]  # max |logits| difference: merge_and_unload vs unmerged
+    merged_err: float | None  # max |logits| difference: merge_and_unload vs unmerged
 
 
 def save_tiny_llama(path: Path, seed: int = 0) -> Path:
@@ -47,7 +48,7 @@ def _logits(model, ids):
 
 
 def run_transformers_flow(tmp_path: Path, quantization_config: Callable[[], Any], backend: str,
-                          merged_tol: Optional[float] = None, lr: float = 1e-2) -> FlowResult:
+                          merged_tol: float | None = None, lr: float = 1e-2) -> FlowResult:
     """Run the whole user flow for one ``quantization_config`` factory (called once per load).
 
     ``backend`` is the name :func:`peft_kernel.quant.find_backend` must give every layer the
@@ -56,6 +57,7 @@ def run_transformers_flow(tmp_path: Path, quantization_config: Callable[[], Any]
     must still be ``backend`` layers afterwards.
     """
     from transformers import AutoModelForCausalLM
+
     from .config import LoraConfig
 
     base_dir = save_tiny_llama(tmp_path / "base")

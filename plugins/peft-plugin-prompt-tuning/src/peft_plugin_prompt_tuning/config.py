@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft_kernel import PromptLearningConfig
 
@@ -25,16 +24,16 @@ class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning: ``num_virtual_tokens`` trainable embeddings placed in front of the
     input; the model itself stays frozen."""
 
-    prompt_tuning_init: Union[PromptTuningInit, str] = field(
+    prompt_tuning_init: PromptTuningInit | str = field(
         default=PromptTuningInit.RANDOM, metadata={"help": "RANDOM, TEXT or SAMPLE_VOCAB."}
     )
-    prompt_tuning_init_text: Optional[str] = field(
+    prompt_tuning_init_text: str | None = field(
         default=None, metadata={"help": "Text whose token embeddings start the prompt (TEXT only)."}
     )
-    tokenizer_name_or_path: Optional[str] = field(
+    tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer for prompt_tuning_init_text (TEXT only)."}
     )
-    tokenizer_kwargs: Optional[dict] = field(
+    tokenizer_kwargs: dict | None = field(
         default=None, metadata={"help": "Keyword arguments for AutoTokenizer.from_pretrained (TEXT only)."}
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft_kernel import PeftWarning, TunerConfig
 
@@ -21,7 +21,7 @@ class VeraConfig(TunerConfig):
 
     # HF PEFT's VeraConfig has no exclude_modules; keep the kernel's field out of the
     # constructor and out of adapter_config.json so files stay identical.
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, init=False, repr=False, metadata={"runtime_only": True}
     )
     r: int = field(default=256, metadata={"help": "Rank of the shared projections (larger than typical LoRA ranks)."})

@@ -11,7 +11,7 @@ the layer is created.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +33,15 @@ class VeraLayer(AdapterLayer):
         self.vera_lambda_b = nn.ParameterDict({})
         self.vera_lambda_d = nn.ParameterDict({})
         # shared projections, attached by the tuner (attach_projections)
-        self.vera_A: Optional[BufferDict] = None
-        self.vera_B: Optional[BufferDict] = None
+        self.vera_A: BufferDict | None = None
+        self.vera_B: BufferDict | None = None
         self.fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config=config)
 
     # -- creation ---------------------------------------------------------------------
 
-    def update_layer(self, adapter_name: str, config=None, r: Optional[int] = None, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, config=None, r: int | None = None, **kwargs: Any) -> None:
         r = r if r is not None else getattr(config, "r", 256)
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")

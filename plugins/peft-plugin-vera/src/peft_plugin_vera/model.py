@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Optional
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ _MODEL_PREFIX = "base_model.model."
 
 
 def make_projections(r: int, in_features: int, out_features: int, seed: int,
-                     device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared projections for one adapter: ``A`` (r × in) then ``B`` (out × r), both
     Kaiming-uniform (fan-in, ReLU gain) from one CPU generator seeded with ``seed``.
 
@@ -59,7 +58,7 @@ def _conv1d_type():
     return getattr(utils, "Conv1D", None) if utils is not None else None
 
 
-def _layer_size(module: nn.Module, config) -> Optional[tuple[int, int]]:
+def _layer_size(module: nn.Module, config) -> tuple[int, int] | None:
     """``(in, out)`` of a module VeRA can adapt, else ``None`` (it is then not counted)."""
     module = module.get_base_layer() if isinstance(module, AdapterLayer) else module
     conv1d = _conv1d_type()
@@ -112,7 +111,7 @@ class VeraModel(BaseTuner):
 
     # -- shared projections -----------------------------------------------------------
 
-    def _required_size(self, model: nn.Module, config, state_dict: Optional[dict]) -> tuple[int, int, object]:
+    def _required_size(self, model: nn.Module, config, state_dict: dict | None) -> tuple[int, int, object]:
         """``(max_out, max_in, device)`` over the modules the adapter will adapt."""
         config = self._prepare_adapter_config(config, _model_type(model))
         if state_dict is not None:
@@ -125,7 +124,7 @@ class VeraModel(BaseTuner):
         elif config.target_modules == targeting.ALL_LINEAR:
             config = copy.copy(config)
             config.target_modules = targeting.expand_all_linear(model, config, lambda m: isinstance(m, AdapterLayer))
-        largest: Optional[list[int]] = None
+        largest: list[int] | None = None
         device = None
         inside: list[str] = []
         for key, module in model.named_modules():
@@ -188,7 +187,7 @@ class VeraModel(BaseTuner):
                 del container[adapter_name]
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> None:
+                       low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config)
         added = self._add_projections(model, adapter_name, config, state_dict)
