@@ -44,9 +44,8 @@ class DiagonalLinear(AdapterLayer):
     adapter_layer_names = ("diagonal_vector",)
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config=None, **kwargs):
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter_name=adapter_name)
         self.diagonal_vector = nn.ParameterDict({})
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config=config)
 
     def update_layer(self, adapter_name, config=None, **kwargs):

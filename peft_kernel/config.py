@@ -203,11 +203,17 @@ class TunerConfig(PeftConfig):
         """Per-layer keyword arguments for the method's layer constructor (patterns applied)."""
         return {}
 
-    def _register_custom_module(self, mapping: dict) -> None:
-        """Use ``{module_type: layer_cls}`` for this config only (runtime; never saved)."""
+    def register_custom_module(self, mapping: dict) -> None:
+        """Adapt modules of the given types with custom layers, for this config only:
+        ``{module_type: layer_cls}`` (runtime state, never saved; register again before
+        loading). Tried before every plugin's layers, like
+        :func:`peft_kernel.register_layer_mapping`, which does the same process-wide."""
         if self._custom_modules is None:
             self._custom_modules = {}
         self._custom_modules.update(mapping)
+
+    #: HF PEFT's name for :meth:`register_custom_module`
+    _register_custom_module = register_custom_module
 
 
 @dataclass

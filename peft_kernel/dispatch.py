@@ -1,7 +1,7 @@
 """Choosing the adapter layer class for a target module.
 
 Users add mappings with :func:`register_layer_mapping` (process-wide) or
-``config._register_custom_module({...})`` (one config, never saved). Both are consulted
+``config.register_custom_module({...})`` (one config, never saved). Both are consulted
 before any plugin. Method plugins describe their built-in layers as a type table and
 call :func:`dispatch_by_type` from their ``trylast`` dispatch hook.
 """

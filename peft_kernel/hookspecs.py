@@ -74,7 +74,7 @@ def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     already an adapter layer of the method (then the kernel calls
     ``layer.update_layer`` instead). The first non-``None`` result wins. Order:
 
-    * user mappings (``register_layer_mapping`` and ``config._register_custom_module``)
+    * user mappings (``register_layer_mapping`` and ``config.register_custom_module``)
       are tried first — the kernel implements them as a ``tryfirst`` hook;
     * plugins implementing this hook without ordering flags come next (a quantization
       backend that needs its own wrapper class goes here);

@@ -135,14 +135,17 @@ class AdapterLayer(nn.Module):
     #: whether ``adapter_forward`` can run on a sub-batch (mixed adapter batches)
     supports_mixed_batch: bool = True
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Wrap ``base_layer``; with ``adapter_name`` that adapter starts active (the layer's
+        constructor then creates it with :meth:`update_layer`)."""
         nn.Module.__init__(self)
         self.base_layer = base_layer
         base = unwrap_base_layer(base_layer)
         in_features, out_features = quant.layer_shape(base) or _infer_features(base)
         self.set_plain_attributes(
-            _active_adapter=[], merged_adapters=[], _disable_adapters=False, _batch_names=None,
-            kwargs=kwargs, in_features=in_features, out_features=out_features,
+            _active_adapter=[] if adapter_name is None else [adapter_name], merged_adapters=[],
+            _disable_adapters=False, _batch_names=None, kwargs=kwargs, in_features=in_features,
+            out_features=out_features,
         )
 
     # Layers are built by the thousand per model; nn.Module.__setattr__'s checks were a
@@ -230,7 +233,7 @@ class AdapterLayer(nn.Module):
             for name in self.adapter_layer_names:
                 getattr(self, name).requires_grad_(False)
             self._disable_adapters = True
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
         """Activate ``adapter_names``; they become trainable unless ``inference_mode``."""
@@ -244,7 +247,7 @@ class AdapterLayer(nn.Module):
                 for tensor in _tensors_of(value):
                     tensor.requires_grad_(trainable)
         self._active_adapter = adapter_names
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     def delete_adapter(self, adapter_name: str) -> None:
         for attr in self.adapter_layer_names + self.other_param_names:
@@ -260,23 +263,29 @@ class AdapterLayer(nn.Module):
             else:
                 remaining = self._all_available_adapter_names()
                 self.set_adapter(remaining[:1])
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
-    def _adapter_state_changed(self) -> None:
-        """Called after adapters were added, removed, (de)activated, merged or unmerged;
-        subclasses that cache per-adapter state drop it here (call super())."""
+    def adapter_state_changed(self) -> None:
+        """Drop everything cached for the current adapter state.
+
+        The kernel calls it after every state change it makes: an adapter created
+        (after ``update_layer``), deleted, (de)activated, enabled or disabled, merged or
+        unmerged, and when a mixed batch starts or ends. A layer calls it itself after
+        changing state outside those operations (e.g. LoRA's ``set_scale``). Subclasses
+        that cache anything derived from their adapters (a specialised forward's plan, a
+        normalisation) drop it here and call ``super()``. It is cheap: call it when in doubt.
+        """
         for cached in ("_present", "_specialised", "forward"):
             self.__dict__.pop(cached, None)
 
     @property
-    def _batch_adapter_names(self) -> list[str] | None:
-        """Per-sample adapter names of the running mixed batch (set by PeftModel)."""
+    def batch_adapter_names(self) -> list[str] | None:
+        """Per-sample adapter names of the running mixed batch (``adapter_names=``), else ``None``."""
         return self._batch_names
 
-    @_batch_adapter_names.setter
-    def _batch_adapter_names(self, names: list[str] | None) -> None:
+    def _set_batch_adapter_names(self, names: list[str] | None) -> None:
         self.__dict__["_batch_names"] = names
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         """Put one adapter's tensors on the base layer's device (other adapters stay)."""
@@ -323,7 +332,7 @@ class AdapterLayer(nn.Module):
     # specialised forward for that state as an instance attribute, which nn.Module.__call__
     # finds first: a direct call of the base layer when merged, else what
     # specialised_forward() returns. Each re-checks its preconditions on every call and
-    # falls back to forward(); every state change drops it (_adapter_state_changed).
+    # falls back to forward(); every state change drops it (adapter_state_changed).
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -415,7 +424,7 @@ class AdapterLayer(nn.Module):
         Already merged adapters are skipped with a warning. With ``safe_merge`` the
         result is checked for NaN/inf before the base is changed.
         """
-        names = self._adapters_to_merge(adapter_names)
+        names = self.adapters_to_merge(adapter_names)
         if not names:
             return
         blocker = self.merge_blocker()
@@ -432,7 +441,7 @@ class AdapterLayer(nn.Module):
             quant.set_base_weight(base, merged)
             self.merge_bias(name, +1)
             self.merged_adapters.append(name)
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     def unmerge(self) -> None:
         """Undo all merges, most recent first."""
@@ -447,9 +456,9 @@ class AdapterLayer(nn.Module):
             weight = quant.base_weight(base).detach()
             quant.set_base_weight(base, self.unmerge_weight(weight, name))
             self.merge_bias(name, -1)
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
-    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+    def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         if adapter_names is None:
             adapter_names = self.active_adapters
         if isinstance(adapter_names, str):

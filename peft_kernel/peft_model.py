@@ -180,12 +180,12 @@ class PeftModel(nn.Module):
         if any(getattr(m, "disable_adapters", False) for m in modules):
             adapter_names = [BASE_ADAPTER] * len(adapter_names)
         for module in modules:
-            module._batch_adapter_names = list(adapter_names)
+            module._set_batch_adapter_names(list(adapter_names))
         try:
             yield
         finally:
             for module in modules:
-                module._batch_adapter_names = None
+                module._set_batch_adapter_names(None)
 
     @contextmanager
     def disable_adapter(self):

@@ -247,7 +247,7 @@ class BaseTuner(nn.Module):
             setattr(parent, attr, layer)
         if adapter_name not in layer.active_adapters and layer.active_adapters == []:
             layer._active_adapter = [adapter_name]
-        layer._adapter_state_changed()
+        layer.adapter_state_changed()
         if not low_cpu_mem_usage:
             layer._move_adapter_to_device_of_base_layer(adapter_name)
         layer._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)

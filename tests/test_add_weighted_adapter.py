@@ -575,9 +575,8 @@ class NoCombineLayer(peft_kernel.AdapterLayer):
     adapter_layer_names = ("awa_nocombine_s",)
 
     def __init__(self, base_layer, adapter_name, config=None, **kwargs):
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter_name=adapter_name)
         self.awa_nocombine_s = nn.ParameterDict()
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name)
 
     def update_layer(self, adapter_name, **kwargs):

@@ -113,9 +113,8 @@ class ScaleLayer(peft_kernel.AdapterLayer):
     adapter_layer_names = ("outscale_vector",)
 
     def __init__(self, base_layer, adapter_name, config=None, **kwargs):
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter_name=adapter_name)
         self.outscale_vector = nn.ParameterDict()
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config=config)
 
     def update_layer(self, adapter_name, config=None, **kwargs):

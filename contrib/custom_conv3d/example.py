@@ -47,7 +47,7 @@ def main(output_dir: str) -> dict:
 
     # 1. for one config only (HF PEFT's private API, kept for compatibility)
     config = LoraConfig(target_modules=["conv"], r=4, init_lora_weights=False)
-    config._register_custom_module({nn.Conv3d: SeparableLoraConv3d})
+    config.register_custom_module({nn.Conv3d: SeparableLoraConv3d})
     model = get_peft_model(base_model(), config)
     with torch.no_grad():
         unmerged = model(x)
@@ -57,7 +57,7 @@ def main(output_dir: str) -> dict:
     model.save_pretrained(output_dir)
     # the mapping is not saved: pass a config that has it again
     reload_config = LoraConfig.from_pretrained(output_dir)
-    reload_config._register_custom_module({nn.Conv3d: SeparableLoraConv3d})
+    reload_config.register_custom_module({nn.Conv3d: SeparableLoraConv3d})
     loaded = PeftModel.from_pretrained(base_model(), output_dir, config=reload_config)
 
     # 2. for every LoRA config in the process

@@ -14,7 +14,7 @@ is separable in time and space, with ``r·(in·kT + out·kH·kW)`` parameters in
 Only the layer math differs from the built-in class, so it subclasses it and overrides
 ``make_factors`` and ``delta_weight``. Use it for one config::
 
-    config._register_custom_module({nn.Conv3d: SeparableLoraConv3d})
+    config.register_custom_module({nn.Conv3d: SeparableLoraConv3d})
 
 or for every LoRA config in the process::
 

@@ -49,11 +49,10 @@ class LoraLSTM(LoraLayer):
             raise ValueError("LoraLSTM supports neither DoRA nor lora_bias")
         if getattr(config, "lora_dropout", 0.0):
             warnings.warn("LoraLSTM ignores lora_dropout (the update is applied to the weights).", PeftWarning)
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         self.in_features, self.out_features = base_layer.input_size, base_layer.hidden_size
         self.lora_A_hh = nn.ModuleDict({})
         self.lora_B_hh = nn.ModuleDict({})
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     # -- parameters -------------------------------------------------------------------
@@ -106,7 +105,7 @@ class LoraLSTM(LoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         lstm = self.get_base_layer()
-        for name in self._adapters_to_merge(adapter_names):
+        for name in self.adapters_to_merge(adapter_names):
             if not self.has_adapter(name):
                 continue
             with torch.no_grad():

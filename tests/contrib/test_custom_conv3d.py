@@ -60,7 +60,7 @@ def test_both_registrations_override_the_builtin_layer(conv3d_mapping):
     plain = peft_kernel.get_peft_model(video(), LoraConfig(target_modules=["conv"]))
     assert type(plain.base_model.model.conv) is BuiltinConv3d
     config = LoraConfig(target_modules=["conv"])
-    config._register_custom_module({nn.Conv3d: SeparableLoraConv3d})
+    config.register_custom_module({nn.Conv3d: SeparableLoraConv3d})
     assert "_custom_modules" not in config.to_dict()
     per_config = peft_kernel.get_peft_model(video(), config)
     assert type(per_config.base_model.model.conv) is SeparableLoraConv3d

@@ -78,7 +78,7 @@ def test_config_level_registration(lstm_mapping, tmp_path):
     model.save_pretrained(tmp_path)
     peft_kernel.unregister_layer_mapping(nn.LSTM, method="LORA")
     config = LoraConfig.from_pretrained(tmp_path)
-    config._register_custom_module({nn.LSTM: LoraLSTM})
+    config.register_custom_module({nn.LSTM: LoraLSTM})
     torch.manual_seed(0)
     loaded = peft_kernel.PeftModel.from_pretrained(Tagger(), tmp_path, config=config)
     x = torch.randn(2, 3, 6)

@@ -16,10 +16,9 @@ class SSFLayer(AdapterLayer):
     adapter_layer_names = ("ssf_scale", "ssf_shift")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs) -> None:
-        super().__init__(base_layer)
+        super().__init__(base_layer, adapter_name=adapter_name)
         self.ssf_scale = nn.ParameterDict({})
         self.ssf_shift = nn.ParameterDict({})
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config=config)
 
     def update_layer(self, adapter_name: str, config=None, **kwargs) -> None:

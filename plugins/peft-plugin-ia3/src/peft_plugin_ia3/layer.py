@@ -33,11 +33,10 @@ class IA3Layer(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, is_feedforward: bool = False,
                  **kwargs: Any) -> None:
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         self.ia3_l = nn.ParameterDict({})
         self.is_feedforward = bool(is_feedforward)
         self.fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config=config, is_feedforward=is_feedforward)
 
     # -- creation ---------------------------------------------------------------------
@@ -62,7 +61,7 @@ class IA3Layer(AdapterLayer):
         if getattr(config, "init_ia3_weights", True) and vector.device.type != "meta":
             with torch.no_grad():
                 self.ia3_l[adapter_name].fill_(1.0)
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     # -- forward ----------------------------------------------------------------------
 

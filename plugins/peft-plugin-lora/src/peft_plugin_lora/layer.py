@@ -88,7 +88,7 @@ class LoraLayer(AdapterLayer):
         self.use_dora[adapter_name] = use_dora
         if use_dora:
             self.create_magnitude(adapter_name)
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     def _is_meta(self, adapter_name: str) -> bool:
         for attr in ("lora_A", "lora_embedding_A"):
@@ -266,17 +266,17 @@ class LoraLayer(AdapterLayer):
     def _cast(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == weight.dtype else x.to(weight.dtype)
 
-    def _adapter_state_changed(self) -> None:
-        super()._adapter_state_changed()
+    def adapter_state_changed(self) -> None:
+        super().adapter_state_changed()
         self.__dict__.pop("_plan", None)
 
     def set_scale(self, adapter: str, scale: float) -> None:
-        self._adapter_state_changed()
+        self.adapter_state_changed()
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
 
     def scale_layer(self, scale: float) -> None:
-        self._adapter_state_changed()
+        self.adapter_state_changed()
         if scale == 1:
             return
         for name in self.active_adapters:
@@ -284,7 +284,7 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name] *= scale
 
     def unscale_layer(self, scale: float | None = None) -> None:
-        self._adapter_state_changed()
+        self.adapter_state_changed()
         for name in self.active_adapters:
             if name not in self.scaling:
                 continue
@@ -408,9 +408,8 @@ class Linear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, fan_in_fan_out: bool = False, **kwargs: Any) -> None:
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         self.fan_in_fan_out = getattr(config, "fan_in_fan_out", fan_in_fan_out) if config is not None else fan_in_fan_out
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -461,7 +460,7 @@ class Linear(LoraLayer):
         # and on the base weight too when the base is a plain nn.Linear
         base = self._modules["base_layer"]
         plan = []
-        for name in self._active_adapter:
+        for name in self.active_adapters:
             A, B = self.lora_A._modules.get(name), self.lora_B._modules.get(name)
             if A is None:
                 continue
@@ -470,16 +469,16 @@ class Linear(LoraLayer):
                 return None
             plan.append((name, A, B, self.scaling[name]))
         linear_base = type(base) is nn.Linear and not self.fan_in_fan_out
-        self.__dict__["_plan"] = (base, self._active_adapter, tuple(plan), linear_base)
+        self.__dict__["_plan"] = (base, tuple(plan), linear_base)
         return self._forward_plain
 
     def _forward_plain(self, x, *args, **kwargs):
         # runs per layer per call: no nn.Module.__getattr__ (parameters are read from the
         # _parameters dicts), and every precondition of specialised_forward() re-checked
-        base, active, plan, linear_base = self._plan
+        # (switching adapters, merging, disabling and mixed batches drop this forward: adapter_state_changed)
+        base, plan, linear_base = self._plan
         modules = self._modules
-        if (args or kwargs or self._active_adapter is not active or self.merged_adapters or self._disable_adapters
-                or self._batch_names is not None or modules["base_layer"] is not base):
+        if args or kwargs or self.batch_adapter_names is not None or modules["base_layer"] is not base:
             return type(self).forward(self, x, *args, **kwargs)
         factors_A, factors_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         dtype = base._parameters["weight"].dtype if linear_base else None
@@ -550,10 +549,9 @@ class Embedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, **kwargs: Any) -> None:
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         if getattr(config, "lora_bias", False):
             warnings.warn("lora_bias is not supported for Embedding layers and is ignored.", PeftWarning)
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
@@ -620,14 +618,13 @@ class _ConvNd(LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, **kwargs: Any) -> None:
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         if base_layer.groups > 1:
             warnings.warn("LoRA on a conv layer with groups > 1 cannot be merged.", PeftWarning)
         if r % base_layer.groups:
             raise ValueError(
                 f"LoRA rank {r} must be divisible by groups={base_layer.groups} of {type(base_layer).__name__}"
             )
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -699,10 +696,9 @@ class MultiheadAttention(LoraLayer):
             raise ValueError("LoRA supports nn.MultiheadAttention only with equal query/key/value dimensions")
         if getattr(config, "use_dora", False):
             raise ValueError("DoRA is not supported for nn.MultiheadAttention; set use_dora=False")
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         self.base_layer.out_proj = Linear(base_layer.out_proj, adapter_name, r=r, lora_alpha=lora_alpha,
                                           config=config, **kwargs)
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name, r, lora_alpha, config=None, **kwargs):
@@ -725,7 +721,7 @@ class MultiheadAttention(LoraLayer):
         return None
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        names = self._adapters_to_merge(adapter_names)
+        names = self.adapters_to_merge(adapter_names)
         base = self.get_base_layer()
         for name in names:
             if name not in self.lora_A:
@@ -755,14 +751,14 @@ class MultiheadAttention(LoraLayer):
 
     def forward(self, query, *args, **kwargs):
         kwargs.pop("adapter_names", None)
-        if self._batch_adapter_names is not None:
+        if self.batch_adapter_names is not None:
             raise TypeError("LoRA on nn.MultiheadAttention does not support mixed adapter batches")
         base = self.get_base_layer()
-        if self._disable_adapters or self.merged:
-            if self._disable_adapters and self.merged:
+        if self.disable_adapters or self.merged:
+            if self.disable_adapters and self.merged:
                 self.unmerge()
             return base(query, *args, **kwargs)
-        active = [n for n in self._active_adapter if n in self.lora_A]
+        active = [n for n in self.active_adapters if n in self.lora_A]
         if not active:
             return base(query, *args, **kwargs)
         in_w = base.in_proj_weight + sum(self.delta_weight(n).to(base.in_proj_weight.dtype) for n in active)

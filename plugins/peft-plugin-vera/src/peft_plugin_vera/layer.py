@@ -25,7 +25,7 @@ class VeraLayer(AdapterLayer):
     other_param_names = ("r", "vera_dropout")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs: Any) -> None:
-        super().__init__(base_layer, **kwargs)
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         if self.in_features is None or self.out_features is None:
             raise TypeError(f"VeRA cannot tell the input/output size of {type(base_layer).__name__}")
         self.r: dict[str, int] = {}
@@ -36,7 +36,6 @@ class VeraLayer(AdapterLayer):
         self.vera_A: BufferDict | None = None
         self.vera_B: BufferDict | None = None
         self.fan_in_fan_out = bool(getattr(config, "fan_in_fan_out", False))
-        self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config=config)
 
     # -- creation ---------------------------------------------------------------------
@@ -58,7 +57,7 @@ class VeraLayer(AdapterLayer):
                 self.vera_lambda_d[adapter_name].fill_(getattr(config, "d_initial", 0.1))
         if self.vera_A is not None:
             self.check_projections(adapter_name)
-        self._adapter_state_changed()
+        self.adapter_state_changed()
 
     def attach_projections(self, vera_A: BufferDict, vera_B: BufferDict, adapter_name: str) -> None:
         """Point this layer at the tuner's shared projections and check they are big enough."""
