@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv with the kernel, every first-party plugin and the test tools.
-# Needs only a Python >= 3.10. Safe to run repeatedly.
+# Create (or reuse) .venv with the kernel, every first-party plugin and the test tools, at the
+# versions pinned in constraints.txt (the set CI tested). Needs only a Python >= 3.11. Safe to
+# run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip -q --disable-pip-version-check"
 stamp="$VENV/.peft-kernel-installed"
-want=$(cat pyproject.toml plugins/*/pyproject.toml contrib/*/pyproject.toml scripts/setup.sh | sha1sum | cut -c1-16)
+want=$(cat pyproject.toml plugins/*/pyproject.toml contrib/*/pyproject.toml scripts/setup.sh constraints.txt | sha1sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -21,5 +22,5 @@ for dir in plugins/*/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
 # contrib/peft-plugin-example: the out-of-tree plugin whose tests prove third parties pass the kit
-$PIP install -e ".[test]" "${plugins[@]}" -e contrib/peft-plugin-example
+$PIP install -c constraints.txt -e ".[test]" "${plugins[@]}" -e contrib/peft-plugin-example
 echo "$want" > "$stamp"
