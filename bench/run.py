@@ -320,12 +320,13 @@ def worker(lib: str, out_path: str, quick: bool, dry_run: bool, threads: int) ->
         pm = _randomize_lora(get_peft_model(copy.deepcopy(deep), cfg(deep_targets)))
         counter = iter(range(10**6))
 
-        def save(_):
+        def save(model):
             d = os.path.join(tmp, f"save-{next(counter)}")
-            pm.save_pretrained(d)
+            model.save_pretrained(d)
             return d
 
-        t.measure("save_pretrained/deep144", save)
+        # the model reaches save() through setup, not through the name pm, which is deleted below
+        t.measure("save_pretrained/deep144", save, setup=lambda model=pm: model)
         ckpt = os.path.join(tmp, "ckpt")
         pm.save_pretrained(ckpt)
         del pm
@@ -653,7 +654,8 @@ def render(rows, data) -> str:
     lines = []
     meta = data["meta"]
     lines.append(f"peft-kernel vs HF PEFT — {meta['date']} — {meta['platform']}, python {meta['python']}, "
-                 f"torch {meta.get('torch', '?')}, threads={meta['threads']}, statistic: {meta['stat']}, clock: {meta.get('clock', 'wall')}, repeats: "
+                 f"torch {meta.get('torch', '?')}, threads={meta['threads']}, statistic: {meta['stat']}, "
+                 f"clock: {meta.get('clock', 'wall')}, repeats: "
                  f"{'quick' if meta['quick'] else 'full'}; "
                  f"HF = {meta.get('hf_version', '?')}, ours = {meta.get('ours_version', '?')}")
     if meta.get("smoke"):
@@ -746,7 +748,8 @@ def main(argv=None) -> int:
     data = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(terse=True),
                      "processor": platform.processor() or platform.machine(), "cores": cores,
                      "python": platform.python_version(), "threads": args.threads, "quick": args.quick,
-                     "dry_run": dry, "smoke": args.smoke, "rounds": args.rounds, "stat": args.stat, "clock": args.clock, "load_before": load},
+                     "dry_run": dry, "smoke": args.smoke, "rounds": args.rounds, "stat": args.stat,
+                     "clock": args.clock, "load_before": load},
             "imports": {}, "workers": {}, "rss": {}}
     t_start = time.perf_counter()
 

@@ -43,9 +43,11 @@ __all__ = [
     "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType", "TunerConfig", "TunerLayerStatus", "TunerModelStatus",
+    "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType",
+    "TunerConfig", "TunerLayerStatus", "TunerModelStatus",
     "fsdp_auto_wrap_policy", "fully_shard_model", "get_layer_status",
-    "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl", "prepare_model_for_kbit_training",
+    "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
+    "prepare_model_for_kbit_training",
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
     "set_peft_model_state_dict", "unregister_layer_mapping",
 ]

@@ -37,7 +37,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 TensorList = Sequence[torch.Tensor]
-Weights = Union[torch.Tensor, Sequence[float], float]
+Weights = torch.Tensor | Sequence[float] | float
 
 _PRUNE_METHODS = ("magnitude", "random")
 _SIGN_METHODS = ("total", "frequency")

@@ -58,7 +58,8 @@ def shard_reason(tensor) -> str | None:
     if not isinstance(tensor, torch.Tensor):
         return None
     if is_dtensor(tensor):
-        return f"a DTensor sharded over a device mesh ({', '.join(map(str, tensor.placements))}; FSDP2 / tensor parallel)"
+        placements = ", ".join(map(str, tensor.placements))
+        return f"a DTensor sharded over a device mesh ({placements}; FSDP2 / tensor parallel)"
     if getattr(tensor, "_fsdp_flattened", False):
         return "flattened into a FullyShardedDataParallel shard"
     ds_numel = getattr(tensor, "ds_numel", None)
@@ -172,9 +173,9 @@ def block_classes(model: nn.Module, names: Iterable[str] | None = None) -> set[t
     """Classes of the model's repeated blocks.
 
     ``names`` (class names) win; else ``$FSDP_TRANSFORMER_CLS_TO_WRAP`` (comma-separated);
-    names given either way must exist in the model (every class of that name counts). Else the ``_no_split_modules`` of the
-    model and its submodules, keeping those that occur (a custom model without any gives
-    an empty set, not an error).
+    names given either way must exist in the model (every class of that name counts). Else
+    the ``_no_split_modules`` of the model and its submodules, keeping those that occur (a
+    custom model without any gives an empty set, not an error).
     """
     explicit = list(names) if names is not None else None
     if explicit is None and os.environ.get(TRANSFORMER_CLS_ENV):

@@ -294,7 +294,8 @@ class AdapterLayer(nn.Module):
             return
         for attr in self.adapter_layer_names + self.other_param_names:
             container = self._modules.get(attr)
-            if not isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) or adapter_name not in container:
+            is_container = isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict))
+            if not is_container or adapter_name not in container:
                 continue
             item = container[adapter_name]
             if isinstance(item, nn.Module):
@@ -324,7 +325,9 @@ class AdapterLayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
 
-    def adapter_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str, *args, **kwargs) -> torch.Tensor:
+    def adapter_forward(
+        self, x: torch.Tensor, result: torch.Tensor, adapter_name: str, *args, **kwargs
+    ) -> torch.Tensor:
         """Return ``result`` (the base layer's output for ``x``) with one adapter applied."""
         raise NotImplementedError
 

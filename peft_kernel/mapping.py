@@ -28,7 +28,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """
     if mixed:
         raise NotImplementedError("mixed adapter types are not supported yet; use one method per PeftModel")
-    name_or_path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    name_or_path = (
+        getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    )
     if name_or_path:
         if peft_config.base_model_name_or_path not in (None, name_or_path):
             warnings.warn(f"base_model_name_or_path {peft_config.base_model_name_or_path!r} is replaced by the "

@@ -158,7 +158,9 @@ class PeftModel(nn.Module):
         known = set(self.peft_config) | {BASE_ADAPTER}
         unknown = sorted(set(adapter_names) - known)
         if unknown:
-            raise ValueError(f"Unknown adapter names in adapter_names: {unknown}; available: {sorted(self.peft_config)}")
+            raise ValueError(
+                f"Unknown adapter names in adapter_names: {unknown}; available: {sorted(self.peft_config)}"
+            )
         if self.training:
             raise ValueError("adapter_names (mixed adapter batches) is for inference; call model.eval() first")
         batch = _batch_size(kwargs)
@@ -251,7 +253,9 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str) -> None:
         """Activate exactly one adapter and make it trainable (unless inference mode)."""
         if not isinstance(adapter_name, str):
-            raise ValueError("PeftModel.set_adapter takes one adapter name; use base_model.set_adapter([...]) for several")
+            raise ValueError(
+                "PeftModel.set_adapter takes one adapter name; use base_model.set_adapter([...]) for several"
+            )
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} not found; available: {sorted(self.peft_config)}")
         self.active_adapter = adapter_name
@@ -319,7 +323,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def get_layer_status(self):
         return _status.get_layer_status(self)

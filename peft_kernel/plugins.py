@@ -21,6 +21,7 @@ and in :meth:`PluginManager.plugin_info`; everything else keeps working.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import os
 import sys
@@ -180,7 +181,9 @@ class PluginManager:
         from . import builtin_plugin
 
         self._pm.register(builtin_plugin, name="peft_kernel.builtin")
-        self._records["peft_kernel.builtin"] = PluginRecord("peft_kernel.builtin", "peft-kernel", _version("peft-kernel"))
+        self._records["peft_kernel.builtin"] = PluginRecord(
+            "peft_kernel.builtin", "peft-kernel", _version("peft-kernel")
+        )
         selected, blocked = _split_env(ENV_SELECT), _split_env(ENV_BLOCK) or set()
         for ep in _entry_points():
             dist = ep.dist.name if getattr(ep, "dist", None) else None
@@ -240,10 +243,8 @@ class PluginManager:
             self._methods = {}
             for record, fn in self._each_impl("peft_kernel_register_methods"):
                 added: list[MethodSpec] = []
-
-                def register(**kwargs):
-                    added.append(_make_method_spec(source=record.name, **kwargs))
-
+                # bound now, not at call time: a register kept by a plugin must not reach a later plugin's list
+                register = functools.partial(_register_method, added, record.name)
                 try:
                     fn(register=register)
                     for spec in added:
@@ -283,10 +284,7 @@ class PluginManager:
             self._combinations = {}
             for record, fn in self._each_impl("peft_kernel_register_combinations"):
                 added: list[Combination] = []
-
-                def register(name, fn, *, svd=False):
-                    added.append(Combination(name, fn, svd, record.name))
-
+                register = functools.partial(_register_combination, added, record.name)  # bound now, as above
                 try:
                     fn(register=register)
                     for combo in added:
@@ -382,6 +380,16 @@ def _make_method_spec(*, name, config_cls, model_cls, prefix=None, is_mixed_comp
     if not isinstance(model_cls, str):  # a lazy model_cls is checked when it is first imported
         _check_prefix(name, prefix, model_cls, source)
     return MethodSpec(name.upper(), config_cls, model_cls, prefix, is_mixed_compatible, source)
+
+
+def _register_method(added: list[MethodSpec], source: str, **kwargs) -> None:
+    """A plugin's ``register`` for methods, with its list and name bound by ``functools.partial``."""
+    added.append(_make_method_spec(source=source, **kwargs))
+
+
+def _register_combination(added: list[Combination], source: str, name, fn, *, svd=False) -> None:
+    """A plugin's ``register`` for combination strategies, bound like :func:`_register_method`."""
+    added.append(Combination(name, fn, svd, source))
 
 
 def _check_prefix(name: str, prefix: str, model_cls: type, source: str) -> None:

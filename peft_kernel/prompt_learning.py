@@ -394,7 +394,7 @@ class PromptLearning:
         names = _POSITIONAL.get(config.task_type, _DEFAULT_POSITIONAL)
         if len(args) > len(names):
             raise TypeError(f"forward takes at most {len(names)} positional arguments ({', '.join(names)})")
-        for name, value in zip(names, args):
+        for name, value in zip(names, args, strict=False):  # args may stop before the last name
             if name in kwargs:
                 raise TypeError(f"forward got multiple values for argument {name!r}")
             kwargs[name] = value
@@ -569,7 +569,7 @@ class PromptLearning:
             yield
         finally:
             self._disabled = False
-            for wrapper, was_disabled in zip(wrappers, states):
+            for wrapper, was_disabled in zip(wrappers, states, strict=True):
                 if not was_disabled:
                     wrapper.enable_adapters(True)
             for param, flag in flags:

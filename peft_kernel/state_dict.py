@@ -81,8 +81,9 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
     if bias == "all":
         for name, _ in inner.named_parameters():
             if name.endswith(".bias") or name == "bias":
-                if ".modules_to_save." not in name and ".original_module." not in name and f"{MODEL_PREFIX}{name}" not in mapping:
-                    mapping[f"{MODEL_PREFIX}{name}"] = f"{MODEL_PREFIX}{name}"
+                key = f"{MODEL_PREFIX}{name}"
+                if ".modules_to_save." not in name and ".original_module." not in name and key not in mapping:
+                    mapping[key] = key
     elif isinstance(bias, str) and bias.endswith("_only"):
         for path, module in inner.named_modules():
             if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):

@@ -118,7 +118,7 @@ def _agree(values: list) -> Any:
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     inner, peft_model = _unwrap(model)
     layers = get_layer_status(model)
-    adapter_layers = [l for l in layers if l.module_type != "ModulesToSaveWrapper"]
+    adapter_layers = [layer for layer in layers if layer.module_type != "ModulesToSaveWrapper"]
     trainable, total = count_parameters(model)
     requires_grad: dict[str, Any] = {}
     for layer in layers:
@@ -136,10 +136,10 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         trainable_params=trainable,
         total_params=total,
         num_adapter_layers=len(adapter_layers),
-        enabled=_agree([l.enabled for l in layers]) if layers else False,
-        active_adapters=_agree([sorted(l.active_adapters) for l in adapter_layers]),
-        merged_adapters=_agree([sorted(l.merged_adapters) for l in adapter_layers]),
+        enabled=_agree([layer.enabled for layer in layers]) if layers else False,
+        active_adapters=_agree([sorted(layer.active_adapters) for layer in adapter_layers]),
+        merged_adapters=_agree([sorted(layer.merged_adapters) for layer in adapter_layers]),
         requires_grad=requires_grad,
-        available_adapters=sorted({a for l in layers for a in l.available_adapters}),
+        available_adapters=sorted({a for layer in layers for a in layer.available_adapters}),
         devices={k: sorted(v) for k, v in devices.items()},
     )

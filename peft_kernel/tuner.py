@@ -338,7 +338,9 @@ class BaseTuner(nn.Module):
         else:
             self.active_adapter = []
         self.targeted_module_names = [
-            n for n, m in adapter_modules(self.model) if isinstance(m, AdapterLayer) and m._all_available_adapter_names()
+            n
+            for n, m in adapter_modules(self.model)
+            if isinstance(m, AdapterLayer) and m._all_available_adapter_names()
         ]
 
     # -- merging ----------------------------------------------------------------------
@@ -395,7 +397,7 @@ class BaseTuner(nn.Module):
             from tqdm import tqdm
 
             iterator = tqdm(replacements, desc="Unloading" + (" and merging" if merge else ""))
-        for key, module, parent, attr in iterator:
+        for _, module, parent, attr in iterator:
             if isinstance(module, ModulesToSaveWrapper):
                 new = module._active_copy() if not module.disable_adapters else module.original_module
                 if merge and isinstance(new, AdapterLayer):
@@ -470,7 +472,7 @@ class BaseTuner(nn.Module):
             raise ValueError(f"Adapter(s) {unknown} do not exist; available: {sorted(self.peft_config)}")
         weights = _check_weights(weights, len(adapters))
         configs = [self.peft_config[a] for a in adapters]
-        with_params = [a for a, c in zip(adapters, configs) if getattr(c, "target_parameters", None)]
+        with_params = [a for a, c in zip(adapters, configs, strict=True) if getattr(c, "target_parameters", None)]
         if with_params:
             raise ValueError(f"add_weighted_adapter does not support adapters that target parameters: {with_params}")
         if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
@@ -636,7 +638,7 @@ def _check_weights(weights, count: int) -> list[float]:
 
 def _unload_nested(module: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> None:
     """Adapter layers nested inside a base layer (e.g. an attention block's out_proj)."""
-    for key, child, parent, attr in list(iter_modules_with_parent(module)):
+    for _, child, parent, attr in list(iter_modules_with_parent(module)):
         if parent is not None and isinstance(child, AdapterLayer):
             if merge:
                 child.merge(safe_merge=safe_merge, adapter_names=adapter_names)

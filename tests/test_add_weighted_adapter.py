@@ -91,7 +91,7 @@ def mat(lay, adapter):
 def expected_sum(model, name, adapters, weights):
     lay = layer(model, name)
     total = 0
-    for a, w in zip(adapters, weights):
+    for a, w in zip(adapters, weights, strict=True):
         if a in lay.lora_A or a in lay.lora_embedding_A:
             total = total + w * mat(lay, a)
     return total
@@ -184,7 +184,7 @@ def test_linear_combines_factors_so_the_result_has_cross_terms():
     for name in LAYERS:
         lay = layer(model, name)
         parts = []
-        for a, w in zip(["a", "b"], W):
+        for a, w in zip(["a", "b"], W, strict=True):
             A, B = (t.detach().double() for t in factors(lay, a))
             c = math.sqrt(abs(w * lay.scaling[a]))
             parts.append((math.copysign(c, w * lay.scaling[a]) * A, c * B))
@@ -208,7 +208,7 @@ def test_negative_weights_subtract(combination_type):
     """b is a copy of a; 1·a − 1·b is no change at all."""
     model = two_sources(second=lora())
     for name in LAYERS:
-        for fa, fb in zip(factors(layer(model, name), "a"), factors(layer(model, name), "b")):
+        for fa, fb in zip(factors(layer(model, name), "a"), factors(layer(model, name), "b"), strict=True):
             fb.data.copy_(fa.data)
     kw = {"density": 1.0} if combination_type in NEEDS_DENSITY else {}
     model.add_weighted_adapter(["a", "b"], [1.0, -1.0], "m", combination_type=combination_type, **kw)
@@ -224,7 +224,7 @@ def test_dare_keeps_about_density_and_divides_the_kept_entries_by_it():
     model.add_weighted_adapter(["a", "b"], [0.5, 0.0], "m", combination_type="dare_linear", density=density)
     lay = layer(model, "lin")
     c = math.sqrt(0.5 * lay.scaling["a"])
-    for new, src in zip(factors(lay, "m"), factors(lay, "a")):
+    for new, src in zip(factors(lay, "m"), factors(lay, "a"), strict=True):
         kept = new != 0
         assert 0 < kept.float().mean() < 0.7
         torch.testing.assert_close(new[kept], src.detach()[kept] * c / density)
@@ -278,15 +278,15 @@ def test_ties_and_magnitude_prune_work_factor_wise(method):
     model.add_weighted_adapter(["a", "b"], W, "mp", combination_type="magnitude_prune", density=0.5)
     for name in LAYERS:
         lay = layer(model, name)
-        ws = [w * lay.scaling[a] for a, w in zip(["a", "b"], W)]
+        ws = [w * lay.scaling[a] for a, w in zip(["a", "b"], W, strict=True)]
         wA = [math.copysign(math.sqrt(abs(x)), x) for x in ws]
         wB = [math.sqrt(abs(x)) for x in ws]
         As = [factors(lay, a)[0].detach().double() for a in ("a", "b")]
         Bs = [factors(lay, a)[1].detach().double() for a in ("a", "b")]
         close(factors(lay, "t")[0], _reference_ties(As, wA, 0.5, method))
         close(factors(lay, "t")[1], _reference_ties(Bs, wB, 0.5, method))
-        close(factors(lay, "mp")[0], sum(w * _np_magnitude_prune(t, 0.5) for w, t in zip(wA, As)))
-        close(factors(lay, "mp")[1], sum(w * _np_magnitude_prune(t, 0.5) for w, t in zip(wB, Bs)))
+        close(factors(lay, "mp")[0], sum(w * _np_magnitude_prune(t, 0.5) for w, t in zip(wA, As, strict=True)))
+        close(factors(lay, "mp")[1], sum(w * _np_magnitude_prune(t, 0.5) for w, t in zip(wB, Bs, strict=True)))
 
 
 def test_ties_svd_applies_the_strategy_to_the_full_deltas():
@@ -652,7 +652,7 @@ def test_third_party_strategy_factor_wise_and_svd(weighted_max):
     assert model.peft_config["m"].r == 4 and model.peft_config["s"].r == 20
     for name in LAYERS:
         lay = layer(model, name)
-        ws = [w * lay.scaling[a] for a, w in zip(["a", "b"], W)]
+        ws = [w * lay.scaling[a] for a, w in zip(["a", "b"], W, strict=True)]
         wA = [math.copysign(math.sqrt(abs(x)), x) for x in ws]
         wB = [math.sqrt(abs(x)) for x in ws]
         As = [factors(lay, a)[0].detach() for a in ("a", "b")]
@@ -701,7 +701,7 @@ def test_matches_hf_peft(combination_type, weights, method):
     assert set(ours.peft_config["m"].target_modules) == set(hf.peft_config["m"].target_modules)
     # SVD factors depend on the thread count (other tests change it): the project-wide 1e-5 applies
     for name in ["emb", "lin", "fifo", "conv", "pw"]:
-        for mine, theirs in zip(factors(layer(ours, name), "m"), factors(layer(hf, name), "m")):
+        for mine, theirs in zip(factors(layer(ours, name), "m"), factors(layer(hf, name), "m"), strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     x = torch.randint(0, 12, (2, 5))
     ours.set_adapter("m")
@@ -722,7 +722,7 @@ def test_matches_hf_peft_with_rank_pattern_and_svd_options(combination_type, kw)
         model.add_weighted_adapter(["a", "b"], [1.5, 0.5], "m", combination_type=combination_type, **kw)
     assert ours.peft_config["m"].r == hf.peft_config["m"].r
     for name in ["emb", "lin", "fifo", "conv", "pw"]:
-        for mine, theirs in zip(factors(layer(ours, name), "m"), factors(layer(hf, name), "m")):
+        for mine, theirs in zip(factors(layer(ours, name), "m"), factors(layer(hf, name), "m"), strict=True):
             torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 

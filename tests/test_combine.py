@@ -54,22 +54,22 @@ def ref_elect(columns, method):
 
 def ref_disjoint(columns_weighted, columns_unweighted, elected):
     out = []
-    for wcol, ucol, s in zip(columns_weighted, columns_unweighted, elected):
-        agree = [w for w, u in zip(wcol, ucol) if ref_sign(u) == s]
+    for wcol, ucol, s in zip(columns_weighted, columns_unweighted, elected, strict=True):
+        agree = [w for w, u in zip(wcol, ucol, strict=True) if ref_sign(u) == s]
         out.append(sum(agree) / max(len(agree), 1))
     return out
 
 
 def ref_ties(lists, weights, density, method):
     pruned = [ref_magnitude_prune_list(v, density) for v in lists]
-    cols = list(zip(*pruned))
+    cols = list(zip(*pruned, strict=True))
     elected = ref_elect(cols, method)
-    wcols = [[w * v for w, v in zip(weights, col)] for col in cols]
+    wcols = [[w * v for w, v in zip(weights, col, strict=True)] for col in cols]
     return ref_disjoint(wcols, cols, elected)
 
 
 def ref_weighted_sum(lists, weights):
-    return [sum(w * v for w, v in zip(weights, col)) for col in zip(*lists)]
+    return [sum(w * v for w, v in zip(weights, col, strict=True)) for col in zip(*lists, strict=True)]
 
 
 def T(values, dtype=torch.float64):
@@ -262,10 +262,13 @@ class TestStrategiesReference:
         # re-draw the keep-masks (one per task tensor, list order) and apply the formula
         g = torch.Generator().manual_seed(11)
         masks = [torch.bernoulli(torch.full_like(t, density), generator=g).tolist() for t in ts]
-        dropped = [[v / density if m else 0.0 for v, m in zip(vals, mk)] for vals, mk in zip(self.lists(), masks)]
-        cols = list(zip(*dropped))
+        dropped = [
+            [v / density if m else 0.0 for v, m in zip(vals, mk, strict=True)]
+            for vals, mk in zip(self.lists(), masks, strict=True)
+        ]
+        cols = list(zip(*dropped, strict=True))
         elected = ref_elect(cols, method)
-        wcols = [[w * v for w, v in zip(self.W, col)] for col in cols]
+        wcols = [[w * v for w, v in zip(self.W, col, strict=True)] for col in cols]
         assert out.tolist() == pytest.approx(ref_disjoint(wcols, cols, elected), abs=1e-12)
 
     def test_dare_linear_reference_with_same_draws(self):
@@ -274,7 +277,10 @@ class TestStrategiesReference:
         out = C.dare_linear(ts, T(self.W), density, generator=torch.Generator().manual_seed(5))
         g = torch.Generator().manual_seed(5)
         masks = [torch.bernoulli(torch.full_like(t, density), generator=g).tolist() for t in ts]
-        dropped = [[v / density if m else 0.0 for v, m in zip(vals, mk)] for vals, mk in zip(self.lists(), masks)]
+        dropped = [
+            [v / density if m else 0.0 for v, m in zip(vals, mk, strict=True)]
+            for vals, mk in zip(self.lists(), masks, strict=True)
+        ]
         assert out.tolist() == pytest.approx(ref_weighted_sum(dropped, self.W), abs=1e-12)
 
     def test_dare_linear_expectation_equals_unpruned(self):

@@ -194,7 +194,7 @@ def test_lazy_classes_are_imported_on_first_use_and_cached(lazy_module):
     assert spec.config_cls is config_cls and not spec.is_prompt_learning
     # the tuner's prefix is checked when the class is imported
     with pytest.raises(ValueError, match=r"prefix 'lazy_' of method 'lazy_thing'.*does not match LazyModel.prefix"):
-        spec.model_cls
+        _ = spec.model_cls
 
 
 def test_lazy_variant_may_share_a_prefix_with_its_base_method(lazy_module):
@@ -221,12 +221,12 @@ def test_lazy_class_that_cannot_be_imported_names_the_plugin(lazy_module):
     manager().register(Broken(), name="broken-plugin")
     with pytest.raises(ImportError, match=r"model_cls 'no_such_module_xyz:GhostModel' of PEFT method 'GHOST' "
                                           r"\(registered by plugin 'broken-plugin'\).*No module named"):
-        manager().method("GHOST").model_cls
+        _ = manager().method("GHOST").model_cls
     with pytest.raises(ImportError, match=r"'lazy_method_mod:Missing'.*broken-plugin.*AttributeError"):
-        manager().method("GHOST2").model_cls
+        _ = manager().method("GHOST2").model_cls
     register_peft_method(name="ghost3", config_cls=f"{lazy_module}:LazyConfig", model_cls="no_such_module_xyz:X")
     with pytest.raises(ImportError, match=r"registered with register_peft_method\(\)"):
-        manager().method("GHOST3").model_cls
+        _ = manager().method("GHOST3").model_cls
 
 
 @pytest.mark.parametrize("ref", ["no_colon.Model", "mod:", ":Model", "mod:Bad-Name", "a b:C"])
@@ -263,6 +263,6 @@ def test_lazy_attributes_resolve_once_and_name_missing_attributes():
         assert module.answer == 42 and module.answer == 42 and calls == [1]  # stored after the first access
         assert {"TaskType", "Alias", "answer", "errors"} <= set(dir(module))
         with pytest.raises(AttributeError, match="lazy_probe.*has no attribute 'nothing'"):
-            module.nothing
+            _ = module.nothing
     finally:
         del sys.modules["lazy_probe"]

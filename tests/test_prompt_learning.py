@@ -310,7 +310,7 @@ def test_generate_with_a_fixed_size_cache():
 
 def test_generate_restores_the_model_after_an_error():
     model = get_peft_model(tiny_llama(), ToyPromptConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not_a_generate_argument"):  # transformers' check of model_kwargs
         model.generate(input_ids=ids(), max_new_tokens=2, not_a_generate_argument=1)
     assert "prepare_inputs_for_generation" not in vars(model.base_model)
 

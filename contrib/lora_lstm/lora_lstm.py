@@ -48,7 +48,8 @@ class LoraLSTM(LoraLayer):
         if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
             raise ValueError("LoraLSTM supports neither DoRA nor lora_bias")
         if getattr(config, "lora_dropout", 0.0):
-            warnings.warn("LoraLSTM ignores lora_dropout (the update is applied to the weights).", PeftWarning)
+            warnings.warn("LoraLSTM ignores lora_dropout (the update is applied to the weights).", PeftWarning,
+                          stacklevel=2)
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         self.in_features, self.out_features = base_layer.input_size, base_layer.hidden_size
         self.lora_A_hh = nn.ModuleDict({})

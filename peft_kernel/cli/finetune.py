@@ -128,7 +128,9 @@ def _resolve_args(args) -> dict | None:
         if args.steps is None:
             args.steps = state.get("steps")
         if state["step"] >= args.steps:
-            raise CLIError(f"{args.output!r} is already at step {state['step']}; pass a larger --steps to train further")
+            raise CLIError(
+                f"{args.output!r} is already at step {state['step']}; pass a larger --steps to train further"
+            )
     else:
         check_output_dir(args.output, overwrite=args.overwrite)
     for name, value in DEFAULTS.items():
@@ -270,7 +272,8 @@ def run(args) -> int:
         if main:
             with StagedDir(args.output) as tmp:
                 accelerator.unwrap_model(model).save_pretrained(tmp)
-                torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, os.path.join(tmp, OPTIMIZER_FILE))
+                torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()},
+                           os.path.join(tmp, OPTIMIZER_FILE))
                 trainer_state = {
                     "format": STATE_FORMAT, "step": step, "steps": args.steps, "peft_type": peft_type,
                     "model": args.model, "data": os.path.abspath(args.data) if args.data else None,

@@ -83,7 +83,7 @@ def run(args) -> int:
     base = load_model(args.base, configs[0].get("task_type"), configs[0].get("auto_mapping"))
     names = [f"adapter_{i}" for i in range(len(args.adapters))]
     model = None
-    for name, path in zip(names, args.adapters):
+    for name, path in zip(names, args.adapters, strict=True):
         _say(f"loading adapter {path}", began)
         if model is None:
             model = PeftModel.from_pretrained(base, path, adapter_name=name)

@@ -256,7 +256,7 @@ class QuantBackendConformance:
         base weights untouched."""
         pm = self.wrap(case.quantize(make_base()))
         pm.train()
-        bases = {n: l.get_base_layer() for n, l in adapter_layers(pm).items()}
+        bases = {n: layer.get_base_layer() for n, layer in adapter_layers(pm).items()}
         before = {n: quant.base_weight(b).detach().clone() for n, b in bases.items()}
         x = inputs(dtype=case.dtype)
         target = torch.randn(x.shape[0], OUT, generator=torch.Generator().manual_seed(7))
@@ -321,7 +321,7 @@ class QuantBackendConformance:
         # adapter folded in, computing what merge_adapter computed
         pm2 = self.wrap(case.quantize(make_base()))
         randomise(pm2)
-        types = {n: type(l.get_base_layer()) for n, l in adapter_layers(pm2).items()}
+        types = {n: type(layer.get_base_layer()) for n, layer in adapter_layers(pm2).items()}
         with torch.no_grad():
             unloaded = pm2.merge_and_unload()
             for name in TARGETS:

@@ -54,7 +54,7 @@ class ToyBackendPlugin:
 def quantize_linears(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of ``model`` (except the output head) by a ToyInt8Linear."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and child is not head:
                 setattr(module, child_name, ToyInt8Linear(child))

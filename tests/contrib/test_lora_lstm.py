@@ -43,7 +43,8 @@ class TestLoraLSTMConformance(MethodConformance):
     cases = [
         Case("lstm", Tagger, lambda: LoraConfig(target_modules=["lstm"], r=2, lora_alpha=4),
              lambda: torch.randn(3, 5, 6)),
-        Case("lstm-and-head", Tagger, lambda: LoraConfig(target_modules=["lstm", "head"], r=4, init_lora_weights="gaussian"),
+        Case("lstm-and-head", Tagger,
+             lambda: LoraConfig(target_modules=["lstm", "head"], r=4, init_lora_weights="gaussian"),
              lambda: torch.randn(3, 5, 6)),
     ]
 

@@ -209,7 +209,9 @@ def test_pickle_checkpoint(direction, tmp_path):
     assert_close(output(loaded, inputs), output(hf, inputs), f"{direction} via adapter_model.bin")
 
 
-_TRAINABLE_CASES = [c for c in CKPT_CASES if c[0] in ("mlp-default", "mlp-bias-all", "llama-default", "bert_cls-mts-bias-all")]
+_TRAINABLE_CASES = [
+    c for c in CKPT_CASES if c[0] in ("mlp-default", "mlp-bias-all", "llama-default", "bert_cls-mts-bias-all")
+]
 
 
 @pytest.mark.parametrize("case", _TRAINABLE_CASES, ids=[c[0] for c in _TRAINABLE_CASES])

@@ -63,7 +63,11 @@ CASES = [
     (
         "llama-layers_to_transform",
         "llama",
-        {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+        {
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "layers_to_transform": [1],
+            "layers_pattern": "layers",
+        },
     ),
     ("llama-exclude", "llama", {"target_modules": "all-linear", "exclude_modules": r".*\.mlp\..*"}),
     (
@@ -82,7 +86,11 @@ CASES = [
     ("gpt2-default", "gpt2", {}),
     ("gpt2-all-linear", "gpt2", {"target_modules": "all-linear"}),
     ("gpt2-dora", "gpt2", {"use_dora": True, "target_modules": ["c_attn", "c_fc"]}),
-    ("gpt2-layers_to_transform", "gpt2", {"target_modules": ["c_attn"], "layers_to_transform": 0, "layers_pattern": "h"}),
+    (
+        "gpt2-layers_to_transform",
+        "gpt2",
+        {"target_modules": ["c_attn"], "layers_to_transform": 0, "layers_pattern": "h"},
+    ),
     ("gpt2-lora_bias", "gpt2", {"lora_bias": True}),
     ("t5-default", "t5", {}),
     ("t5-all-linear", "t5", {"target_modules": "all-linear"}),
@@ -258,7 +266,8 @@ def test_mha_matches_reference(overrides):
     sd = ours.state_dict()
     pre = "base_model.model.mha."
     d_in = s * sd[pre + "lora_B.default.weight"] @ sd[pre + "lora_A.default.weight"]
-    d_out = s * sd[pre + "base_layer.out_proj.lora_B.default.weight"] @ sd[pre + "base_layer.out_proj.lora_A.default.weight"]
+    out_pre = pre + "base_layer.out_proj."
+    d_out = s * sd[out_pre + "lora_B.default.weight"] @ sd[out_pre + "lora_A.default.weight"]
     ref = build_base("mha")
     with torch.no_grad():
         ref.mha.in_proj_weight += d_in

@@ -81,7 +81,8 @@ def test_set_adapter(case, request):
         ours.set_adapter(name)
         assert ours.active_adapter == hf.active_adapter
         assert ours.active_adapters == hf.active_adapters
-        assert_same_keys(trainable_names(ours), trainable_names(hf), f"trainable parameters after set_adapter({name!r})")
+        assert_same_keys(trainable_names(ours), trainable_names(hf),
+                         f"trainable parameters after set_adapter({name!r})")
         outs[name] = output(ours, inputs)
         assert_close(outs[name], output(hf, inputs), f"output with adapter {name!r}")
     assert not torch.allclose(outs["a"], outs["b"]), "test is vacuous: adapters a and b give the same output"

@@ -84,7 +84,7 @@ def local(tensor, rank, world):
 
 def train(model, xs, ys):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -129,7 +129,7 @@ def scenario_ddp(out, rank, world, report):
     report["reducer_num_tensors"] = ddp._get_ddp_logging_data().get("num_parameter_tensors")
     grads = []
     opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=LR)
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         nn.functional.mse_loss(ddp(x), y).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         opt.step()
@@ -145,12 +145,14 @@ def scenario_ddp(out, rank, world, report):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    report["accelerate"] = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type)}
+    report["accelerate"] = {
+        "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type)
+    }
     model = make_model()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     wrapped, opt = accelerator.prepare(model, opt)
     report["accelerate"]["wrapper"] = type(wrapped).__name__
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         accelerator.backward(nn.functional.mse_loss(wrapped(x), y))
         opt.step()
         opt.zero_grad()
@@ -253,7 +255,7 @@ def scenario_deepspeed(out, rank, world, report):
     report["partitioned"] = all(p.numel() == 0 for p in model.parameters())
     trainable, total = model.get_nb_trainable_parameters()
     report["counts"] = [trainable, total]
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         loss = nn.functional.mse_loss(engine(x), y)
         engine.backward(loss)
         engine.step()

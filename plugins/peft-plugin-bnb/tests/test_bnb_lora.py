@@ -47,7 +47,9 @@ def flag(name):
 
 class TestLoraOnBnb(QuantBackendConformance):
     config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
-    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(
+        lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8)
+    )
     cases = [
         QuantCase("int8", quantize_8bit, "bnb-8bit", merged_tol=0.01, roundtrip_tol=0.01,
                   reference_merge_tol=1e-5, reference_prepare=flag("is_loaded_in_8bit")),

@@ -19,7 +19,9 @@ from peft_plugin_lora import LoraConfig  # noqa: E402
 
 class TestLoraOnGptq(QuantBackendConformance):
     config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
-    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(
+        lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8)
+    )
     cases = [
         QuantCase("gptq-4bit", quantize_layers(lambda lin: rtn_gptq_linear(lin, bits=4, group_size=32)), "gptq",
                   merge_refusal="forward only"),

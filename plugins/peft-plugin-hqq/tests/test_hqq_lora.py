@@ -33,5 +33,7 @@ def case(name, nbits, merged_tol, roundtrip_tol):
 
 class TestLoraOnHqq(QuantBackendConformance):
     config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
-    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(
+        lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8)
+    )
     cases = [case("8bit", 8, 0.01, 0.01), case("4bit", 4, 0.1, 0.12), case("2bit", 2, 0.6, 0.6)]

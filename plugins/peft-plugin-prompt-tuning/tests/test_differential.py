@@ -85,8 +85,10 @@ def test_structure_matches(model):
 FORWARD = [
     ("llama-ids", "llama", lambda: {"input_ids": M.ids()}),
     ("llama-mask-labels", "llama", lambda: {"input_ids": M.ids(), "attention_mask": MASK, "labels": M.ids(seed=3)}),
-    ("llama-embeds", "llama", lambda: {"inputs_embeds": torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0)),
-                                       "labels": M.ids(seed=3)}),
+    ("llama-embeds", "llama", lambda: {
+        "inputs_embeds": torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0)),
+        "labels": M.ids(seed=3),
+    }),
     ("t5-labels", "t5", lambda: {"input_ids": M.ids(), "attention_mask": MASK, "labels": M.ids(length=4, seed=2)}),
     ("t5-decoder-ids", "t5", lambda: {"input_ids": M.ids(), "decoder_input_ids": M.ids(length=3, seed=2)}),
     ("bert-cls", "bert-cls", lambda: {"input_ids": M.ids(), "attention_mask": MASK,
@@ -115,7 +117,7 @@ def test_gradients_match(model):
     for peft_model in (hf, ours):
         torch.manual_seed(3)  # same dropout masks
         peft_model(input_ids=M.ids(), attention_mask=MASK, labels=labels).loss.backward()
-    for (name, a), (_, b) in zip(sorted(ours.named_parameters()), sorted(hf.named_parameters())):
+    for (name, a), (_, b) in zip(sorted(ours.named_parameters()), sorted(hf.named_parameters()), strict=True):
         if a.requires_grad:
             close(a.grad, b.grad, f"gradient of {name}")
 
@@ -282,7 +284,8 @@ def test_trainable_reload_and_inference_mode_save(tmp_path):
     hf, ours = make_pair("llama")
     ours.save_pretrained(tmp_path / "a")
     trainable = peft_kernel.PeftModel.from_pretrained(M.llama(), tmp_path / "a", is_trainable=True)
-    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
+    trainable_names = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    assert trainable_names == ["prompt_encoder.default.embedding.weight"]
     trainable.save_pretrained(tmp_path / "b")  # frozen (inference-mode) adapters save the same tensor
     frozen = peft_kernel.PeftModel.from_pretrained(M.llama(), tmp_path / "b")
     frozen.save_pretrained(tmp_path / "c")

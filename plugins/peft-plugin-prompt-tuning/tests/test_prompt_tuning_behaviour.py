@@ -94,7 +94,9 @@ def test_loading_a_text_initialised_adapter_needs_no_tokenizer(tokenizer_dir, tm
     model.save_pretrained(tmp_path / "adapter")
     shutil.rmtree(source)
     loaded = PeftModel.from_pretrained(M.llama(), tmp_path / "adapter")
-    assert torch.equal(loaded.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight)
+    assert torch.equal(
+        loaded.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].embedding.weight
+    )
 
 
 def test_sample_vocab_uses_vocabulary_rows():

@@ -27,7 +27,9 @@ def quantizer(weights, frozen=True, activations=None):
 
 class TestLoraOnQuanto(QuantBackendConformance):
     config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
-    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(
+        lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8)
+    )
     # HF PEFT has no quanto integration: it treats QLinear as the nn.Linear it subclasses.
     # The forward is comparable; its merge is only meaningful while the layer is not frozen
     # (the weight is still a float tensor), so only qint8-dynamic compares merged models.
@@ -37,5 +39,6 @@ class TestLoraOnQuanto(QuantBackendConformance):
                   reference_merge_tol=1e-6),
         QuantCase("qfloat8", quantizer("qfloat8"), "quanto", merged_tol=0.05, roundtrip_tol=0.05),
         QuantCase("qint4", quantizer("qint4"), "quanto", merged_tol=0.12, roundtrip_tol=0.15),
-        QuantCase("qint8-act-qint8", quantizer("qint8", activations=quanto.qint8), "quanto", merge_refusal="forward only"),
+        QuantCase("qint8-act-qint8", quantizer("qint8", activations=quanto.qint8), "quanto",
+                  merge_refusal="forward only"),
     ]

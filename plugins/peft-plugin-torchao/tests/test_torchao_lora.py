@@ -54,11 +54,14 @@ def mergeable(name, make_config, merged_tol, roundtrip_tol):
 
 class TestLoraOnTorchao(QuantBackendConformance):
     config_fn = staticmethod(lambda targets: LoraConfig(target_modules=targets, r=8))
-    reference_config_fn = staticmethod(lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8))
+    reference_config_fn = staticmethod(
+        lambda targets: pytest.importorskip("peft").LoraConfig(target_modules=targets, r=8)
+    )
     cases = [
         mergeable("int8-weight-only", int8_wo_config, 0.01, 0.01),
         mergeable("intx4-weight-only", intx4_wo_config, 0.12, 0.15),
-        QuantCase("int8-dynamic-activation", quantizer(lambda: tq.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)),
+        QuantCase("int8-dynamic-activation",
+                  quantizer(lambda: tq.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)),
                   "torchao", merge_refusal="Int8DynamicActivationInt8WeightConfig"),
         QuantCase("float8-weight-only", quantizer(lambda: tq.Float8WeightOnlyConfig()), "torchao",
                   merge_refusal="Float8Tensor"),

@@ -41,7 +41,8 @@ def _kernel_requirements() -> list[str]:
 def _sh(*args, env=None, check=True) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        command = " ".join(map(str, args))
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
 
 

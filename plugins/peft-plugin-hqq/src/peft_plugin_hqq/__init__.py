@@ -69,7 +69,8 @@ class HqqBackend(QuantBackend):
         if not getattr(module, "ready", False):
             return "this HQQLinear layer has not been quantized yet; nothing to merge into"
         if getattr(module, "quant_config", None) is None:
-            return "this HQQLinear layer has no quant_config to requantize with; save the adapter separately instead of merging"
+            return ("this HQQLinear layer has no quant_config to requantize with; save the adapter separately "
+                    "instead of merging")
         return None
 
     def set_weight(self, module: nn.Module, weight: torch.Tensor) -> None:

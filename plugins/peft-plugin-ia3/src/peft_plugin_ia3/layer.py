@@ -48,8 +48,9 @@ class IA3Layer(AdapterLayer):
                      **kwargs: Any) -> None:
         if is_feedforward is not None and bool(is_feedforward) != self.is_feedforward:
             role = "feed-forward" if self.is_feedforward else "output-scaling"
+            requested = "feed-forward" if is_feedforward else "output-scaling"
             warnings.warn(
-                f"Adapter {adapter_name!r} treats this layer as {'feed-forward' if is_feedforward else 'output-scaling'}"
+                f"Adapter {adapter_name!r} treats this layer as {requested}"
                 f", but it was created as {role} by an earlier adapter; (IA)³ keeps one role per layer, so "
                 f"{adapter_name!r} is {role} here too.",
                 PeftWarning,

@@ -99,6 +99,6 @@ class IA3Model(BaseTuner):
 
     def _combine_layer(self, layer, adapter_name, sources, weights, combination_type, combination, **options):
         combined = torch.zeros_like(layer.ia3_l[adapter_name])
-        for source, weight in zip(sources, weights):
+        for source, weight in zip(sources, weights, strict=True):
             combined += layer.ia3_l[source].to(combined.device, combined.dtype) * weight
         layer.ia3_l[adapter_name].copy_(combined)

@@ -32,8 +32,12 @@ class LoraConfig(TunerConfig):
     r: int = field(default=8, metadata={"help": "Rank of the update."})
     lora_alpha: int = field(default=8, metadata={"help": "Scale numerator: scaling = lora_alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
-    fan_in_fan_out: bool = field(default=False, metadata={"help": "True when the base stores weight as (in, out), e.g. GPT-2 Conv1D."})
-    bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases train and are saved."})
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True when the base stores weight as (in, out), e.g. GPT-2 Conv1D."}
+    )
+    bias: Literal["none", "all", "lora_only"] = field(
+        default="none", metadata={"help": "Which biases train and are saved."}
+    )
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling lora_alpha / sqrt(r)."})
     init_lora_weights: bool | str = field(
         default=True,
@@ -92,10 +96,14 @@ class LoraConfig(TunerConfig):
         ):
             import warnings
 
-            warnings.warn("rsLoRA with rank_pattern/alpha_pattern cannot be converted to plain LoRA on save.")
+            warnings.warn("rsLoRA with rank_pattern/alpha_pattern cannot be converted to plain LoRA on save.",
+                          stacklevel=3)
 
     def layer_kwargs(self, target_name: str) -> dict[str, Any]:
-        r = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), target_name), self.r) if self.rank_pattern else self.r
+        r = (
+            self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), target_name), self.r)
+            if self.rank_pattern else self.r
+        )
         alpha = (
             self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), target_name), self.lora_alpha)
             if self.alpha_pattern else self.lora_alpha

@@ -79,7 +79,9 @@ class LoraLayer(AdapterLayer):
         init = getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True))
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else empty_module(nn.Identity)
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else empty_module(nn.Identity)
+        )
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_bias[adapter_name] = lora_bias
         self.make_factors(adapter_name, r, lora_bias)
@@ -245,7 +247,8 @@ class LoraLayer(AdapterLayer):
         lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
         norm = self.dora_weight_norm(adapter_name, oriented - self._merged_plain_deltas(oriented), lora).detach()
         self._dora_norm[adapter_name] = norm
-        return self._unorient(self._dora_scale(adapter_name, norm, oriented) * (oriented + self.scaling[adapter_name] * lora))
+        scale = self._dora_scale(adapter_name, norm, oriented)
+        return self._unorient(scale * (oriented + self.scaling[adapter_name] * lora))
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not self.use_dora.get(adapter_name):
@@ -348,7 +351,7 @@ class LoraLayer(AdapterLayer):
         kw = {"density": density, "majority_sign_method": majority_sign_method}
         if combination is None and combination_type == "cat":
             As, Bs = [], []
-            for (A, B), w, s in zip(factors, weights, scalings):
+            for (A, B), w, s in zip(factors, weights, scalings, strict=True):
                 scaled = A.detach() * w * s
                 As.append(scaled / s_new if s_new != 1 else scaled)
                 Bs.append(B.detach())
@@ -375,7 +378,7 @@ class LoraLayer(AdapterLayer):
             B_new.copy_(B.reshape(B_new.shape))
         elif combination is not None:
             weights_A, weights_B = [], []
-            for w, s in zip(weights, scalings):
+            for w, s in zip(weights, scalings, strict=True):
                 ws = w * s / s_new if s_new != 1 else w * s
                 c = math.sqrt(abs(ws))
                 weights_A.append(c if ws >= 0 else -c)  # the sign goes on one side only
@@ -394,7 +397,7 @@ class LoraLayer(AdapterLayer):
             return
         bias = self.lora_B[adapter_name].bias
         total = torch.zeros_like(bias)
-        for source, w in zip(sources, weights):
+        for source, w in zip(sources, weights, strict=True):
             if source in self.lora_B and self.lora_B[source].bias is not None:
                 total += self.lora_B[source].bias.detach().to(bias.dtype) * (w * self.scaling[source])
         bias.copy_(total / self.scaling[adapter_name])
@@ -409,7 +412,9 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, fan_in_fan_out: bool = False, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
-        self.fan_in_fan_out = getattr(config, "fan_in_fan_out", fan_in_fan_out) if config is not None else fan_in_fan_out
+        self.fan_in_fan_out = (
+            getattr(config, "fan_in_fan_out", fan_in_fan_out) if config is not None else fan_in_fan_out
+        )
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -551,7 +556,7 @@ class Embedding(LoraLayer):
                  config=None, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         if getattr(config, "lora_bias", False):
-            warnings.warn("lora_bias is not supported for Embedding layers and is ignored.", PeftWarning)
+            warnings.warn("lora_bias is not supported for Embedding layers and is ignored.", PeftWarning, stacklevel=2)
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
@@ -620,7 +625,7 @@ class _ConvNd(LoraLayer):
                  config=None, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         if base_layer.groups > 1:
-            warnings.warn("LoRA on a conv layer with groups > 1 cannot be merged.", PeftWarning)
+            warnings.warn("LoRA on a conv layer with groups > 1 cannot be merged.", PeftWarning, stacklevel=2)
         if r % base_layer.groups:
             raise ValueError(
                 f"LoRA rank {r} must be divisible by groups={base_layer.groups} of {type(base_layer).__name__}"
@@ -735,7 +740,7 @@ class MultiheadAttention(LoraLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", PeftWarning)
+            warnings.warn("Already unmerged. Nothing to do.", PeftWarning, stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:

@@ -57,7 +57,7 @@ class LoraModel(BaseTuner):
         sum for ``cat``, ``svd_rank`` or the largest rank for SVD strategies. A source's
         rank is ``max(r, *rank_pattern.values())``."""
         configs = [self.peft_config[a] for a in adapters]
-        dora = [a for a, c in zip(adapters, configs) if c.use_dora]
+        dora = [a for a, c in zip(adapters, configs, strict=True) if c.use_dora]
         if dora:
             raise ValueError(
                 f"add_weighted_adapter cannot combine DoRA adapters ({dora}): their magnitude vectors have no "
@@ -74,8 +74,8 @@ class LoraModel(BaseTuner):
             if len(set(ranks)) != 1:
                 raise ValueError(
                     f"combination_type={combination_type!r} combines the factors entry by entry, so all adapters must "
-                    f"have the same rank; got {dict(zip(adapters, ranks))}. Use 'cat' or an SVD type such as 'svd' "
-                    "for different ranks."
+                    f"have the same rank; got {dict(zip(adapters, ranks, strict=True))}. Use 'cat' or an SVD type "
+                    "such as 'svd' for different ranks."
                 )
             new_rank = ranks[0]
         for name, layer in self.model.named_modules():
