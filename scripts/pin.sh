@@ -14,7 +14,7 @@ plugins=()
 for dir in plugins/*/; do
   [ -f "$dir/pyproject.toml" ] && plugins+=(-e "$dir")
 done
-$PIP install -e ".[test]" "${plugins[@]}" -e contrib/peft-plugin-example
+$PIP install -e ".[test]" "${plugins[@]}" -e contrib/peft-plugin-example tox  # tox: .ci/run installs it from the pins too
 {
   echo "# The pinned set: what scripts/setup.sh installs (pip -c), so that a fresh machine reproduces CI."
   echo "# Regenerate with scripts/pin.sh; tox -e latest shows what newer releases would change."
