@@ -144,6 +144,8 @@ class PeftConfig:
 
 
 def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a sub-config (e.g. of one feature)
+        return _jsonable(dataclasses.asdict(value))
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     if isinstance(value, enum.Enum):

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import collections
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -30,6 +32,8 @@ from . import distributed, quant
 from .errors import MergeNotSupportedError, PeftWarning
 
 BASE_ADAPTER = "__base__"
+#: what :attr:`AdapterLayer.call_state` is outside a call that routes per-call values
+NO_CALL_STATE: Mapping[str, Any] = MappingProxyType({})
 
 
 def unwrap_base_layer(module: nn.Module) -> nn.Module:
@@ -144,8 +148,8 @@ class AdapterLayer(nn.Module):
         in_features, out_features = quant.layer_shape(base) or _infer_features(base)
         self.set_plain_attributes(
             _active_adapter=[] if adapter_name is None else [adapter_name], merged_adapters=[],
-            _disable_adapters=False, _batch_names=None, kwargs=kwargs, in_features=in_features,
-            out_features=out_features,
+            _disable_adapters=False, _batch_names=None, _batch_rows=None, _call_state=None, kwargs=kwargs,
+            in_features=in_features, out_features=out_features,
         )
 
     # Layers are built by the thousand per model; nn.Module.__setattr__'s checks were a
@@ -283,6 +287,20 @@ class AdapterLayer(nn.Module):
         """Per-sample adapter names of the running mixed batch (``adapter_names=``), else ``None``."""
         return self._batch_names
 
+    @property
+    def batch_rows(self) -> torch.Tensor | None:
+        """While ``adapter_forward`` runs on one adapter's sub-batch of a mixed batch: the
+        indices of those rows in the full batch (to pick per-row values from
+        :attr:`call_state`); else ``None``."""
+        return self._batch_rows
+
+    @property
+    def call_state(self) -> Mapping[str, Any]:
+        """Per-call values of the running ``PeftModel`` call (forward or generate), computed by
+        the tuner's :meth:`~peft_kernel.BaseTuner.per_call_state` before every forward of the
+        base model; empty outside such a call. Read-only."""
+        return self._call_state or NO_CALL_STATE
+
     def _set_batch_adapter_names(self, names: list[str] | None) -> None:
         self.__dict__["_batch_names"] = names
         self.adapter_state_changed()
@@ -398,7 +416,11 @@ class AdapterLayer(nn.Module):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             sub_x = x.index_select(self.batch_dim, index.to(x.device))
             sub_result = result.index_select(self.batch_dim, index)
-            updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
+            self.__dict__["_batch_rows"] = index
+            try:
+                updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
+            finally:
+                self.__dict__["_batch_rows"] = None
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
 
@@ -433,15 +455,14 @@ class AdapterLayer(nn.Module):
         blocker = self.merge_blocker()
         if blocker:
             raise MergeNotSupportedError(f"Cannot merge into {type(self.get_base_layer()).__name__}: {blocker}")
-        base = self.get_base_layer()
         for name in names:
             if not self.has_adapter(name):
                 continue
-            weight = quant.base_weight(base).detach()
+            weight = self._merge_target().detach()
             merged = self.merge_weight(weight.clone() if safe_merge else weight, name)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; the base was left unchanged")
-            quant.set_base_weight(base, merged)
+            self._set_merge_target(merged)
             self.merge_bias(name, +1)
             self.merged_adapters.append(name)
         self.adapter_state_changed()
@@ -451,15 +472,26 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", PeftWarning, stacklevel=2)
             return
-        base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if not self.has_adapter(name):
                 continue
-            weight = quant.base_weight(base).detach()
-            quant.set_base_weight(base, self.unmerge_weight(weight, name))
+            weight = self._merge_target().detach()
+            self._set_merge_target(self.unmerge_weight(weight, name))
             self.merge_bias(name, -1)
         self.adapter_state_changed()
+
+    def _merge_target(self) -> torch.Tensor:
+        """The tensor adapters are merged into: the (dequantized) base weight."""
+        return quant.base_weight(self.get_base_layer())
+
+    def _set_merge_target(self, weight: torch.Tensor) -> None:
+        quant.set_base_weight(self.get_base_layer(), weight)
+
+    def merge_parameters(self) -> list[nn.Parameter]:
+        """The base parameters a merge writes into (the kernel refuses to merge when two
+        adapter layers would write into the same one, e.g. layers that share weights)."""
+        return [p for p in (getattr(self.get_base_layer(), "weight", None),) if isinstance(p, nn.Parameter)]
 
     def adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
         if adapter_names is None:
@@ -478,6 +510,68 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"adapters={self._all_available_adapter_names()}, active={self.active_adapters}"
 
+
+
+@contextmanager
+def substituted_parameter(module: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
+    """Inside the block, ``module.<name>`` reads ``value`` (any tensor, e.g. one that carries
+    gradients to an adapter) instead of the registered parameter, which is put back after."""
+    original = module._parameters[name]
+    module._parameters[name] = value
+    try:
+        yield
+    finally:
+        module._parameters[name] = original
+
+
+class ParameterLayer(AdapterLayer):
+    """Base of adapter layers that adapt one bare ``nn.Parameter`` of a module instead of its
+    output (a config's ``target_parameters``, e.g. the 3-D expert weights of a mixture of experts).
+
+    The layer wraps the module holding the parameter (``base_layer``). While it runs, the
+    module reads the adapted parameter ``merge_weight(W, name)`` folded over the active adapters
+    (default: ``W + delta_weight(name)``), so the module's own forward does the rest and
+    gradients reach the adapter. Several parameters of one module nest one layer per
+    parameter, in the order the module registered them (the first innermost), which is what
+    the checkpoint keys follow (``<module>.base_layer.<prefix>...`` for the inner ones). Merging
+    writes into the parameter. A method implements ``update_layer`` and ``delta_weight`` in the
+    parameter's own layout; its tuner names the class in ``BaseTuner.parameter_layer_cls``.
+    """
+
+    supports_mixed_batch = False
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str, adapter_name: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
+        if not isinstance(self.get_base_layer()._parameters.get(parameter_name), torch.Tensor):
+            raise ValueError(f"{type(self.get_base_layer()).__name__} has no parameter {parameter_name!r} to adapt")
+        self.set_plain_attributes(parameter_name=parameter_name)
+
+    def parameter(self) -> torch.Tensor:
+        """The adapted parameter as registered on the innermost base module."""
+        return self.get_base_layer()._parameters[self.parameter_name]
+
+    def forward_active(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        if not adapter_names:
+            return self.base_layer(x, *args, **kwargs)
+        adapted = self.parameter()
+        for name in adapter_names:
+            adapted = self.merge_weight(adapted, name)
+        with substituted_parameter(self.get_base_layer(), self.parameter_name, adapted):
+            return self.base_layer(x, *args, **kwargs)
+
+    def _merge_target(self) -> torch.Tensor:
+        return self.parameter()
+
+    def _set_merge_target(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.parameter().copy_(weight)
+
+    def merge_parameters(self) -> list[nn.Parameter]:
+        return [self.parameter()]
+
+    def extra_repr(self) -> str:
+        return f"parameter_name={self.parameter_name!r}, " + super().extra_repr()
 
 def _infer_features(base: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(base, nn.Linear):

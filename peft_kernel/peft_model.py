@@ -6,6 +6,7 @@ import copy
 import os
 import warnings
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -127,14 +128,14 @@ class PeftModel(nn.Module):
     # -- forward and generate ---------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._enable_peft_forward_hooks(**kwargs):
+        with self._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             if self._is_prompt_learning:
                 return self._prompt_forward(*args, **kwargs)
             return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self._enable_peft_forward_hooks(generating=True, **kwargs):
+        with self._enable_peft_forward_hooks(*args, generating=True, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             if self._is_prompt_learning:
                 return self._prompt_generate(*args, **kwargs)
@@ -147,10 +148,43 @@ class PeftModel(nn.Module):
         return self.prompt_learning.generate(*args, **kwargs)
 
     @contextmanager
-    def _enable_peft_forward_hooks(self, generating: bool = False, **kwargs):
-        """Route ``adapter_names`` (one per sample) to every adapter layer for one call."""
+    def _enable_peft_forward_hooks(self, *args, generating: bool = False, **kwargs):
+        """Route per-call values to every adapter layer for one call: ``adapter_names`` (one
+        per sample) and whatever the tuner's ``per_call_state`` computes."""
+        if self._is_prompt_learning:
+            yield
+            return
+        with self._mixed_batch(generating, kwargs), self._call_state(generating, args, kwargs):
+            yield
+
+    @contextmanager
+    def _call_state(self, generating: bool, args, kwargs):
+        step = self.base_model.per_call_state(args, kwargs, generating=generating)
+        if step is None:
+            yield
+            return
+        state: dict = {}
+        view = MappingProxyType(state)
+        layers = [m for _, m in self.base_model.model.named_modules() if isinstance(m, AdapterLayer)]
+
+        def refresh(module, args, step_kwargs):
+            state.clear()
+            state.update(step(args, step_kwargs))
+
+        for layer in layers:
+            layer.__dict__["_call_state"] = view
+        handle = self.get_base_model().register_forward_pre_hook(refresh, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for layer in layers:
+                layer.__dict__["_call_state"] = None
+
+    @contextmanager
+    def _mixed_batch(self, generating: bool, kwargs):
         adapter_names = kwargs.get("adapter_names")
-        if adapter_names is None or self._is_prompt_learning:
+        if adapter_names is None:
             yield
             return
         if isinstance(adapter_names, str):

@@ -227,6 +227,14 @@ def save_key_map(model, adapter_name: str) -> dict[str, str]:
     return saved
 
 
+def adapter_tensors(model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The live tensors of one adapter (its parameters and saved buffers themselves, not
+    copies) under their checkpoint keys, the plugins' renames applied: the keys of
+    ``adapter_model.safetensors``. Writing into them changes the adapter in place (e.g. to
+    swap in another checkpoint without building new modules)."""
+    return {disk: _lookup(model, mem) for disk, mem in save_key_map(model, adapter_name).items()}
+
+
 def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
                               ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
     """Load checkpoint tensors into an existing adapter; returns ``(missing_keys, unexpected_keys)``.

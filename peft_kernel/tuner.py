@@ -8,7 +8,7 @@ import copy
 import gc
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ from . import distributed, targeting
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
-from .layer import AdapterLayer
+from .layer import AdapterLayer, ParameterLayer
 from .plugins import manager
 
 
@@ -80,6 +80,9 @@ class BaseTuner(nn.Module):
     special_forward_args: tuple[str, ...] = ()
     #: human-readable layer types the method supports, for error messages
     supported_layer_types: tuple[str, ...] = ()
+    #: the :class:`~peft_kernel.layer.ParameterLayer` that adapts a bare ``nn.Parameter``
+    #: (``target_parameters`` in the config); ``None``: the method cannot target parameters
+    parameter_layer_cls: type | None = None
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, state_dict: dict | None = None,
@@ -87,6 +90,7 @@ class BaseTuner(nn.Module):
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []
         if not hasattr(self, "peft_config"):
             self.peft_config: dict[str, PeftConfig] = (
                 dict(peft_config) if isinstance(peft_config, dict) else {adapter_name: peft_config}
@@ -142,6 +146,19 @@ class BaseTuner(nn.Module):
 
     def _after_layer_created(self, layer: AdapterLayer, adapter_name: str, config) -> None:
         pass
+
+    def per_call_state(self, args: tuple, kwargs: dict[str, Any], *, generating: bool) -> Callable[..., dict] | None:
+        """Per-call values for the adapter layers (routing state that depends on the input).
+
+        Called by ``PeftModel.forward`` / ``generate`` with the call's arguments (special
+        forward arguments still included). Return ``None`` when this call needs
+        nothing, or a function ``step(args, kwargs) -> dict``: the kernel calls it before
+        every forward of the base model during the call (once for ``forward``, once per
+        step for ``generate``) with that forward's arguments, and every adapter layer reads
+        the returned values from :attr:`AdapterLayer.call_state` until the next step. The
+        values are dropped when the call returns.
+        """
+        return None
 
     # -- injection --------------------------------------------------------------------
 
@@ -208,6 +225,12 @@ class BaseTuner(nn.Module):
         if modules_to_save and not wrapped_saves:
             missing = sorted(modules_to_save)
             raise ValueError(f"modules_to_save {missing} matched no module of the model; check the names")
+        if getattr(config, "target_parameters", None):
+            if state_dict is not None:
+                raise ValueError("Injecting from a state_dict cannot target parameters (target_parameters); inject "
+                                 "the adapter without state_dict and load the weights afterwards")
+            matched_any = self._inject_parameters(config, adapter_name, model, low_cpu_mem_usage,
+                                                  autocast_adapter_dtype) or matched_any
         if not matched_any:
             hint = " (all matches were excluded by exclude_modules)" if excluded_any else ""
             raise NoMatchingPeftModuleError(
@@ -245,6 +268,10 @@ class BaseTuner(nn.Module):
             if layer is None:
                 raise ValueError(self._unsupported_message(target, key, config))
             setattr(parent, attr, layer)
+        self._finish_layer(layer, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
+
+    def _finish_layer(self, layer, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype) -> None:
+        """What every new or updated layer gets: activation, device, dtype, the tuner's hook."""
         if adapter_name not in layer.active_adapters and layer.active_adapters == []:
             layer._active_adapter = [adapter_name]
         layer.adapter_state_changed()
@@ -252,6 +279,56 @@ class BaseTuner(nn.Module):
             layer._move_adapter_to_device_of_base_layer(adapter_name)
         layer._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self._after_layer_created(layer, adapter_name, config)
+
+    def _inject_parameters(self, config, adapter_name, model, low_cpu_mem_usage, autocast_adapter_dtype) -> bool:
+        """Wrap every parameter matched by ``config.target_parameters`` (``<module>.<param>``,
+        exactly or as a dotted suffix) in :attr:`parameter_layer_cls`; a parameter that is
+        already adapted gets the new adapter in its existing layer. Returns whether any matched."""
+        wanted = set(config.target_parameters)
+        if self.parameter_layer_cls is None:
+            raise ValueError(f"{config.peft_type} cannot adapt bare parameters: its tuner has no parameter layer. "
+                             "Leave target_parameters unset and use target_modules.")
+        for other_name, other in self.peft_config.items():
+            others = set(getattr(other, "target_parameters", None) or ())
+            if other_name != adapter_name and others and others != wanted:
+                raise ValueError(
+                    f"Adapters that target parameters must all target the same ones: {sorted(wanted)} for "
+                    f"{adapter_name!r} but {sorted(others)} for {other_name!r}. Use one set, or another model."
+                )
+        matched = []
+        for name, holder, outermost, parent, attr in _parameter_holders(model):
+            for param_name, param in list(holder._parameters.items()):
+                key = f"{name}.{param_name}" if name else param_name
+                if param is None or not (key in wanted or any(key.endswith("." + w) for w in wanted)):
+                    continue
+                if not name:
+                    raise ValueError(f"Parameter {param_name!r} belongs to the model itself; only parameters of "
+                                     "submodules can be targeted")
+                if isinstance(outermost, AdapterLayer) and not isinstance(outermost, ParameterLayer):
+                    raise ValueError(
+                        f"Parameter {key!r} belongs to {name!r}, which target_modules already adapts with "
+                        f"{type(outermost).__name__}; target the module or its parameters, not both"
+                    )
+                existing = _parameter_layer_for(outermost, param_name)
+                kwargs = config.layer_kwargs(key)
+                with _maybe_meta(low_cpu_mem_usage):
+                    if existing is not None:
+                        existing.update_layer(adapter_name, config=config, **kwargs)
+                        layer = existing
+                    else:
+                        layer = self.parameter_layer_cls(outermost, adapter_name, parameter_name=param_name,
+                                                         config=config, **kwargs)
+                        setattr(parent, attr, layer)
+                        outermost = layer
+                self._finish_layer(layer, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
+                matched.append(key)
+        if not matched:
+            raise NoMatchingPeftModuleError(
+                f"target_parameters {sorted(wanted)} matched no parameter of the model. Check them against "
+                "'<module name>.<parameter name>' of model.named_modules() and each module's own parameters."
+            )
+        self.targeted_parameter_names += [k for k in matched if k not in self.targeted_parameter_names]
+        return True
 
     def _unsupported_message(self, target, key, config) -> str:
         cls = type(target)
@@ -350,11 +427,20 @@ class BaseTuner(nn.Module):
         sharded = distributed.merge_blocker(self.model)
         if sharded:
             raise MergeNotSupportedError(f"Cannot merge while the model is sharded: {sharded}")
+        writers: dict[int, str] = {}
         for name, module in adapter_modules(self.model):
             if isinstance(module, AdapterLayer) and module.has_adapter_any(self.active_adapters):
                 reason = module.merge_blocker()
                 if reason:
                     raise MergeNotSupportedError(f"Cannot merge layer {name!r}: {reason}")
+                for param in module.merge_parameters():
+                    other = writers.setdefault(id(param), name)
+                    if other != name:
+                        raise MergeNotSupportedError(
+                            f"Cannot merge: layers {other!r} and {name!r} share their base weight (e.g. replicated or "
+                            "tied layers), so merging would add each one's adapter to both. Keep the adapters "
+                            "unmerged, or unload() them."
+                        )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()
@@ -404,9 +490,12 @@ class BaseTuner(nn.Module):
                     new.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 new = new.get_base_layer() if isinstance(new, AdapterLayer) else new
             else:
-                if merge:
-                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                new = module.get_base_layer()
+                layer = module
+                while isinstance(layer, AdapterLayer):  # nested parameter layers: one per parameter
+                    if merge:
+                        layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                    layer = layer.base_layer
+                new = layer
                 _unload_nested(new, merge, safe_merge, adapter_names)
             setattr(parent, attr, new)
         if hasattr(self.model, "peft_config"):
@@ -643,6 +732,92 @@ def _unload_nested(module: nn.Module, merge: bool, safe_merge: bool, adapter_nam
             if merge:
                 child.merge(safe_merge=safe_merge, adapter_names=adapter_names)
             setattr(parent, attr, child.get_base_layer())
+
+
+def _parameter_holders(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module, nn.Module | None, str]]:
+    """``(name, holder, outermost, parent, attribute)`` for every module of ``model`` that can own
+    targeted parameters, parents first. Parameter layers are seen through (``holder`` is the
+    module they wrap, ``name`` its name without ``base_layer`` segments, ``outermost`` the module
+    in the parent); the internals of other adapter layers and ``modules_to_save`` copies are
+    skipped (their base is reported once, with the adapter layer as ``outermost``)."""
+    stack: list[tuple[str, nn.Module, nn.Module | None, str]] = [("", model, None, "")]
+    while stack:
+        name, module, parent, attr = stack.pop()
+        holder = module
+        while isinstance(holder, ParameterLayer):
+            holder = holder.base_layer
+        if isinstance(holder, ModulesToSaveWrapper):
+            continue
+        if isinstance(holder, AdapterLayer):
+            yield name, holder.get_base_layer(), holder, parent, attr
+            continue
+        yield name, holder, module, parent, attr
+        for child_attr, child in reversed(list(holder._modules.items())):
+            if child is not None:
+                stack.append((f"{name}.{child_attr}" if name else child_attr, child, holder, child_attr))
+
+
+def _parameter_layer_for(module: nn.Module, parameter_name: str) -> ParameterLayer | None:
+    """The parameter layer adapting ``parameter_name`` in the chain starting at ``module``."""
+    while isinstance(module, ParameterLayer):
+        if module.parameter_name == parameter_name:
+            return module
+        module = module.base_layer
+    return None
+
+
+def replicate_layers(model: nn.Module, layer_map: list[tuple[int, int]]) -> None:
+    """Rebuild the model's stack of layers from ``[start, end)`` ranges of the original one
+    (``[[0, 4], [2, 5]]`` on 5 layers gives 0 1 2 3 2 3 4). Repeated layers are copies that
+    share every parameter with their original, so each copy can get its own adapter while the
+    base weights stay single. The stack is the ``nn.ModuleList`` at ``layers`` (descending through
+    ``.model``), ``encoder.layer`` or ``h``; ``layer_idx`` attributes (used by key/value caches)
+    and ``config.num_hidden_layers`` follow the new order."""
+    root = model
+    while isinstance(getattr(root, "model", None), nn.Module):
+        root = root.model
+    if isinstance(getattr(root, "bert", None), nn.Module):
+        root = root.bert
+    for owner, attr in ((root, "layers"), (getattr(root, "encoder", None), "layer"), (root, "h")):
+        layers = getattr(owner, attr, None)
+        if isinstance(layers, nn.ModuleList):
+            break
+    else:
+        raise ValueError(
+            "layer_replication needs the model's layers as an nn.ModuleList at `layers` (under `.model`), "
+            "`encoder.layer` or `h`; none was found in this model"
+        )
+    for start, end in layer_map:
+        if not 0 <= start < end <= len(layers):
+            raise ValueError(f"layer_replication range [{start}, {end}) does not fit the model's {len(layers)} layers")
+    copies = []
+    for start, end in layer_map:
+        for index in range(start, end):
+            copy_ = _shared_copy(layers[index])
+            for module in copy_.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = len(copies)
+            copies.append(copy_)
+    setattr(owner, attr, nn.ModuleList(copies))
+    config = getattr(root, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        _replicate_config(config, layer_map)
+
+
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters are the original's (buffers are copied)."""
+    memo = {id(p): p for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def _replicate_config(config, layer_map) -> None:
+    """``num_hidden_layers`` and per-layer lists (``layer_types``) of a transformers config."""
+    old = config.num_hidden_layers
+    indices = [i for start, end in layer_map for i in range(start, end)]
+    config.num_hidden_layers = len(indices)
+    per_layer = getattr(config, "layer_types", None)
+    if isinstance(per_layer, list) and len(per_layer) == old:
+        config.layer_types = [per_layer[i] for i in indices]
 
 
 def _suffix_in(key: str, names: set[str]) -> bool:

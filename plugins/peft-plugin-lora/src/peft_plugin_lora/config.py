@@ -12,9 +12,45 @@ from peft_kernel.targeting import get_pattern_key
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
     "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
-    "alora_invocation_tokens", "monteclora_config", "layer_replication", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config",
+    "monteclora_config", "use_bdlora", "kasa_config",
 )
+
+
+@dataclass
+class ArrowConfig:
+    """Arrow: route every token to the ``top_k`` task LoRAs (experts) whose prototype (the top
+    right singular vector of B·A) is most aligned with it, weighted by a softmax over
+    ``|x · prototype| / router_temperature``. GenKnowSub (``use_gks``) first subtracts the mean
+    of general LoRAs' factors from every expert. Built by :func:`create_arrow_model`."""
+
+    top_k: int = field(default=3, metadata={"help": "Experts combined per token."})
+    router_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the routing weights."})
+    use_gks: bool = field(default=False, metadata={"help": "GenKnowSub: subtract the general LoRAs' mean first."})
+    task_adapter_names: list[str] | None = field(
+        default=None, init=False, metadata={"help": "Expert adapters (set by create_arrow_model)."}
+    )
+    gks_adapter_names: list[str] | None = field(
+        default=None, init=False, metadata={"help": "General adapters for GenKnowSub (set by create_arrow_model)."}
+    )
+    rng_seed: int | None = field(
+        default=None,
+        metadata={"help": "Accepted for compatibility; prototypes are computed exactly, without random draws."},
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or self.top_k <= 0:
+            raise ValueError(f"ArrowConfig.top_k must be a positive integer, got {self.top_k!r}")
+        if self.router_temperature <= 0:
+            raise ValueError(f"ArrowConfig.router_temperature must be > 0, got {self.router_temperature!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ArrowConfig:
+        """From its ``adapter_config.json`` form (the adapter-name lists included)."""
+        init = {k: v for k, v in data.items() if k in ("top_k", "router_temperature", "use_gks", "rng_seed")}
+        config = cls(**init)
+        config.task_adapter_names = data.get("task_adapter_names")
+        config.gks_adapter_names = data.get("gks_adapter_names")
+        return config
 
 
 @dataclass
@@ -55,18 +91,32 @@ class LoraConfig(TunerConfig):
     lora_ga_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     velora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
-    alora_invocation_tokens: list[int] | None = field(default=None, metadata={"help": "Not supported yet."})
+    alora_invocation_tokens: list[int] | None = field(
+        default=None,
+        metadata={"help": "Activated LoRA: token ids of the invocation sequence. The adapter applies from its last "
+                          "occurrence on; earlier tokens see the base model (so their KV cache is the base model's)."},
+    )
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
     qalora_group_size: int = field(default=16, metadata={"help": "Not supported yet."})
     monteclora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
-    layer_replication: list | None = field(default=None, metadata={"help": "Not supported yet."})
+    layer_replication: list | None = field(
+        default=None,
+        metadata={"help": "[start, end) ranges of layers to stack, e.g. [[0, 4], [2, 5]]; repeated layers share base "
+                          "weights and get their own adapter."},
+    )
     runtime_config: LoraRuntimeConfig = field(
         default_factory=LoraRuntimeConfig, metadata={"help": "Runtime settings (not saved).", "runtime_only": True}
     )
     lora_bias: bool = field(default=False, metadata={"help": "Trainable bias on lora_B (for extracted LoRAs)."})
-    target_parameters: list[str] | None = field(default=None, metadata={"help": "Not supported yet."})
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "Bare nn.Parameters to adapt, as '<module>.<parameter>' (exact or dotted suffix), e.g. "
+                          "'experts.gate_up_proj' (2-D or 3-D, dim 0 = expert)."},
+    )
     use_bdlora: Any | None = field(default=None, metadata={"help": "Not supported yet."})
-    arrow_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    arrow_config: ArrowConfig | None = field(
+        default=None, metadata={"help": "Makes this adapter an Arrow router over the layer's other LoRAs (ArrowConfig)."}
+    )
     kasa_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
 
@@ -91,6 +141,7 @@ class LoraConfig(TunerConfig):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
         if self.loftq_config or self.use_qalora:
             raise NotImplementedError("LoftQ and QA-LoRA are not supported by peft-plugin-lora yet")
+        self._check_structural_fields()
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and isinstance(init, str) and (
             init.startswith("pissa") or init == "olora"
         ):
@@ -98,6 +149,35 @@ class LoraConfig(TunerConfig):
 
             warnings.warn("rsLoRA with rank_pattern/alpha_pattern cannot be converted to plain LoRA on save.",
                           stacklevel=3)
+
+    def _check_structural_fields(self) -> None:
+        """aLoRA, Arrow, target_parameters and layer_replication."""
+        if isinstance(self.arrow_config, dict):
+            self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
+        if self.alora_invocation_tokens is not None:
+            tokens = self.alora_invocation_tokens
+            if not tokens or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+                raise ValueError(f"alora_invocation_tokens must be a non-empty list of token ids, got {tokens!r}")
+            self.alora_invocation_tokens = list(tokens)
+            if self.task_type != "CAUSAL_LM":
+                import warnings
+
+                warnings.warn("aLoRA (alora_invocation_tokens) is meant for task_type='CAUSAL_LM'.", stacklevel=4)
+        variants = [name for name, on in (("use_dora", self.use_dora), ("alora_invocation_tokens",
+                    self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None)) if on]
+        if len(variants) > 1:
+            raise ValueError(f"{' and '.join(variants)} cannot be combined in one LoRA adapter; choose one")
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters):
+                raise ValueError("target_parameters must be a list of '<module>.<parameter>' names, got "
+                                 f"{self.target_parameters!r}")
+            self.target_parameters = list(self.target_parameters)
+        if self.layer_replication is not None:
+            ranges = self.layer_replication
+            if not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(i, int) for i in r)
+                       for r in ranges):
+                raise ValueError(f"layer_replication must be a list of [start, end) pairs, got {ranges!r}")
+            self.layer_replication = [list(r) for r in ranges]
 
     def layer_kwargs(self, target_name: str) -> dict[str, Any]:
         r = (

@@ -5,6 +5,11 @@
 ``A`` (r × in) and ``B`` (out × r) are the trainable factors; everything else (several
 adapters, merge state, devices, quantized bases, mixed batches) is the kernel's job.
 DoRA rescales the adapted weight per output channel: W' = m · (W₀ + sBA) / ‖W₀ + sBA‖.
+
+Variants on linear layers: aLoRA (``alora.py``) adds sBA x only to the tokens from the
+invocation sequence on; an Arrow router (``arrow.py``) adds a per-token mixture of the
+layer's other LoRAs. ``ParamWrapper`` puts W + sBA in place of a bare parameter (per expert
+for a 3-D one). A scaling may be a 0-d tensor (``prepare_model_for_compiled_hotswap``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel import AdapterLayer, PeftWarning, quant
-from peft_kernel.layer import bare_module, empty_module, plain_call
+from peft_kernel.layer import ParameterLayer, bare_module, empty_module, plain_call
+
+from . import alora, arrow
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -39,6 +46,21 @@ def _kaiming_uniform_(tensor: torch.Tensor, a: float = math.sqrt(5)) -> torch.Te
     return tensor.uniform_(-bound, bound)
 
 
+def _linear_factors(in_features: int, out_features: int, r: int, lora_bias: bool) -> tuple[nn.Linear, nn.Linear]:
+    """``lora_A`` (in -> r) and ``lora_B`` (r -> out) with the draws nn.Linear's constructor
+    makes, in its order, so that a seed gives the same factors as in HF PEFT (B is zeroed by
+    ``initialise()`` afterwards)."""
+    A = _linear(torch.empty(r, in_features))
+    B = _linear(torch.empty(out_features, r), torch.empty(out_features) if lora_bias else None)
+    if A.weight.device.type != "meta":
+        with torch.no_grad():
+            _kaiming_uniform_(A.weight)
+            _kaiming_uniform_(B.weight)
+            if lora_bias:
+                B.bias.uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
+    return A, B
+
+
 class Magnitude(nn.Module):
     """DoRA's per-output-channel magnitude (a module so FSDP can wrap it)."""
 
@@ -53,7 +75,9 @@ class LoraLayer(AdapterLayer):
     subclass this too."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "alora", "arrow_config")
+    #: whether this layer type supports the aLoRA and Arrow variants
+    supports_routing_variants = False
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
@@ -61,8 +85,9 @@ class LoraLayer(AdapterLayer):
         self.register_containers("lora_embedding_A", "lora_embedding_B", container=nn.ParameterDict)
         self.register_containers("lora_magnitude_vector")
         # per adapter: rank, alpha, scaling, DoRA / lora_bias flags, DoRA norms while merged
+        # aLoRA / Arrow: per adapter, whether it is an aLoRA; a router's ArrowConfig and routing state
         self.set_plain_attributes(r={}, lora_alpha={}, scaling={}, use_dora={}, lora_bias={}, _dora_norm={},
-                                  fan_in_fan_out=False)
+                                  fan_in_fan_out=False, alora={}, arrow_config={}, arrow_state={})
 
     # -- creation ---------------------------------------------------------------------
 
@@ -77,6 +102,16 @@ class LoraLayer(AdapterLayer):
         use_dora = getattr(config, "use_dora", kwargs.get("use_dora", False))
         lora_bias = getattr(config, "lora_bias", kwargs.get("lora_bias", False))
         init = getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True))
+        routed = {"alora_invocation_tokens": getattr(config, "alora_invocation_tokens", None),
+                  "arrow_config": getattr(config, "arrow_config", None)}
+        used = [name for name, value in routed.items() if value is not None]
+        if used and not self.supports_routing_variants:
+            raise ValueError(f"{used[0]} is supported on linear layers only, not on "
+                             f"{type(self.get_base_layer()).__name__}; leave those layers out of target_modules")
+        self.alora[adapter_name] = routed["alora_invocation_tokens"] is not None
+        if routed["arrow_config"] is not None:
+            self.arrow_config[adapter_name] = routed["arrow_config"]
+            self.arrow_state.pop(adapter_name, None)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = (
@@ -218,6 +253,10 @@ class LoraLayer(AdapterLayer):
         for name in self.active_adapters:
             if self.lora_bias.get(name) and getattr(self.get_base_layer(), "bias", None) is None:
                 return "lora_bias=True cannot be merged into a base layer without a bias"
+            if self.alora.get(name):
+                return f"aLoRA adapter {name!r} applies only from its invocation tokens on, which no weight can express"
+            if name in self.arrow_config:
+                return f"Arrow router {name!r} mixes experts per token, which no weight can express"
         return super().merge_blocker()
 
     def _orient(self, weight: torch.Tensor) -> torch.Tensor:
@@ -273,10 +312,24 @@ class LoraLayer(AdapterLayer):
         super().adapter_state_changed()
         self.__dict__.pop("_plan", None)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.arrow_state.pop(adapter_name, None)
+
     def set_scale(self, adapter: str, scale: float) -> None:
         self.adapter_state_changed()
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    def set_scaling(self, adapter: str, scaling: float) -> None:
+        """Set one adapter's scaling; a tensor scaling is filled in place (no new object, so a
+        compiled model keeps its graph)."""
+        current = self.scaling[adapter]
+        if isinstance(current, torch.Tensor):
+            current.fill_(float(scaling))
+        else:
+            self.scaling[adapter] = float(scaling)
+            self.adapter_state_changed()
 
     def scale_layer(self, scale: float) -> None:
         self.adapter_state_changed()
@@ -417,19 +470,11 @@ class Linear(LoraLayer):
         )
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
+    supports_routing_variants = True
+
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
-        A = _linear(torch.empty(r, self.in_features))
-        B = _linear(torch.empty(self.out_features, r), torch.empty(self.out_features) if lora_bias else None)
-        if A.weight.device.type != "meta":
-            # the draws nn.Linear's constructor makes, in its order, so that a seed gives
-            # the same factors as in HF PEFT (B is zeroed by initialise() afterwards)
-            with torch.no_grad():
-                _kaiming_uniform_(A.weight)
-                _kaiming_uniform_(B.weight)
-                if lora_bias:
-                    B.bias.uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
-        self.lora_A[adapter_name] = A
-        self.lora_B[adapter_name] = B
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = _linear_factors(self.in_features, self.out_features,
+                                                                             r, lora_bias)
 
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         merged = self._fused_merge(weight, adapter_name, +1)
@@ -444,6 +489,8 @@ class Linear(LoraLayer):
         for factors in another dtype than the weight."""
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         if self.use_dora.get(adapter_name) or not (A.dtype == B.dtype == weight.dtype):
+            return None
+        if isinstance(self.scaling[adapter_name], torch.Tensor):
             return None
         with torch.no_grad():
             if self.fan_in_fan_out:  # the weight is (in, out)
@@ -469,7 +516,8 @@ class Linear(LoraLayer):
             A, B = self.lora_A._modules.get(name), self.lora_B._modules.get(name)
             if A is None:
                 continue
-            if (self.use_dora.get(name) or type(self.lora_dropout[name]) is not nn.Identity
+            if (self.alora.get(name) or name in self.arrow_config or isinstance(self.scaling[name], torch.Tensor)
+                    or self.use_dora.get(name) or type(self.lora_dropout[name]) is not nn.Identity
                     or type(A) is not nn.Linear or type(B) is not nn.Linear):
                 return None
             plan.append((name, A, B, self.scaling[name]))
@@ -519,6 +567,10 @@ class Linear(LoraLayer):
         return result
 
     def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+        if adapter_name in self.arrow_config:
+            return result + arrow.router_delta(self, adapter_name, x).to(result.dtype)
+        if self.alora[adapter_name]:
+            return self._alora_forward(x, result, adapter_name)
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         x = self._cast(x, A.weight)
         dropout = self.lora_dropout[adapter_name]
@@ -532,6 +584,21 @@ class Linear(LoraLayer):
         if not reuse:
             x = dropout(x)
         return result + self._dora_output(x, result if reuse else None, adapter_name).to(result.dtype)
+
+    def _alora_forward(self, x, result, adapter_name):
+        """Add s·BA x to the tokens from the invocation on; the others keep the base output."""
+        offsets = self.call_state.get(alora.OFFSETS, {}).get(adapter_name)
+        if offsets is None:  # no invocation known in this call: the base model
+            return result
+        rows = self.batch_rows
+        if rows is not None:  # one adapter's rows of a mixed batch
+            offsets = [offsets[i] for i in rows.tolist()]
+        index = alora.adapted_rows(offsets, result.shape, result.device)
+        flat_x, flat = x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1])
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        chosen = self.lora_dropout[adapter_name](self._cast(flat_x.index_select(0, index), A.weight))
+        out = B(A(chosen)) * self.scaling[adapter_name]
+        return flat.index_add(0, index, out.to(flat.dtype)).reshape(result.shape)
 
     def _dora_output(self, x, base_result, adapter_name):
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
@@ -797,3 +864,75 @@ def _without_lora_bias(config):
     config = copy.copy(config)
     config.lora_bias = False
     return config
+
+
+class ParamWrapper(LoraLayer, ParameterLayer):
+    """LoRA on a bare ``nn.Parameter`` (``target_parameters``). The module reads W + ΔW
+    while it runs; merging writes ΔW into the parameter.
+
+    A 2-D parameter is one (out × in) matrix: ΔW = s·BA as for nn.Linear. A 3-D parameter
+    stacks E experts (dim 0), each (out × in), or (in × out) when the module says
+    ``is_transposed = True``; expert e gets ΔW_e = s·B_e A_e with A_e the rows e·r … e·r + r − 1
+    of ``lora_A`` (rE × in) and B_e the columns e, E + e, 2E + e, … of ``lora_B`` (out × rE),
+    HF PEFT's checkpoint layout. No dropout, bias, DoRA or ``fan_in_fan_out``: the update is
+    folded into a weight, so it cannot see the input.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, parameter_name: str, r: int = 0,
+                 lora_alpha: float = 1, config=None, **kwargs: Any) -> None:
+        super().__init__(base_layer, parameter_name=parameter_name, adapter_name=adapter_name, **kwargs)
+        shape = self.parameter().shape
+        transposed = len(shape) == 3 and bool(getattr(self.get_base_layer(), "is_transposed", False))
+        if len(shape) == 2:
+            experts, (out_features, in_features) = 1, shape
+        elif len(shape) == 3:
+            experts = shape[0]
+            in_features, out_features = (shape[1], shape[2]) if transposed else (shape[2], shape[1])
+        else:
+            raise ValueError(f"LoRA adapts 2-D and 3-D parameters only; {parameter_name!r} has shape {tuple(shape)}")
+        self.set_plain_attributes(in_features=in_features, out_features=out_features, num_experts=experts,
+                                  param_transposed=transposed)
+        self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
+        init = getattr(config, "init_lora_weights", True)
+        refused = {"lora_dropout": getattr(config, "lora_dropout", 0.0),
+                   "lora_bias": getattr(config, "lora_bias", False),
+                   "use_dora": getattr(config, "use_dora", False),
+                   "fan_in_fan_out": getattr(config, "fan_in_fan_out", False),
+                   f"init_lora_weights={init!r}": init not in (True, False, "gaussian")}
+        refused = [name for name, value in refused.items() if value]
+        if refused:
+            raise ValueError(f"LoRA on a parameter ({self.parameter_name!r}) does not support {', '.join(refused)}: "
+                             "its update is folded into the weight. Unset them for target_parameters.")
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        rank = r * self.num_experts
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = _linear_factors(self.in_features, self.out_features,
+                                                                             rank, False)
+
+    def _expert_factors(self, adapter_name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` with ΔW = s·left @ right in the parameter's layout (per expert)."""
+        A, B = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
+        experts = self.num_experts
+        A = A.reshape(experts, -1, A.shape[-1])  # (E, r, in)
+        B = B.reshape(B.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
+        if self.param_transposed:
+            return A.transpose(1, 2), B.transpose(1, 2)
+        return B, A
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.num_experts == 1 and self.parameter().dim() == 2:
+            A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            return (B @ A) * self.scaling[adapter_name]
+        left, right = self._expert_factors(adapter_name, self.lora_A[adapter_name].weight.dtype)
+        return (left @ right) * self.scaling[adapter_name]
+
+    def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        scaling = self.scaling[adapter_name]
+        if weight.dim() == 3 and not isinstance(scaling, torch.Tensor):
+            # W + s·left @ right as one baddbmm: no expert-stack-sized delta per forward
+            left, right = self._expert_factors(adapter_name, weight.dtype)
+            return torch.baddbmm(weight, left, right, alpha=scaling)
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)

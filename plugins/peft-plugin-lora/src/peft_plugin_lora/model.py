@@ -7,8 +7,10 @@ import dataclasses
 import torch
 
 from peft_kernel import BaseTuner
+from peft_kernel.tuner import replicate_layers
 
-from .layer import LoraLayer
+from . import alora
+from .layer import LoraLayer, ParamWrapper
 
 #: default targets per transformers model type, used when target_modules is None
 DEFAULT_TARGETS = {
@@ -30,6 +32,29 @@ class LoraModel(BaseTuner):
         "torch.nn.Linear", "torch.nn.Embedding", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d",
         "torch.nn.MultiheadAttention", "transformers Conv1D",
     )
+    parameter_layer_cls = ParamWrapper
+    special_forward_args = (alora.OFFSETS,)
+
+    def _prepare_model(self, config, model) -> None:
+        """``layer_replication``: stack the layers once; later adapters must ask for the same stack."""
+        ranges = config.layer_replication
+        if not ranges:
+            return
+        done = self.__dict__.get("_replicated_layers")
+        if done is None:
+            replicate_layers(model, ranges)
+            self.__dict__["_replicated_layers"] = ranges
+        elif done != ranges:
+            raise ValueError(f"The model's layers were already replicated as {done}; an adapter asking for {ranges} "
+                             "cannot be added. Use the same layer_replication (or none) for every adapter.")
+
+    def per_call_state(self, args, kwargs, *, generating):
+        """aLoRA: where each row's invocation sequence starts, for the adapters that have one."""
+        invocations = {name: config.alora_invocation_tokens for name, config in self.peft_config.items()
+                       if getattr(config, "alora_invocation_tokens", None)}
+        if not invocations:
+            return None
+        return alora.offsets_step(invocations, args, kwargs, generating)
 
     def _set_layers(self, method: str, *args) -> None:
         for module in self.model.modules():
