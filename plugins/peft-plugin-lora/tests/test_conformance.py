@@ -1,5 +1,6 @@
 """LoRA runs the kernel's conformance kit on every layer type it supports."""
 
+import _lora_models as M
 import torch
 from torch import nn
 
@@ -74,4 +75,8 @@ class TestLoraConformance(MethodConformance):
              lambda: torch.randint(0, 50, (3, 7))),
         Case("multihead-attention", MHAModel, lambda: LoraConfig(target_modules=["mha"], r=4),
              lambda: torch.randn(2, 5, 8)),
+        Case("target-parameters", M.moe,
+             lambda: LoraConfig(target_parameters=["experts.gate_up_proj", "experts.down_proj"], r=2),
+             lambda: torch.randn(2, 3, 8)),
     ]
+

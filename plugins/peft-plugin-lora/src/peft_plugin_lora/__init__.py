@@ -17,14 +17,23 @@ from peft_kernel import hookimpl
 from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
-from .config import LoraConfig, LoraRuntimeConfig
+from .config import ArrowConfig, LoraConfig, LoraRuntimeConfig
 
 if TYPE_CHECKING:
-    from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention
+    from .arrow import create_arrow_model
+    from .hotswap import (
+        check_hotswap_configs_compatible,
+        hotswap_adapter,
+        hotswap_adapter_from_state_dict,
+        prepare_model_for_compiled_hotswap,
+    )
+    from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention, ParamWrapper
     from .model import LoraModel
 
-__all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding", "Conv1d", "Conv2d",
-           "Conv3d", "MultiheadAttention"]
+__all__ = ["ArrowConfig", "LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding",
+           "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "ParamWrapper", "create_arrow_model",
+           "check_hotswap_configs_compatible", "hotswap_adapter", "hotswap_adapter_from_state_dict",
+           "prepare_model_for_compiled_hotswap"]
 
 #: public name -> defining submodule, imported on first access (they need torch)
 _LAZY = {
@@ -36,6 +45,12 @@ _LAZY = {
     "Conv2d": ".layer",
     "Conv3d": ".layer",
     "MultiheadAttention": ".layer",
+    "ParamWrapper": ".layer",
+    "create_arrow_model": ".arrow",
+    "check_hotswap_configs_compatible": ".hotswap",
+    "hotswap_adapter": ".hotswap",
+    "hotswap_adapter_from_state_dict": ".hotswap",
+    "prepare_model_for_compiled_hotswap": ".hotswap",
 }
 
 

@@ -1,0 +1,88 @@
+"""Tiny, deterministically seeded models for the LoRA feature tests."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB = 64
+
+
+def llama(layers: int = 2):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+class Experts(nn.Module):
+    """A mixture-of-experts block that keeps its experts as bare 3-D parameters (as
+    transformers' MoE models do): every token goes through every expert, weighted evenly."""
+
+    def __init__(self, experts: int = 3, dim: int = 8, hidden: int = 12, transposed: bool = False) -> None:
+        super().__init__()
+        self.is_transposed = transposed  # (E, in, out) instead of (E, out, in)
+        up, down = (experts, 2 * hidden, dim), (experts, dim, hidden)
+        if transposed:
+            up, down = (experts, dim, 2 * hidden), (experts, hidden, dim)
+        self.gate_up_proj = nn.Parameter(torch.randn(up) * 0.2)
+        self.down_proj = nn.Parameter(torch.randn(down) * 0.2)
+
+    def forward(self, x):
+        out = 0
+        for e in range(self.gate_up_proj.shape[0]):
+            up, down = self.gate_up_proj[e], self.down_proj[e]
+            if self.is_transposed:
+                up, down = up.T, down.T
+            gate, value = F.linear(x, up).chunk(2, dim=-1)
+            out = out + F.linear(F.silu(gate) * value, down)
+        return out / self.gate_up_proj.shape[0]
+
+
+class MoE(nn.Module):
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.experts = Experts(transposed=transposed)
+        self.router = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.experts(self.proj(x)) + self.router(x))
+
+
+def moe(transposed: bool = False) -> MoE:
+    torch.manual_seed(0)
+    return MoE(transposed)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 4)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def save_hf_lora(path, model_fn, seed: int, **config) -> str:
+    """Save a randomly initialised HF PEFT LoRA of ``model_fn()`` to ``path``; returns it."""
+    import peft
+
+    model = model_fn()
+    torch.manual_seed(seed)
+    peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config)).save_pretrained(str(path))
+    return os.fspath(path)
