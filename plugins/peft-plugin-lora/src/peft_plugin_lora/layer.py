@@ -569,7 +569,7 @@ class Linear(LoraLayer):
     def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
         if adapter_name in self.arrow_config:
             return result + arrow.router_delta(self, adapter_name, x).to(result.dtype)
-        if self.alora[adapter_name]:
+        if self.alora.get(adapter_name):
             return self._alora_forward(x, result, adapter_name)
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         x = self._cast(x, A.weight)
