@@ -172,7 +172,11 @@ class BaseTuner(nn.Module):
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, _model_config(model))
         self.peft_config[adapter_name] = config
+        if getattr(config, "target_parameters", None):
+            self._check_parameter_config(config, adapter_name, state_dict)
         self._prepare_model(config, model)
+        # parameters are wrapped after the modules, but checked before anything changes
+        parameter_keys = self._parameter_targets(config, model) if getattr(config, "target_parameters", None) else []
 
         entries = list(iter_modules_with_parent(model))
         names = [name for name, *_ in entries if name]
@@ -225,12 +229,10 @@ class BaseTuner(nn.Module):
         if modules_to_save and not wrapped_saves:
             missing = sorted(modules_to_save)
             raise ValueError(f"modules_to_save {missing} matched no module of the model; check the names")
-        if getattr(config, "target_parameters", None):
-            if state_dict is not None:
-                raise ValueError("Injecting from a state_dict cannot target parameters (target_parameters); inject "
-                                 "the adapter without state_dict and load the weights afterwards")
-            matched_any = self._inject_parameters(config, adapter_name, model, low_cpu_mem_usage,
-                                                  autocast_adapter_dtype) or matched_any
+        if parameter_keys:
+            self._inject_parameters(config, adapter_name, model, set(parameter_keys), low_cpu_mem_usage,
+                                    autocast_adapter_dtype)
+            matched_any = True
         if not matched_any:
             hint = " (all matches were excluded by exclude_modules)" if excluded_any else ""
             raise NoMatchingPeftModuleError(
@@ -280,14 +282,14 @@ class BaseTuner(nn.Module):
         layer._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         self._after_layer_created(layer, adapter_name, config)
 
-    def _inject_parameters(self, config, adapter_name, model, low_cpu_mem_usage, autocast_adapter_dtype) -> bool:
-        """Wrap every parameter matched by ``config.target_parameters`` (``<module>.<param>``,
-        exactly or as a dotted suffix) in :attr:`parameter_layer_cls`; a parameter that is
-        already adapted gets the new adapter in its existing layer. Returns whether any matched."""
+    def _check_parameter_config(self, config, adapter_name, state_dict) -> None:
         wanted = set(config.target_parameters)
         if self.parameter_layer_cls is None:
             raise ValueError(f"{config.peft_type} cannot adapt bare parameters: its tuner has no parameter layer. "
                              "Leave target_parameters unset and use target_modules.")
+        if state_dict is not None:
+            raise ValueError("Injecting from a state_dict cannot target parameters (target_parameters); inject "
+                             "the adapter without state_dict and load the weights afterwards")
         for other_name, other in self.peft_config.items():
             others = set(getattr(other, "target_parameters", None) or ())
             if other_name != adapter_name and others and others != wanted:
@@ -295,20 +297,41 @@ class BaseTuner(nn.Module):
                     f"Adapters that target parameters must all target the same ones: {sorted(wanted)} for "
                     f"{adapter_name!r} but {sorted(others)} for {other_name!r}. Use one set, or another model."
                 )
+
+    def _parameter_targets(self, config, model) -> list[str]:
+        """``<module>.<parameter>`` names matched by ``config.target_parameters`` (exactly or as
+        a dotted suffix), checked: a match must belong to a submodule that no module layer adapts
+        now or after this injection."""
+        wanted = set(config.target_parameters)
         matched = []
-        for name, holder, outermost, parent, attr in _parameter_holders(model):
-            for param_name, param in list(holder._parameters.items()):
+        for name, holder, outermost, _, _ in _parameter_holders(model):
+            for param_name, param in holder._parameters.items():
                 key = f"{name}.{param_name}" if name else param_name
                 if param is None or not (key in wanted or any(key.endswith("." + w) for w in wanted)):
                     continue
                 if not name:
                     raise ValueError(f"Parameter {param_name!r} belongs to the model itself; only parameters of "
                                      "submodules can be targeted")
-                if isinstance(outermost, AdapterLayer) and not isinstance(outermost, ParameterLayer):
-                    raise ValueError(
-                        f"Parameter {key!r} belongs to {name!r}, which target_modules already adapts with "
-                        f"{type(outermost).__name__}; target the module or its parameters, not both"
-                    )
+                adapted = isinstance(outermost, AdapterLayer) and not isinstance(outermost, ParameterLayer)
+                if adapted or targeting.is_target(config, name):
+                    raise ValueError(f"Parameter {key!r} belongs to {name!r}, which target_modules adapts as a "
+                                     "module; target the module or its parameters, not both")
+                matched.append(key)
+        if not matched:
+            raise NoMatchingPeftModuleError(
+                f"target_parameters {sorted(wanted)} matched no parameter of the model. Check them against "
+                "'<module name>.<parameter name>' of model.named_modules() and each module's own parameters."
+            )
+        return matched
+
+    def _inject_parameters(self, config, adapter_name, model, keys, low_cpu_mem_usage, autocast_adapter_dtype) -> None:
+        """Wrap each parameter of ``keys`` in :attr:`parameter_layer_cls`, around whatever is in
+        its module's place; a parameter that is already adapted gets the adapter in its layer."""
+        for name, holder, outermost, parent, attr in list(_parameter_holders(model)):
+            for param_name in list(holder._parameters):
+                key = f"{name}.{param_name}"
+                if key not in keys:
+                    continue
                 existing = _parameter_layer_for(outermost, param_name)
                 kwargs = config.layer_kwargs(key)
                 with _maybe_meta(low_cpu_mem_usage):
@@ -321,14 +344,8 @@ class BaseTuner(nn.Module):
                         setattr(parent, attr, layer)
                         outermost = layer
                 self._finish_layer(layer, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
-                matched.append(key)
-        if not matched:
-            raise NoMatchingPeftModuleError(
-                f"target_parameters {sorted(wanted)} matched no parameter of the model. Check them against "
-                "'<module name>.<parameter name>' of model.named_modules() and each module's own parameters."
-            )
-        self.targeted_parameter_names += [k for k in matched if k not in self.targeted_parameter_names]
-        return True
+                if key not in self.targeted_parameter_names:
+                    self.targeted_parameter_names.append(key)
 
     def _unsupported_message(self, target, key, config) -> str:
         cls = type(target)

@@ -120,16 +120,23 @@ def test_second_adapter_reuses_the_wrappers_and_matches_hf():
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
 
 
-def test_bad_configurations_are_refused_with_the_way_out():
+def test_bad_configurations_are_refused_before_any_change():
+    model = get_peft_model(M.moe(), LoraConfig(target_parameters=PARAMS[:1]))
+    before = str(model)
     with pytest.raises(ValueError, match="same ones"):
-        model = get_peft_model(M.moe(), LoraConfig(target_parameters=PARAMS[:1]))
         model.add_adapter("other", LoraConfig(target_parameters=PARAMS[1:2]))
-    with pytest.raises(ValueError, match="already adapts"):
-        get_peft_model(M.moe(), LoraConfig(target_modules=["router"], target_parameters=["router.weight"]))
-    with pytest.raises(ValueError, match="lora_dropout"):
-        get_peft_model(M.moe(), LoraConfig(target_parameters=PARAMS, lora_dropout=0.1))
-    with pytest.raises(NoMatchingPeftModuleError, match="matched no parameter"):
-        get_peft_model(M.moe(), LoraConfig(target_parameters=["experts.nothing"]))
+    assert str(model) == before and "other" not in model.peft_config
+    refused = [
+        (ValueError, "adapts as a module", dict(target_modules=["router"], target_parameters=["router.weight"])),
+        (NoMatchingPeftModuleError, "matched no parameter", dict(target_parameters=["experts.nothing"])),
+    ]
+    for error, message, config in refused:
+        base = M.moe()
+        with pytest.raises(error, match=message):
+            get_peft_model(base, LoraConfig(**config))
+        assert not any(isinstance(m, ParamWrapper) for m in base.modules()), message
+    with pytest.raises(ValueError, match="lora_dropout, use_dora"):
+        LoraConfig(target_parameters=PARAMS, lora_dropout=0.1, use_dora=True)
     with pytest.raises(ValueError, match="state_dict"):
         inject_adapter_in_model(LoraConfig(target_parameters=PARAMS), M.moe(), state_dict={"a.lora_A.weight": None})
     with pytest.raises(TypeError, match="mixed adapter batches"):

@@ -115,7 +115,8 @@ class LoraConfig(TunerConfig):
     )
     use_bdlora: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     arrow_config: ArrowConfig | None = field(
-        default=None, metadata={"help": "Makes this adapter an Arrow router over the layer's other LoRAs (ArrowConfig)."}
+        default=None,
+        metadata={"help": "Makes this adapter an Arrow router over the layer's other LoRAs (ArrowConfig)."},
     )
     kasa_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
@@ -152,6 +153,7 @@ class LoraConfig(TunerConfig):
 
     def _check_structural_fields(self) -> None:
         """aLoRA, Arrow, target_parameters and layer_replication."""
+        init = self.init_lora_weights
         if isinstance(self.arrow_config, dict):
             self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
         if self.alora_invocation_tokens is not None:
@@ -172,6 +174,13 @@ class LoraConfig(TunerConfig):
                 raise ValueError("target_parameters must be a list of '<module>.<parameter>' names, got "
                                  f"{self.target_parameters!r}")
             self.target_parameters = list(self.target_parameters)
+            refused = {"lora_dropout": self.lora_dropout, "lora_bias": self.lora_bias, "use_dora": self.use_dora,
+                       "fan_in_fan_out": self.fan_in_fan_out,
+                       f"init_lora_weights={init!r}": init not in (True, False, "gaussian")}
+            refused = [name for name, value in refused.items() if value]
+            if refused:
+                raise ValueError(f"target_parameters cannot be combined with {', '.join(refused)}: the update of a "
+                                 "parameter is folded into the weight. Unset them, or use target_modules only.")
         if self.layer_replication is not None:
             ranges = self.layer_replication
             if not all(isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(i, int) for i in r)

@@ -894,19 +894,6 @@ class ParamWrapper(LoraLayer, ParameterLayer):
                                   param_transposed=transposed)
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
-        init = getattr(config, "init_lora_weights", True)
-        refused = {"lora_dropout": getattr(config, "lora_dropout", 0.0),
-                   "lora_bias": getattr(config, "lora_bias", False),
-                   "use_dora": getattr(config, "use_dora", False),
-                   "fan_in_fan_out": getattr(config, "fan_in_fan_out", False),
-                   f"init_lora_weights={init!r}": init not in (True, False, "gaussian")}
-        refused = [name for name, value in refused.items() if value]
-        if refused:
-            raise ValueError(f"LoRA on a parameter ({self.parameter_name!r}) does not support {', '.join(refused)}: "
-                             "its update is folded into the weight. Unset them for target_parameters.")
-        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         rank = r * self.num_experts
         self.lora_A[adapter_name], self.lora_B[adapter_name] = _linear_factors(self.in_features, self.out_features,
