@@ -147,16 +147,21 @@ def _pad_factors(layer: LoraLayer, adapter: str, target_rank: int) -> None:
 def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], adapter_name: str,
                                     config: PeftConfig, parameter_prefix: str = "lora_") -> None:
     """Overwrite adapter ``adapter_name`` of ``model`` (a ``PeftModel``, compiled or not) in place
-    with ``state_dict`` (checkpoint keys, as in ``adapter_model.safetensors``) and ``config``'s
-    scalings. Everything is checked before anything changes: a tensor the loaded adapter does
-    not have raises ``RuntimeError``; one that does not fit raises ``ValueError``."""
+    with ``state_dict`` (checkpoint keys as in ``adapter_model.safetensors``, or the in-memory keys
+    that name the adapter) and ``config``'s scalings. Everything is checked before anything
+    changes: a tensor the loaded adapter does not have raises ``RuntimeError``; one that does
+    not fit raises ``ValueError``."""
     peft_model = _peft_model(model)
     layers = _lora_layers(peft_model)
     if any(adapter_name in layer.merged_adapters for _, layer in layers):
         raise ValueError(f"Adapter {adapter_name!r} is merged into the base weights; unmerge_adapter() before "
                          "hot-swapping it")
     live = adapter_tensors(peft_model, adapter_name)
-    new = {k if k.startswith("base_model.") else "base_model.model." + k: v for k, v in state_dict.items()}
+    new = {}
+    for key, value in state_dict.items():
+        key = key if key.startswith("base_model.") else "base_model.model." + key
+        unnamed = key.replace(f".{adapter_name}.", ".", 1)  # the in-memory form: ...lora_A.<adapter>.weight
+        new[key if key in live or unnamed not in live else unnamed] = value
     unexpected = sorted(k for k in new if k not in live)
     if unexpected:
         raise RuntimeError(f"Hot-swapping failed: the new adapter has tensors the loaded one lacks ({unexpected}); "

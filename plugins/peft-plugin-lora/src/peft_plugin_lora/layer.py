@@ -462,6 +462,8 @@ class LoraLayer(AdapterLayer):
 class Linear(LoraLayer):
     """LoRA on nn.Linear, transformers Conv1D (``fan_in_fan_out``) and quantized linear layers."""
 
+    supports_routing_variants = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, fan_in_fan_out: bool = False, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
@@ -469,8 +471,6 @@ class Linear(LoraLayer):
             getattr(config, "fan_in_fan_out", fan_in_fan_out) if config is not None else fan_in_fan_out
         )
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-
-    supports_routing_variants = True
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         self.lora_A[adapter_name], self.lora_B[adapter_name] = _linear_factors(self.in_features, self.out_features,
