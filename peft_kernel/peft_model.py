@@ -151,15 +151,18 @@ class PeftModel(nn.Module):
     def _enable_peft_forward_hooks(self, *args, generating: bool = False, **kwargs):
         """Route per-call values to every adapter layer for one call: ``adapter_names`` (one
         per sample) and whatever the tuner's ``per_call_state`` computes."""
-        if self._is_prompt_learning:
-            yield
+        step = None if self._is_prompt_learning else self.base_model.per_call_state(args, kwargs,
+                                                                                   generating=generating)
+        if step is None and (self._is_prompt_learning or kwargs.get("adapter_names") is None):
+            yield  # the common case: nothing to route
             return
-        with self._mixed_batch(generating, kwargs), self._call_state(generating, args, kwargs):
+        with self._mixed_batch(generating, kwargs), self._call_state(step):
             yield
 
     @contextmanager
-    def _call_state(self, generating: bool, args, kwargs):
-        step = self.base_model.per_call_state(args, kwargs, generating=generating)
+    def _call_state(self, step):
+        """Before every forward of the base model, ``step`` computes the values layers read as
+        ``call_state``; they are dropped when the call returns."""
         if step is None:
             yield
             return
