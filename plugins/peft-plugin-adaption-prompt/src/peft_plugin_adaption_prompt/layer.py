@@ -108,7 +108,9 @@ class AdaptedAttention(AdapterLayer):
         groups = queries.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         scores = torch.matmul(queries, keys.transpose(2, 3)) * self.scaling
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
+        # softmax in float32 at least (as the base attention computes it)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        probs = probs.to(queries.dtype)
         gated = self.adaption_gate[adapter_name].to(queries.dtype) * probs
         mixed = torch.matmul(gated, values).transpose(1, 2).flatten(2)
         output = output + self.project_output(mixed).to(output.dtype)
