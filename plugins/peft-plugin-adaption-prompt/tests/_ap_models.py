@@ -59,7 +59,13 @@ def llama_seq_cls():
     return _build("LlamaConfig", "LlamaForSequenceClassification", num_labels=3)
 
 
-MODELS = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "gpt2": gpt2, "llama-biased": llama_biased}
+def llama_wide_heads():
+    """head_dim × heads (64) wider than hidden_size (32)."""
+    return llama(head_dim=16)
+
+
+MODELS = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "gpt2": gpt2, "llama-biased": llama_biased,
+          "llama-wide-heads": llama_wide_heads}
 #: the models HF PEFT 0.21.2 supports (its model-type table)
 HF_MODELS = ("llama", "mistral", "gpt2")
 

@@ -20,7 +20,7 @@ class TestAdaptionPromptGeneration(GenerationConformance):
                                                                     adapter_layers=2))
 
 
-@pytest.mark.parametrize("model", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("model", ["gpt2", "qwen2", "llama-wide-heads"])
 def test_other_layouts_generate_exactly(model):
     adapted = TestAdaptionPromptGeneration()._adapted(M.MODELS[model], "CAUSAL_LM")
     ids = M.ids()
