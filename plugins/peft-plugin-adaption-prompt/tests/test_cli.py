@@ -33,9 +33,9 @@ def cli(*args) -> tuple[int, str]:
 
 def test_finetune_trains_and_the_checkpoint_is_hf_peft_s(tmp_path):
     out = tmp_path / "adapter"
-    code, err = cli("finetune", "--method", "adaption_prompt", "--option", "adapter_len=8", "--option", "adapter_layers=2",
-                 "--steps", "30", "--log-every", "10", "--batch-size", "8", "--seq-len", "32", "--lr", "0.05",
-                 "--output", out)
+    code, err = cli("finetune", "--method", "adaption_prompt", "--option", "adapter_len=8",
+                    "--option", "adapter_layers=2", "--steps", "30", "--log-every", "10", "--batch-size", "8",
+                    "--seq-len", "32", "--lr", "0.05", "--output", out)
     assert code == 0, err
     losses = [loss for _, loss in json.loads((out / "trainer_state.json").read_text())["loss_history"]]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses

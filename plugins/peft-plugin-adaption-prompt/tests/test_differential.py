@@ -187,9 +187,9 @@ def test_checkpoints_load_both_ways(tmp_path):
 # -- generation ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"cache_implementation": "static"}, {"num_beams": 2}],
-                         ids=["dynamic", "static", "beam"])
+@pytest.mark.parametrize("kwargs", [{"cache_implementation": "static"}, {"num_beams": 2}], ids=["static", "beam"])
 def test_generate_agrees(kwargs):
+    """Left-padded; ours is checked against the math in test_generation.py, this is agreement with HF."""
     hf, ours = make_pair()
     ids = M.ids()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -198,7 +198,7 @@ def test_generate_agrees(kwargs):
     with torch.no_grad():
         mine, theirs = ours.generate(**settings), hf.generate(**settings)
     assert torch.equal(mine.sequences, theirs.sequences)
-    for step, (a, b) in enumerate(zip(mine.logits, theirs.logits)):
+    for step, (a, b) in enumerate(zip(mine.logits, theirs.logits, strict=True)):
         close(a, b, f"step {step}")
 
 
