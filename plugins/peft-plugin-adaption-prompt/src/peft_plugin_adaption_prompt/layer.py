@@ -8,7 +8,7 @@ attention over the prompt, computed from the same queries::
 
 ``Q`` is the attention's own query projection of ``x`` (with its rotary positions),
 ``K_P`` / ``V_P`` its key / value projections of ``P`` (no positions: the prompt is seen from
-every position alike), ``s`` its softmax scale and ``W_o`` its output projection *without*
+every position alike), ``s = 1/√head_dim`` and ``W_o`` its output projection *without*
 its bias (the attention's output already carries the bias once). With grouped-query
 attention each query head reads the prompt keys of its key/value head. ``g`` starts at 0,
 so a new adapter is an exact identity; ``P`` starts as standard normal samples.
@@ -56,8 +56,8 @@ class AdaptedAttention(AdapterLayer):
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
         self.register_containers(*self.adapter_layer_names, container=nn.ParameterDict)
         attention = self.get_base_layer()
-        self.set_plain_attributes(head_dim=int(attention.head_dim),
-                                  scaling=float(getattr(attention, "scaling", attention.head_dim**-0.5)))
+        head_dim = int(attention.head_dim)
+        self.set_plain_attributes(head_dim=head_dim, scaling=head_dim**-0.5)
         self.update_layer(adapter_name, config=config)
 
     # -- creation ---------------------------------------------------------------------
