@@ -5,6 +5,7 @@ unloading, trainability. A method's tuner class is a near-empty subclass of
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import warnings
@@ -144,6 +145,19 @@ class BaseTuner(nn.Module):
     def _prepare_model(self, config, model: nn.Module) -> None:
         """Last chance to change the model before layers are replaced."""
 
+    def _select_targets(self, config, module_names: list[str]) -> set[str] | None:
+        """The names of the modules ``config`` adapts, for a method that chooses them itself.
+
+        ``module_names`` lists every module of the model in ``named_modules()`` order. Return
+        ``None`` (the default) to apply the standard rules of :mod:`peft_kernel.targeting` to
+        ``config.target_modules``, or a set of names that replaces that match (e.g. "the last
+        *n* modules with this attribute name"); ``exclude_modules``, ``modules_to_save`` and
+        the skipping of adapter internals still apply. Called once per injection, after
+        :meth:`_prepare_adapter_config` and :meth:`_prepare_model`. Raise ``ValueError`` when
+        the model cannot hold the adapter.
+        """
+        return None
+
     def _after_layer_created(self, layer: AdapterLayer, adapter_name: str, config) -> None:
         pass
 
@@ -195,6 +209,9 @@ class BaseTuner(nn.Module):
                 and len(targets) >= targeting.MIN_TARGETS_FOR_COMPRESSION):
             config.target_modules = targets = targeting.compress_targets(targets, names)
 
+        selected = self._select_targets(config, names)
+        is_match = functools.partial(targeting.matches_target, config) if selected is None else selected.__contains__
+
         if isinstance(targets, str) and targets == targeting.DUMMY_TARGET:
             matched_any = True
         else:
@@ -216,9 +233,9 @@ class BaseTuner(nn.Module):
                 wrapped_saves.add(key)
                 continue
             if targeting.is_excluded(config, key):
-                excluded_any = excluded_any or targeting.matches_target(config, key)
+                excluded_any = excluded_any or is_match(key)
                 continue
-            if targeting.in_modules_to_save(config, key) or not targeting.matches_target(config, key):
+            if targeting.in_modules_to_save(config, key) or not is_match(key):
                 continue
             matched_any = True
             self._create_and_replace(config, adapter_name, module, key, parent, attr, low_cpu_mem_usage,

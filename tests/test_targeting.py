@@ -151,3 +151,21 @@ def test_rank_and_alpha_patterns_apply_per_layer():
 def test_exclude_everything_explains():
     with pytest.raises(ValueError, match="excluded"):
         get_peft_model(Net(), cfg(target_modules=["q"], exclude_modules=["q"]))
+
+
+def test_a_tuner_may_select_its_targets_itself():
+    """BaseTuner._select_targets replaces the target_modules match; exclusions still apply."""
+    from peft_plugin_lora import LoraModel
+
+    seen = []
+
+    class LastTwoQ(LoraModel):
+        def _select_targets(self, config, module_names):
+            seen.extend(module_names)
+            return set([n for n in module_names if n.endswith(".q")][-2:])
+
+    model = LastTwoQ(Net(), cfg(target_modules=["v"]))
+    assert model.targeted_module_names == ["layers.1.q", "layers.2.q"]
+    assert seen[:3] == ["layers", "layers.0", "layers.0.q"]  # every module, in model order
+    model = LastTwoQ(Net(), cfg(target_modules=["v"], exclude_modules=["layers.2.q"]))
+    assert model.targeted_module_names == ["layers.1.q"]

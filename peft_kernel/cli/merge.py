@@ -71,7 +71,7 @@ def run(args) -> int:
     options = dict(parse_option(o) for o in args.option)
     combine = len(args.adapters) > 1 or args.weights is not None or args.combination is not None or bool(options)
 
-    from .. import PeftModel
+    from .. import MergeNotSupportedError, PeftModel
     from ._common import resolve_method
 
     spec = resolve_method(str(configs[0].get("peft_type")))  # unknown method: names the plugin to install
@@ -110,7 +110,10 @@ def run(args) -> int:
         model.set_adapter(MERGED_NAME)
         merge_names = [MERGED_NAME]
     _say("merging", began)
-    merged = model.merge_and_unload(progressbar=True, adapter_names=merge_names)
+    try:
+        merged = model.merge_and_unload(progressbar=True, adapter_names=merge_names)
+    except MergeNotSupportedError as exc:
+        raise CLIError(f"{spec.peft_type} adapters cannot be merged here: {exc}") from None
     _say(f"saving to {args.output}", began)
     with StagedDir(args.output) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

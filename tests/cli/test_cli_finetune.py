@@ -129,6 +129,10 @@ def _layer_methods():
     return sorted(t for t, spec in manager().methods().items() if not spec.is_prompt_learning)
 
 
+#: size options that some methods require (no usable default), set whenever a method has the field
+SIZE_OPTIONS = {"num_virtual_tokens": 4, "adapter_len": 4, "adapter_layers": 1}
+
+
 @pytest.mark.parametrize("method", _methods())
 def test_every_installed_method_trains_and_inspects(tmp_path, method):
     import dataclasses
@@ -137,7 +141,7 @@ def test_every_installed_method_trains_and_inspects(tmp_path, method):
 
     spec = manager().method(method)
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
-    extra = ["--option", "num_virtual_tokens=4"] if "num_virtual_tokens" in fields else []
+    extra = [arg for name, value in SIZE_OPTIONS.items() if name in fields for arg in ("--option", f"{name}={value}")]
     out = tmp_path / "out"
     args = ["finetune", "--method", method.lower(), *extra, "--steps", "1", "--batch-size", "2", "--seq-len", "16",
             "--output", out]
