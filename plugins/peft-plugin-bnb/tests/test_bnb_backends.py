@@ -13,7 +13,10 @@ F = pytest.importorskip("bitsandbytes.functional")
 
 from peft_plugin_bnb import Bnb4bitBackend, Bnb8bitBackend  # noqa: E402
 
-IN, OUT = 128, 64  # OUT a multiple of 32 so bitsandbytes' CPU repacking applies
+# OUT a multiple of 32 so bitsandbytes' CPU repacking applies; IN a multiple of every blocksize
+# tested, because bitsandbytes' own forward is wrong on AVX-512 CPUs when a block spans rows
+# (test_4bit_blocks_spanning_rows covers the backend on such layers).
+IN, OUT = 256, 64
 
 
 @pytest.fixture
@@ -30,7 +33,8 @@ def make_8bit(lin: nn.Linear, threshold: float = 0.0, has_fp16_weights: bool = F
 
 def make_4bit(lin: nn.Linear, quant_type="nf4", compress_statistics=True, blocksize=64, dtype=torch.float32):
     m = bnb.nn.Linear4bit(
-        IN, OUT, bias=True, compute_dtype=dtype, compress_statistics=compress_statistics, quant_type=quant_type
+        lin.in_features, lin.out_features, bias=True, compute_dtype=dtype,
+        compress_statistics=compress_statistics, quant_type=quant_type,
     )
     m.weight = bnb.nn.Params4bit(
         lin.weight.detach().clone().to(dtype),
@@ -53,10 +57,23 @@ def step_bound_8bit(w: torch.Tensor) -> torch.Tensor:
 def step_bound_4bit(w: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Per-block bound for NF4/FP4: the widest gap in either 16-value code book is about a
     third of the block absmax (FP4: 2/3 -> 1), so rounding errs by at most ~0.17 absmax;
-    double quantization of the absmax adds ~1%. We allow 0.2 absmax."""
-    blocks = w.reshape(-1, blocksize)
-    bound = 0.2 * blocks.abs().amax(dim=1, keepdim=True).expand_as(blocks)
-    return bound.reshape(w.shape) + 1e-6
+    double quantization of the absmax adds ~1%. We allow 0.2 absmax. Blocks run over the
+    flattened weight (the last one may be partial)."""
+    flat = w.reshape(-1)
+    absmax = torch.nn.functional.pad(flat.abs(), (0, -flat.numel() % blocksize)).reshape(-1, blocksize).amax(dim=1)
+    return (0.2 * absmax.repeat_interleave(blocksize)[: flat.numel()]).reshape(w.shape) + 1e-6
+
+
+def dequantize_by_hand(m) -> torch.Tensor:
+    """The 4-bit weight read straight from its storage: two codes per byte (high nibble first)
+    over the flattened weight, each scaled by the absmax of its block of ``blocksize`` codes."""
+    state = m.weight.quant_state
+    numel = state.shape.numel()
+    packed = m.weight.data.view(torch.uint8).reshape(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel]
+    absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    scales = absmax.float().repeat_interleave(state.blocksize)[:numel]
+    return (state.code[codes.long()] * scales).reshape(state.shape).to(state.dtype)
 
 
 FOUR_BIT_CASES = [
@@ -185,6 +202,35 @@ def test_4bit_requantize(plain, quant_type, compress, blocksize):
     # dequantize -> requantize reproduces the weight up to float rounding of the scales
     be.set_weight(m, got)
     assert torch.allclose(be.get_weight(m), got, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_features,in_features,quant_type,compress,blocksize", [
+    pytest.param(64, 128, "fp4", False, 256, id="block-spans-two-rows"),
+    pytest.param(64, 96, "nf4", True, 64, id="blocks-straddle-row-ends"),
+    pytest.param(3, 96, "nf4", False, 128, id="partial-last-block"),
+])
+def test_4bit_blocks_spanning_rows(out_features, in_features, quant_type, compress, blocksize):
+    """quantize_4bit cuts the flattened weight into blocks, so a block can span rows. The
+    backend reads it back in that order on every CPU (bitsandbytes 0.50's own AVX-512
+    dequantization does not: it looks the absmax up per row). The layer's forward is not
+    checked here: on AVX-512 CPUs bitsandbytes computes it with that wrong per-row lookup."""
+    be = Bnb4bitBackend()
+    torch.manual_seed(0)
+    lin = nn.Linear(in_features, out_features)
+    with torch.no_grad():  # rows of different size, so a block's absmax fits no other block
+        lin.weight.mul_(torch.linspace(0.5, 2.0, out_features).unsqueeze(1))
+    m = make_4bit(lin, quant_type, compress, blocksize)
+    w = lin.weight.detach()
+    got = be.get_weight(m)
+    assert got.shape == (out_features, in_features)
+    assert torch.equal(got, dequantize_by_hand(m))
+    assert ((got - w).abs() <= step_bound_4bit(w, blocksize)).all()
+    target = got + 0.01 * w.abs().amax(dim=1, keepdim=True) * torch.randn_like(w)
+    be.set_weight(m, target)
+    assert m.weight.quant_state.blocksize == blocksize
+    got = be.get_weight(m)
+    assert torch.equal(got, dequantize_by_hand(m))
+    assert ((got - target).abs() <= step_bound_4bit(target, blocksize)).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -10,8 +10,11 @@ Two backends are registered:
 
 ``bnb-4bit``
     ``bitsandbytes.nn.Linear4bit`` (and its ``LinearNF4`` / ``LinearFP4`` subclasses).
-    Merging requantizes with the layer's own ``quant_type``, ``blocksize``,
-    ``compress_statistics`` (double quantization), ``quant_storage`` and original dtype.
+    ``quantize_4bit`` cuts the flattened weight into blocks of ``blocksize`` values, so a block
+    may span rows; the backend dequantizes in that same flat order (see
+    :func:`_dequantize_4bit`). Merging requantizes with the layer's own ``quant_type``,
+    ``blocksize``, ``compress_statistics`` (double quantization), ``quant_storage`` and
+    original dtype.
 
 bitsandbytes is imported only by the methods that need it. ``matches`` looks the classes
 up in ``sys.modules``: when bitsandbytes was never imported, no model can hold its layers.
@@ -145,6 +148,27 @@ def _quant_state(module: nn.Module):
     return state
 
 
+def _dequantize_4bit(data: torch.Tensor, state) -> torch.Tensor:
+    """``bitsandbytes.functional.dequantize_4bit``, reading each block where ``quantize_4bit`` put it.
+
+    ``quantize_4bit`` cuts the flattened weight into blocks. bitsandbytes 0.50's AVX-512 CPU kernel
+    instead looks the scales up per row, as if every row held ``in_features / blocksize`` whole
+    blocks: when ``in_features`` is no multiple of ``blocksize`` (128 inputs, blocksize 256) it
+    scales values with another block's absmax. Its other CPU paths and CUDA follow the flat order.
+    A view whose rows are exactly one block (one row when the last block is partial) reads the
+    flat order on every path, and gives the same values as the layer's own shape where that works.
+    """
+    import bitsandbytes.functional as F
+    import torch
+
+    shape = state.shape
+    numel = shape.numel()
+    rows = numel // state.blocksize if numel % state.blocksize == 0 else 1
+    flat = copy.copy(state)  # shares the tensors; only the shape differs
+    flat.shape = torch.Size([rows, numel // rows])
+    return F.dequantize_4bit(data, flat).reshape(shape)
+
+
 class Bnb4bitBackend(_BnbBackend):
     """``bitsandbytes.nn.Linear4bit`` (NF4 and FP4, with or without double quantization)."""
 
@@ -156,28 +180,38 @@ class Bnb4bitBackend(_BnbBackend):
         return bool(getattr(module.weight, "bnb_quantized", False)) and _quant_state(module) is not None
 
     def get_weight(self, module: nn.Module) -> torch.Tensor:
-        import bitsandbytes.functional as F
-
         if not self._is_quantized(module):
             return module.weight.detach()
         data = module.weight.data
         state = _quant_state(module)
         if getattr(state, "packing_format_for_cpu", False):
             data, state = self._unpack_cpu_format(data, state)
-        return F.dequantize_4bit(data, state)
+        return _dequantize_4bit(data, state)
 
     @staticmethod
     def _unpack_cpu_format(data: torch.Tensor, state):
         """Undo bitsandbytes' AVX512-BF16 inference repacking on copies (the layer keeps its
         packed weight). The absmax the layer computes with is kept as is (bf16, flat) rather
-        than being re-quantized, so the result is the weight the layer really uses."""
+        than being re-quantized, so the result is the weight the layer really uses.
+
+        bitsandbytes 0.50 has no public way to read a repacked weight (``dequantize_4bit``
+        takes it for the canonical layout, and ``Linear4bit.state_dict()`` undoes the
+        repacking in place), so this calls its private inverse, the one its own ``.cuda()``
+        uses."""
         import bitsandbytes.functional as F
         import torch
 
+        inverse = getattr(F, "_convert_weight_packed_for_cpu_inverse", None)
+        if inverse is None:
+            raise RuntimeError(
+                "this Linear4bit holds bitsandbytes' CPU inference layout, which this bitsandbytes version "
+                f"gives no way to read back; install bitsandbytes=={TESTED_VERSION}, or merge before "
+                "running the model in eval mode"
+            )
         state = copy.deepcopy(state)
         absmax = state.absmax  # (in / blocksize, out), bf16
         state.original_nested = False  # stop the inverse from re-quantizing absmax
-        data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), state)
+        data, state = inverse(data.clone(), state)
         state.absmax = absmax.T.reshape(-1).to(torch.float32).contiguous()
         state.nested = False
         state.state2 = None
