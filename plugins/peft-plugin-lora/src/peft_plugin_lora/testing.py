@@ -31,13 +31,15 @@ class FlowResult:
     merged_err: float | None  # max |logits| difference: merge_and_unload vs unmerged
 
 
-def save_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """Save a tiny random LlamaForCausalLM (hidden 32, 2 layers) from a fixed seed."""
+def save_tiny_llama(path: Path, seed: int = 0, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
+    """Save a tiny random LlamaForCausalLM (by default hidden 32; 2 layers, 4 heads, 2 key/value
+    heads) from a fixed seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -48,19 +50,21 @@ def _logits(model, ids):
 
 
 def run_transformers_flow(tmp_path: Path, quantization_config: Callable[[], Any], backend: str,
-                          merged_tol: float | None = None, lr: float = 1e-2) -> FlowResult:
+                          merged_tol: float | None = None, lr: float = 1e-2, hidden_size: int = 32,
+                          intermediate_size: int = 64) -> FlowResult:
     """Run the whole user flow for one ``quantization_config`` factory (called once per load).
 
     ``backend`` is the name :func:`peft_kernel.quant.find_backend` must give every layer the
     adapter wraps. With ``merged_tol`` the reloaded adapter is merged with ``merge_and_unload``
     and the merged logits must lie within ``merged_tol`` of the unmerged ones; the base layers
-    must still be ``backend`` layers afterwards.
+    must still be ``backend`` layers afterwards. ``hidden_size`` and ``intermediate_size`` size
+    the model, for libraries whose kernels need larger layers.
     """
     from transformers import AutoModelForCausalLM
 
     from .config import LoraConfig
 
-    base_dir = save_tiny_llama(tmp_path / "base")
+    base_dir = save_tiny_llama(tmp_path / "base", hidden_size=hidden_size, intermediate_size=intermediate_size)
     adapter_dir = tmp_path / "adapter"
 
     def load():
