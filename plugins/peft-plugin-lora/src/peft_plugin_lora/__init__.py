@@ -17,10 +17,12 @@ from peft_kernel import hookimpl
 from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
-from .config import ArrowConfig, LoraConfig, LoraRuntimeConfig
+from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
 
 if TYPE_CHECKING:
     from .arrow import create_arrow_model
+    from .corda import preprocess_corda
+    from .eva import get_eva_state_dict, initialize_lora_eva_weights
     from .hotswap import (
         check_hotswap_configs_compatible,
         hotswap_adapter,
@@ -28,12 +30,16 @@ if TYPE_CHECKING:
         prepare_model_for_compiled_hotswap,
     )
     from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention, ParamWrapper
+    from .loftq import replace_lora_weights_loftq
     from .model import LoraModel
+    from .optimizers import LoraFAOptimizer, create_lorafa_optimizer, create_loraplus_optimizer
 
 __all__ = ["ArrowConfig", "LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Embedding",
            "Conv1d", "Conv2d", "Conv3d", "MultiheadAttention", "ParamWrapper", "create_arrow_model",
            "check_hotswap_configs_compatible", "hotswap_adapter", "hotswap_adapter_from_state_dict",
-           "prepare_model_for_compiled_hotswap"]
+           "prepare_model_for_compiled_hotswap", "LoftQConfig", "EvaConfig", "CordaConfig",
+           "replace_lora_weights_loftq", "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_corda",
+           "create_loraplus_optimizer", "create_lorafa_optimizer", "LoraFAOptimizer"]
 
 #: public name -> defining submodule, imported on first access (they need torch)
 _LAZY = {
@@ -51,6 +57,13 @@ _LAZY = {
     "hotswap_adapter": ".hotswap",
     "hotswap_adapter_from_state_dict": ".hotswap",
     "prepare_model_for_compiled_hotswap": ".hotswap",
+    "replace_lora_weights_loftq": ".loftq",
+    "get_eva_state_dict": ".eva",
+    "initialize_lora_eva_weights": ".eva",
+    "preprocess_corda": ".corda",
+    "create_loraplus_optimizer": ".optimizers",
+    "create_lorafa_optimizer": ".optimizers",
+    "LoraFAOptimizer": ".optimizers",
 }
 
 

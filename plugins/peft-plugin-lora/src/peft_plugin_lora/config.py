@@ -1,19 +1,95 @@
-"""``LoraConfig``: the same fields and defaults as HF PEFT, so configs load both ways."""
+"""``LoraConfig``: the same fields and defaults as HF PEFT, so configs load both ways.
+
+The sub-configs (``LoftQConfig``, ``EvaConfig``, ``CordaConfig`` for the data- and
+quantization-aware inits, ``ArrowConfig``) live here too: plain dataclasses, so this module stays torch-free.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from peft_kernel import TunerConfig
+from peft_kernel import PeftWarning, TunerConfig
 from peft_kernel.targeting import get_pattern_key
 
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
-    "megatron_config", "trainable_token_indices", "eva_config", "corda_config", "lora_ga_config", "velora_config",
-    "monteclora_config", "use_bdlora", "kasa_config",
+    "megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config", "monteclora_config",
+    "use_bdlora", "kasa_config",
 )
+
+
+#: init_lora_weights values besides "pissa_niter_N"
+_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda")
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ (``init_lora_weights="loftq"``): quantize the base weight and let the adapter
+    start from the best rank-r fit of the quantization error."""
+
+    loftq_bits: int = field(default=4, metadata={"help": "4 (NormalFloat-4, block-wise) or 8 (int8, row-wise)."})
+    loftq_iter: int = field(default=1, metadata={"help": "Alternations of quantize / truncated SVD."})
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8):
+            raise ValueError(f"loftq_bits must be 4 (nf4) or 8 (int8), got {self.loftq_bits!r}")
+        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"loftq_iter must be a positive integer, got {self.loftq_iter!r}")
+
+
+@dataclass
+class EvaConfig:
+    """EVA (``init_lora_weights="eva"``): A starts as the top right-singular vectors of each
+    layer's inputs, with ranks redistributed across layers by explained variance."""
+
+    rho: float = field(default=2.0, metadata={"help": "A layer may get up to round(rho * r) ranks (>= 1)."})
+    tau: float = field(default=0.99, metadata={"help": "A layer is done once successive components have cos >= tau."})
+    use_label_mask: bool = field(default=True, metadata={"help": "Skip tokens whose label is label_mask_value."})
+    label_mask_value: int = field(default=-100, metadata={"help": "The ignored-label value."})
+    whiten: bool = field(default=False, metadata={"help": "Divide each component by √(its singular value)."})
+    adjust_scaling_factors: bool = field(
+        default=True, metadata={"help": "Scale lora_alpha with the new rank so that alpha / r stays the same."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.rho < 1.0:
+            raise ValueError(f"EvaConfig.rho must be >= 1.0, got {self.rho!r}")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"EvaConfig.tau must lie in [0, 1], got {self.tau!r}")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA (``init_lora_weights="corda"``): the adapter starts from the decomposition of
+    W·C, C the covariance of the layer's inputs on sample data (``preprocess_corda``)."""
+
+    cache_file: str | None = field(default=None, metadata={"help": "File for the decompositions (reused if present)."})
+    covariance_file: str | None = field(default=None, metadata={"help": "File for the covariances (reused if there)."})
+    corda_method: Literal["ipm", "kpm"] = field(
+        default="ipm", metadata={"help": "'ipm': largest components (fast tuning); 'kpm': smallest (keeps knowledge)."}
+    )
+    verbose: bool = field(default=False, metadata={"help": "Print progress."})
+    use_float16_for_covariance: bool = field(
+        default=False, metadata={"help": "Accumulate covariances in the model's dtype instead of float32."}
+    )
+    prune_temporary_fields: bool = field(default=True, metadata={"help": "Drop the covariances once decomposed."})
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
+
+
+def _sub_config(value, cls, name: str):
+    """``value`` as a ``cls`` instance (configs loaded from JSON hold plain dicts)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"LoraConfig.{name} must be a {cls.__name__}, a dict or None, got {type(value).__name__}")
 
 
 @dataclass
@@ -78,16 +154,16 @@ class LoraConfig(TunerConfig):
     init_lora_weights: bool | str = field(
         default=True,
         metadata={"help": "True (Kaiming A, zero B), False (random, for tests), 'gaussian', 'pissa', "
-                          "'pissa_niter_N', 'olora', 'orthogonal', or 'loftq' (not yet)."},
+                          "'pissa_niter_N', 'olora', 'orthogonal', 'loftq', 'eva' or 'corda'."},
     )
     rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> rank."})
     alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> alpha."})
     megatron_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported yet."})
     trainable_token_indices: list | dict | None = field(default=None, metadata={"help": "Not supported yet."})
-    loftq_config: dict | Any = field(default_factory=dict, metadata={"help": "Not supported yet."})
-    eva_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
-    corda_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    loftq_config: dict | Any = field(default_factory=dict, metadata={"help": "LoftQConfig (stored as a dict)."})
+    eva_config: EvaConfig | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
+    corda_config: CordaConfig | None = field(default=None, metadata={"help": "CordaConfig for init 'corda'."})
     lora_ga_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     velora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
@@ -131,23 +207,26 @@ class LoraConfig(TunerConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
-        valid_inits = (True, False, "gaussian", "pissa", "olora", "orthogonal")
-        if init not in valid_inits and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+        if init not in _INITS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
             raise ValueError(
-                f"init_lora_weights={init!r} is not supported by peft-plugin-lora; use one of {valid_inits} "
+                f"init_lora_weights={init!r} is not supported by peft-plugin-lora; use one of {_INITS} "
                 "or 'pissa_niter_N'."
             )
         for name in _NOT_YET:
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
-        if self.loftq_config or self.use_qalora:
-            raise NotImplementedError("LoftQ and QA-LoRA are not supported by peft-plugin-lora yet")
+        if self.use_qalora:
+            raise NotImplementedError("QA-LoRA is not supported by peft-plugin-lora yet")
+        self._check_init_sub_configs()
+        if self.lora_bias and init not in (True, False):
+            raise ValueError(
+                f"lora_bias=True works only with init_lora_weights=True or False (got {init!r}): the other inits "
+                "derive the factors from the base weight or data and have no bias to start from."
+            )
         self._check_structural_fields()
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and isinstance(init, str) and (
-            init.startswith("pissa") or init == "olora"
+            init.startswith("pissa") or init in ("olora", "corda")
         ):
-            import warnings
-
             warnings.warn("rsLoRA with rank_pattern/alpha_pattern cannot be converted to plain LoRA on save.",
                           stacklevel=3)
 
@@ -162,8 +241,6 @@ class LoraConfig(TunerConfig):
                 raise ValueError(f"alora_invocation_tokens must be a non-empty list of token ids, got {tokens!r}")
             self.alora_invocation_tokens = list(tokens)
             if self.task_type != "CAUSAL_LM":
-                import warnings
-
                 warnings.warn("aLoRA (alora_invocation_tokens) is meant for task_type='CAUSAL_LM'.", stacklevel=4)
         variants = [name for name, on in (("use_dora", self.use_dora), ("alora_invocation_tokens",
                     self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None)) if on]
@@ -187,6 +264,29 @@ class LoraConfig(TunerConfig):
                        for r in ranges):
                 raise ValueError(f"layer_replication must be a list of [start, end) pairs, got {ranges!r}")
             self.layer_replication = [list(r) for r in ranges]
+
+    def _check_init_sub_configs(self) -> None:
+        """Sub-configs as dataclasses (dicts when loaded from JSON); the one an init needs
+        is required (LoftQ) or defaulted (EVA, CorDA), the others are ignored with a warning."""
+        init = self.init_lora_weights
+        self.eva_config = _sub_config(self.eva_config, EvaConfig, "eva_config")
+        self.corda_config = _sub_config(self.corda_config, CordaConfig, "corda_config")
+        if init == "loftq":
+            if not self.loftq_config:
+                raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. LoftQConfig(loftq_bits=4)")
+            loftq = _sub_config(self.loftq_config, LoftQConfig, "loftq_config")
+            self.loftq_config = dataclasses.asdict(loftq)  # HF PEFT stores it as a plain dict
+        elif self.loftq_config:
+            warnings.warn("loftq_config is ignored unless init_lora_weights='loftq'; it was reset to {}.", PeftWarning,
+                          stacklevel=4)
+            self.loftq_config = {}
+        for name, wanted, cls in (("eva_config", "eva", EvaConfig), ("corda_config", "corda", CordaConfig)):
+            if init == wanted and getattr(self, name) is None:
+                warnings.warn(f"init_lora_weights={wanted!r} without {name}: using the default {cls.__name__}().",
+                              PeftWarning, stacklevel=4)
+                setattr(self, name, cls())
+            elif init != wanted and getattr(self, name) is not None:
+                warnings.warn(f"{name} is ignored unless init_lora_weights={wanted!r}.", PeftWarning, stacklevel=4)
 
     def layer_kwargs(self, target_name: str) -> dict[str, Any]:
         r = (

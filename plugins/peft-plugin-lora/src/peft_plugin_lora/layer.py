@@ -61,6 +61,15 @@ def _linear_factors(in_features: int, out_features: int, r: int, lora_bias: bool
     return A, B
 
 
+def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling: float):
+    """``(A, B) = (√(S/s)·Vh, U·√(S/s))``, so that ``s · B @ A = U diag(S) Vh``: the
+    factors of the SVD-based inits (PiSSA, CorDA, LoftQ)."""
+    if scaling <= 0:
+        raise ValueError(f"an SVD-based init needs a positive LoRA scaling (lora_alpha / r), got {scaling}")
+    root = (S / scaling).sqrt()
+    return root[:, None] * Vh, U * root[None, :]
+
+
 class Magnitude(nn.Module):
     """DoRA's per-output-channel magnitude (a module so FSDP can wrap it)."""
 
@@ -121,7 +130,10 @@ class LoraLayer(AdapterLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.make_factors(adapter_name, r, lora_bias)
         if not self._is_meta(adapter_name):
-            self.initialise(adapter_name, init)
+            if init == "loftq":  # the one init that needs settings beyond its name
+                self._init_loftq(adapter_name, getattr(config, "loftq_config", kwargs.get("loftq_config")) or {})
+            else:
+                self.initialise(adapter_name, init)
         self.use_dora[adapter_name] = use_dora
         if use_dora:
             self.create_magnitude(adapter_name)
@@ -137,7 +149,8 @@ class LoraLayer(AdapterLayer):
         return False
 
     def initialise(self, adapter_name: str, init) -> None:
-        """Initialise the factors (``init_lora_weights``)."""
+        """Initialise the factors (``init_lora_weights``; ``"loftq"`` goes through
+        ``update_layer``, which has its settings)."""
         if init is False:
             return
         if isinstance(init, str) and init.startswith("pissa"):
@@ -146,6 +159,14 @@ class LoraLayer(AdapterLayer):
             return self._init_olora(adapter_name)
         if init == "orthogonal":
             return self._init_orthogonal(adapter_name)
+        if init == "corda":
+            return self._init_corda(adapter_name)
+        if init == "eva":
+            # A keeps its construction draw until initialize_lora_eva_weights() overwrites it
+            self._require_linear(init)
+            with torch.no_grad():
+                self.lora_B[adapter_name].weight.zero_()
+            return
         if adapter_name in self.lora_A:
             A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
             with torch.no_grad():
@@ -185,11 +206,63 @@ class LoraLayer(AdapterLayer):
             niter = int(init.split("_niter_")[-1])
             U, S, V = torch.svd_lowrank(weight, r, niter=niter)
             Vh = V.T
-        S = S / s
-        A = torch.diag(S.sqrt()) @ Vh
-        B = U @ torch.diag(S.sqrt())
+        A, B = factors_from_svd(U, S, Vh, s)
         self._set_factors(adapter_name, A, B)
         self._write_base_matrix(weight - s * B @ A)
+
+    def _require_linear(self, init) -> None:
+        if not isinstance(self, Linear):
+            raise ValueError(
+                f"init_lora_weights={init!r} supports linear layers only, not {type(self.get_base_layer()).__name__}; "
+                "leave such layers out of target_modules (or adapt them with a second, plainly initialised adapter)."
+            )
+
+    def _require_unquantized(self, init, instead: str) -> None:
+        if quant.is_quantized(self.get_base_layer()):
+            raise ValueError(
+                f"init_lora_weights={init!r} needs the full-precision base weight, but "
+                f"{type(self.get_base_layer()).__name__} is quantized. {instead}"
+            )
+
+    def _init_loftq(self, adapter_name: str, settings: dict) -> None:
+        """LoftQ: the base becomes its own quantize-dequantize round trip Q, the adapter the
+        best rank-r fit of what quantization lost (alternated ``loftq_iter`` times)."""
+        from .loftq import loftq_factors, quant_type_for_bits, quantize_roundtrip
+
+        self._require_linear("loftq")
+        if quant.is_quantized(self.get_base_layer()):
+            # typically a saved LoftQ adapter loaded onto the quantized LoftQ base: its factors are loaded next
+            warnings.warn(
+                f"init_lora_weights='loftq' needs the full-precision weight, but {type(self.get_base_layer()).__name__}"
+                " is quantized: this adapter starts as init_lora_weights=True. That is right when loading a saved "
+                "LoftQ adapter; to LoftQ-initialise a quantized model call replace_lora_weights_loftq().",
+                PeftWarning, stacklevel=5,
+            )
+            return self.initialise(adapter_name, True)
+        quant_type = quant_type_for_bits(settings.get("loftq_bits", 4))
+        if self.fan_in_fan_out:  # quantize in the layout the weight is stored (and later loaded) in
+            def quantize(m):
+                return quantize_roundtrip(m.T, quant_type).T
+        else:
+            def quantize(m):
+                return quantize_roundtrip(m, quant_type)
+        quantized, A, B = loftq_factors(self._base_matrix(), quantize, self.r[adapter_name],
+                                        self.scaling[adapter_name], settings.get("loftq_iter", 1))
+        self._set_factors(adapter_name, A, B)
+        self._write_base_matrix(quantized)
+
+    def _init_corda(self, adapter_name: str) -> None:
+        """CorDA: the adapter takes r components of the covariance-weighted decomposition
+        that ``preprocess_corda`` left on the base layer; the base keeps the rest."""
+        from .corda import take_eigens
+
+        self._require_linear("corda")
+        self._require_unquantized("corda", "Run CorDA on the unquantized model and quantize the residual afterwards.")
+        r, s = self.r[adapter_name], self.scaling[adapter_name]
+        U, S, V = take_eigens(self.get_base_layer(), out_features=self.out_features, in_features=self.in_features, r=r)
+        A, B = factors_from_svd(U, S, V.T, s)
+        self._set_factors(adapter_name, A, B)
+        self._write_base_matrix(self._base_matrix() - s * B @ A)
 
     def _init_olora(self, adapter_name: str) -> None:
         """Orthonormal (QR) factors from the base weight; the base keeps the residual."""

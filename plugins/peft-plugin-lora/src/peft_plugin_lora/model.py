@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from peft_kernel import BaseTuner
+from peft_kernel.dispatch import transformers_conv1d
+from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
 
 from . import alora
@@ -22,6 +25,18 @@ DEFAULT_TARGETS = {
     "bart": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "distilbert": ["q_lin", "v_lin"],
 }
+
+
+def linear_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
+    """The nn.Linear / transformers Conv1D modules of a plain model that ``config`` targets
+    (``"all-linear"`` included), in module order: the layers a data-driven init prepares."""
+    conv1d = transformers_conv1d()
+    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    if config.target_modules == ALL_LINEAR:
+        chosen = expand_all_linear(model, config, lambda module: False)
+        return [(name, m) for name, m in model.named_modules() if name in chosen and isinstance(m, kinds)]
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, kinds) and (config.target_modules is None or is_target(config, name))]
 
 
 class LoraModel(BaseTuner):
