@@ -1,6 +1,6 @@
 """LoftQ against its definition: the quantizers (NormalFloat-4, FP4, int8), the alternation
 of quantize / truncated SVD, and what ``init_lora_weights="loftq"`` leaves in the model.
-(bitsandbytes' own quantizers are compared in plugins/peft-plugin-bnb/tests/test_bnb_loftq.py.)"""
+(bitsandbytes' own quantizers are compared in plugins/peft-plugin-bnb/tests/test_bnb_lora_inits.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""LoftQ (peft-plugin-lora) with bitsandbytes on CPU: our quantizers reproduce bitsandbytes'
-formats bit for bit, a LoftQ base loads into NF4 exactly, and replace_lora_weights_loftq
-works on 4- and 8-bit bases.
+"""LoRA's inits and optimizers (peft-plugin-lora) with bitsandbytes on CPU: our LoftQ
+quantizers reproduce bitsandbytes' formats bit for bit, a LoftQ base loads into NF4 exactly,
+replace_lora_weights_loftq works on 4- and 8-bit bases, EVA on a 4-bit base equals HF PEFT's,
+and LoRA+ keeps embeddings in 32-bit state under an 8-bit optimizer.
 
 HF PEFT's LoftQ cannot be the oracle here: it needs CUDA (see
 tests/differential/test_lora_data_inits.py); bitsandbytes is, for the quantization."""
@@ -156,3 +157,50 @@ def test_loftq_init_on_a_quantized_model_points_to_replace():
         get_peft_model(_quantized(_base(), "nf4"), LoraConfig(target_modules=["lin0"], init_lora_weights="loftq",
                                                               loftq_config=LoftQConfig()))
     assert any("replace_lora_weights_loftq" in str(w.message) for w in caught)
+
+
+def test_eva_on_a_4bit_base_matches_hf():
+    """EVA only reads layer inputs, so it works on quantized bases; same result as HF PEFT."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora.config import EvaConfig as HfEvaConfig
+
+    from peft_plugin_lora import EvaConfig, initialize_lora_eva_weights
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(64, 128, generator=g) @ torch.randn(128, 128, generator=g) for _ in range(4)]
+    options = {"forward_fn": lambda m, x: m(x), "prepare_model_inputs_fn": None, "prepare_layer_inputs_fn": None,
+               "show_progress_bar": False}
+    results = []
+    for make_peft, config_cls, eva_cls, initialize in (
+        (peft.get_peft_model, peft.LoraConfig, HfEvaConfig, peft.initialize_lora_eva_weights),
+        (get_peft_model, LoraConfig, EvaConfig, initialize_lora_eva_weights),
+    ):
+        quantized = _quantized(_base(), "nf4")
+        quantized.is_loaded_in_4bit = True  # HF PEFT picks its bnb layers only for flagged models
+        torch.manual_seed(1)
+        model = make_peft(quantized, config_cls(r=4, target_modules=["lin0", "lin1"], init_lora_weights="eva",
+                                                eva_config=eva_cls(tau=0.9)))
+        initialize(model, data, **options)
+        results.append(model)
+    hf, ours = results
+    assert dict(ours.peft_config["default"].rank_pattern) == dict(hf.peft_config["default"].rank_pattern)
+    for name in ("lin0", "lin1"):
+        torch.testing.assert_close(getattr(ours.base_model.model, name).lora_A["default"].weight,
+                                   getattr(hf.base_model.model, name).lora_A["default"].weight)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), hf(X))
+
+
+def test_loraplus_keeps_embeddings_32bit_with_an_8bit_optimizer():
+    model = nn.Sequential(nn.Embedding(16, 128), MLP())
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["0", "lin0"]))
+    from peft_plugin_lora import create_loraplus_optimizer
+
+    optimizer = create_loraplus_optimizer(peft_model, bnb.optim.Adam8bit, lr=1e-3, loraplus_lr_ratio=4)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 2, 1, 0]
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    embedding = peft_model.base_model.model[0].get_base_layer()
+    assert manager.module_weight_config_triple and any(
+        module is embedding and config == {"optim_bits": 32}
+        for module, _, config in manager.module_weight_config_triple
+    )
