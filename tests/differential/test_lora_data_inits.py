@@ -52,14 +52,15 @@ def _llama_data(n_batches=4):
     return batches
 
 
-def _eva_pair(model_name, targets, data, eva_kwargs, *, lm=False, **lora_kwargs):
+def _eva_pair(model_name, targets, data, eva_kwargs, *, lm=False, low_cpu_mem_usage=False, **lora_kwargs):
     """HF and ours, each: get_peft_model(init 'eva') then initialize_lora_eva_weights(data)."""
     results = []
     for lib, lora_mod, eva_cls in ((HF, hf_lora, hf_config.EvaConfig), (OURS, ours_lora, ours_lora.EvaConfig)):
         kwargs = {"r": 4, "lora_alpha": 8, "target_modules": targets, "init_lora_weights": "eva",
                   "eva_config": eva_cls(**eva_kwargs), **lora_kwargs}
         torch.manual_seed(7)
-        model = lib.get_peft_model(build_base(model_name), lib.LoraConfig(**kwargs))
+        model = lib.get_peft_model(build_base(model_name), lib.LoraConfig(**kwargs),
+                                   low_cpu_mem_usage=low_cpu_mem_usage)
         fn = {} if lm else {"forward_fn": lambda m, x: m(x), "prepare_model_inputs_fn": None,
                             "prepare_layer_inputs_fn": None}
         lora_mod.initialize_lora_eva_weights(model, copy.deepcopy(data), show_progress_bar=False, **fn)
@@ -73,6 +74,8 @@ EVA_CASES = {
     "mlp-whiten-rho1-fixed-alpha": ("mlp", ["lin0", "lin1", "lin2"],
                                     {"rho": 1.0, "tau": 0.95, "whiten": True, "adjust_scaling_factors": False}, {}),
     "mlp-rank-pattern": ("mlp", ["lin0", "lin1", "lin2"], {"rho": 2.5, "tau": 0.9}, {"rank_pattern": {"lin1": 2}}),
+    # adapters created on the meta device (what HF recommends for EVA), materialised by the init
+    "mlp-low-cpu-mem": ("mlp", ["lin0", "lin1", "lin2"], {"tau": 0.95}, {"low_cpu_mem_usage": True}),
 }
 _EVA_CACHE: dict = {}
 
