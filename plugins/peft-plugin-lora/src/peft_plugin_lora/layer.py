@@ -217,13 +217,6 @@ class LoraLayer(AdapterLayer):
                 "leave such layers out of target_modules (or adapt them with a second, plainly initialised adapter)."
             )
 
-    def _require_unquantized(self, init, instead: str) -> None:
-        if quant.is_quantized(self.get_base_layer()):
-            raise ValueError(
-                f"init_lora_weights={init!r} needs the full-precision base weight, but "
-                f"{type(self.get_base_layer()).__name__} is quantized. {instead}"
-            )
-
     def _init_loftq(self, adapter_name: str, settings: dict) -> None:
         """LoftQ: the base becomes its own quantize-dequantize round trip Q, the adapter the
         best rank-r fit of what quantization lost (alternated ``loftq_iter`` times)."""
@@ -257,7 +250,10 @@ class LoraLayer(AdapterLayer):
         from .corda import take_eigens
 
         self._require_linear("corda")
-        self._require_unquantized("corda", "Run CorDA on the unquantized model and quantize the residual afterwards.")
+        if quant.is_quantized(self.get_base_layer()):
+            raise ValueError(f"init_lora_weights='corda' needs the full-precision weight, but "
+                             f"{type(self.get_base_layer()).__name__} is quantized; run CorDA on the unquantized "
+                             "model and quantize the residual model afterwards.")
         r, s = self.r[adapter_name], self.scaling[adapter_name]
         U, S, V = take_eigens(self.get_base_layer(), out_features=self.out_features, in_features=self.in_features, r=r)
         A, B = factors_from_svd(U, S, V.T, s)
