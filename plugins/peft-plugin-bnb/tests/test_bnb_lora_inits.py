@@ -26,6 +26,15 @@ from peft_plugin_lora import LoftQConfig, LoraConfig, replace_lora_weights_loftq
 from peft_plugin_lora.loftq import quantize_roundtrip  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny layers: intra-op threads only add contention (EVA's many small SVDs slow down ~10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", [(64, 128), (30, 50)])  # whole blocks, and a partial last block
 def test_4bit_roundtrip_equals_bitsandbytes(quant_type, shape):
@@ -179,7 +188,7 @@ def test_eva_on_a_4bit_base_matches_hf():
         quantized.is_loaded_in_4bit = True  # HF PEFT picks its bnb layers only for flagged models
         torch.manual_seed(1)
         model = make_peft(quantized, config_cls(r=4, target_modules=["lin0", "lin1"], init_lora_weights="eva",
-                                                eva_config=eva_cls(tau=0.9)))
+                                                eva_config=eva_cls(tau=0.8)))
         initialize(model, data, **options)
         results.append(model)
     hf, ours = results
