@@ -91,8 +91,8 @@ def new_cache(model: nn.Module, encoder_decoder: bool):
 
     if encoder_decoder:
         return EncoderDecoderCache(DynamicCache(), DynamicCache())
-    config = getattr(model, "config", None)
-    return DynamicCache(config=config) if config is not None else DynamicCache()
+    config = getattr(model, "config", None)  # a transformers config tells the layer kinds (e.g. sliding windows)
+    return DynamicCache(config=config) if hasattr(config, "get_text_config") else DynamicCache()
 
 
 def prompt_cache(model: nn.Module, key_values: torch.Tensor, encoder_decoder: bool, cache=None):
@@ -104,7 +104,9 @@ def prompt_cache(model: nn.Module, key_values: torch.Tensor, encoder_decoder: bo
     cache is read-only while gradient checkpointing is on (see below).
     """
     if cache is None:
-        cache = frozen_cache_for(model, encoder_decoder) or new_cache(model, encoder_decoder)
+        cache = frozen_cache_for(model, encoder_decoder)
+    if cache is None:  # (an empty cache is falsy: compare with None)
+        cache = new_cache(model, encoder_decoder)
     target = self_attention_cache(cache)
     if cache_length(target):
         raise ValueError("the key/value cache already holds tokens; per-layer prompts go into an empty cache")
@@ -157,10 +159,14 @@ def _frozen_cache_classes():
 
 
 def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """transformers' layers that will checkpoint in this forward."""
     if not (model.training and torch.is_grad_enabled()):
         return []
-    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
-            and hasattr(m, "_gradient_checkpointing_func")]
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers without per-layer checkpointing
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
 
 
 def frozen_cache_for(model: nn.Module, encoder_decoder: bool):

@@ -413,9 +413,24 @@ class PromptLearning:
         return key_values
 
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
-        """The encoder's output for all virtual tokens of ``adapter_name`` (one row, on the CPU)."""
+        """What the checkpoint of ``adapter_name`` holds as ``prompt_embeddings`` (on the CPU): the
+        encoder's output for all virtual tokens, or the table itself for encoders whose output
+        depends on more than the token (e.g. task ids)."""
+        encoder = self.encoders[adapter_name]
+        layout = getattr(encoder, "checkpoint_keys", None) or DEFAULT_CHECKPOINT_KEYS
+        if getattr(encoder, "checkpoint_output_key", None) is None and "prompt_embeddings" in layout:
+            return encoder.get_parameter(layout["prompt_embeddings"]).detach().cpu()
         with torch.no_grad():
             return self._encode(adapter_name, 1, None)[0].detach().cpu()
+
+    def computed_checkpoint_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors that are computed rather than stored: the encoder's output under its
+        ``checkpoint_output_key`` (see the module docstring)."""
+        key = getattr(self.encoders[adapter_name], "checkpoint_output_key", None)
+        if key is None:
+            return {}
+        with torch.no_grad():
+            return {key: self._encode(adapter_name, 1, None)[0].detach()}
 
     def _embed(self, input_ids, inputs_embeds):
         if inputs_embeds is not None:
@@ -533,8 +548,9 @@ class PromptLearning:
         rows = next((kwargs[k].shape[0] for k in keys if kwargs.get(k) is not None), None)
         if rows is None:
             raise ValueError("Pass input_ids or inputs_embeds: the prompts are made for each row of the batch")
+        keyword = kv.cache_keyword(self.model)
         prompts = kv.prompt_cache(self.model, self._key_values(config, rows, task_ids), seq2seq, cache)
-        kv.set_cache(kwargs, kv.cache_keyword(self.model), prompts)
+        kv.set_cache(kwargs, keyword, prompts)
         with kv.checkpointed_layers_keep_cache(self.model, prompts):
             return self.model(**kwargs)
 
