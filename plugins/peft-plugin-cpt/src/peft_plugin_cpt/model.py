@@ -66,7 +66,9 @@ class CPTEmbedding(nn.Module):
             self.embedding.weight = nn.Parameter(vectors)
         self.embedding.requires_grad_(False)
         self.delta_embedding = nn.Embedding(n, dim)
-        nn.init.zeros_(self.delta_embedding.weight)
+        # zeros on a real device even when built on "meta" (low_cpu_mem_usage): no checkpoint holds δ
+        zeros = torch.zeros(n, dim, dtype=torch.float32, device=word_embeddings.weight.device)
+        self.delta_embedding.weight = nn.Parameter(zeros)
 
     # -- the prompt -----------------------------------------------------------------------
 

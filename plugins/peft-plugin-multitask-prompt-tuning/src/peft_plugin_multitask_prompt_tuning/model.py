@@ -71,7 +71,10 @@ class MultitaskPromptEmbedding(PromptEmbedding):
 
     def forward(self, indices: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         if task_ids is None:
-            raise ValueError("multitask prompt tuning needs task_ids (one task index per row) in forward and generate")
+            if self.prefix_task_cols.shape[0] != 1:
+                raise ValueError("multitask prompt tuning needs task_ids (one task index per row) in forward and "
+                                 "generate")
+            task_ids = torch.zeros(indices.shape[0], dtype=torch.long, device=indices.device)  # the only task
         scale = torch.matmul(self.prefix_task_cols[task_ids], self.prefix_task_rows[task_ids])
         return self.embedding(indices) * scale
 
