@@ -86,7 +86,8 @@ def test_loading_needs_no_source_checkpoint(tmp_path):
     loaded = PeftModel.from_pretrained(M.llama(), tmp_path / "adapter")
     x, tasks = M.ids(), torch.tensor([0, 0])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=x, task_ids=tasks).logits, model(input_ids=x, task_ids=tasks).logits)
+        expected = model(input_ids=x, task_ids=tasks).logits
+        torch.testing.assert_close(loaded(input_ids=x, task_ids=tasks).logits, expected)
 
 
 def test_training_lowers_the_loss_of_each_task():
