@@ -56,6 +56,7 @@ CAUSAL_MODES = [
 #: the same for encoder-decoder models
 SEQ2SEQ_MODES = [
     ("dynamic", {}, False),
+    ("static", {"cache_implementation": "static"}, False),
     ("padded-dynamic", {}, True),
     ("beam", {"num_beams": 3, "num_return_sequences": 2}, False),
     ("no-cache", {"use_cache": False}, False),
