@@ -131,3 +131,25 @@ def transformers_renamed_the_cache() -> bool:
     from transformers.generation.utils import GenerationMixin
 
     return "past_key_values" not in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+
+
+def assert_same_outputs(hf: nn.Module, ours: nn.Module, inputs: dict, atol: float = ATOL) -> None:
+    """Same output (and loss, when there is one) for the same ``inputs``, without gradients."""
+    with torch.no_grad():
+        expected, actual = hf(**inputs), ours(**inputs)
+    assert_close(output(actual), output(expected), "output", atol=atol)
+    if getattr(expected, "loss", None) is not None:
+        assert_close(actual.loss, expected.loss, "loss", atol=atol)
+
+
+def assert_same_gradients(hf: nn.Module, ours: nn.Module, inputs: dict, atol: float = ATOL) -> None:
+    """In training mode (dropout seeded alike), the loss of ``inputs`` gives every trainable tensor
+    the same gradient in both."""
+    for model in (hf, ours):
+        model.train()
+        torch.manual_seed(3)
+        model(**inputs).loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert_close(param.grad, hf_params[name].grad, f"gradient of {name}", atol=atol)

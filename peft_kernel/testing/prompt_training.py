@@ -13,7 +13,8 @@ Subclass :class:`PromptTrainingConformance` in the plugin's tests::
         seq_cls_fn = staticmethod(M.bert_cls)         # a model with a classification head, or None
         config_fn = staticmethod(lambda task_type: MyConfig(task_type=task_type, num_virtual_tokens=4))
 
-The model runs in training mode (dropout seeded alike for the runs compared).
+The model runs in training mode (dropout seeded alike for the runs compared). A few AdamW steps
+on one batch must lower the loss and leave the base model's weights as they were.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class PromptTrainingConformance:
     config_fn: Callable[[str], Any]
     #: ``row_inputs_fn(batch_size)``: further inputs, one entry per row (e.g. ``task_ids``), or ``None``
     row_inputs_fn: Callable[[int], dict[str, torch.Tensor]] | None = None
+    #: AdamW learning rate of :meth:`test_training_lowers_the_loss_and_leaves_the_base_alone`
+    learning_rate: float = 0.05
 
     def pytest_generate_tests(self, metafunc):
         if "builder" in metafunc.fixturenames:
@@ -130,3 +133,19 @@ class PromptTrainingConformance:
 
         saved = set(load_file(tmp_path / "adapter_model.safetensors"))
         assert {n.replace(".modules_to_save.default", "") for n in heads} <= saved
+
+    def test_training_lowers_the_loss_and_leaves_the_base_alone(self):
+        builder = "causal_lm_fn" if self.causal_lm_fn is not None else "seq2seq_lm_fn"
+        model, inputs = self._adapted(builder)
+        base = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.learning_rate)
+        losses = []
+        for _ in range(10):
+            loss = model(**inputs).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.05, f"the loss did not fall: {losses}"
+        for key, value in model.get_base_model().state_dict().items():
+            assert torch.equal(value, base[key]), f"training changed the base model's {key}"

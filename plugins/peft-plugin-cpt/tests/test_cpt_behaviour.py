@@ -69,24 +69,3 @@ def test_loss_by_hand():
         masked = model(input_ids=x, labels=labels, input_type_mask=torch.tensor([[0, 0, 4, 4]])).loss
     expected = torch.stack([w * F.cross_entropy(logits[p], torch.tensor(t)) for p, t, w in terms[:1] + terms[3:]])
     torch.testing.assert_close(masked, expected.mean())
-
-
-def test_training_lowers_the_loss_and_leaves_the_base_alone():
-    base = M.llama()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    config = CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7, 8], cpt_tokens_type_mask=[1, 2, 3, 4],
-                       opt_projection_epsilon=20.0, opt_projection_format_epsilon=20.0)
-    model = get_peft_model(base, config)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x = M.ids(4, 8)
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, before[key]), key

@@ -13,6 +13,8 @@ from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.differential import (
     assert_checkpoints_interchangeable,
     assert_close,
+    assert_same_gradients,
+    assert_same_outputs,
     assert_same_structure,
     make_pair,
     output,
@@ -91,12 +93,7 @@ FORWARD += [pytest.param(("bert-qa", "bert_qa", lambda: {"input_ids": M.ids(), "
 @pytest.mark.parametrize("case", FORWARD, ids=[c[0] for c in FORWARD[:3]] + [None, None])
 def test_forward_and_loss(case):
     _, model, inputs = case
-    hf, ours = pair(model)
-    with torch.no_grad():
-        expected, actual = hf(**inputs(), task_ids=TASKS), ours(**inputs(), task_ids=TASKS)
-    assert_close(output(actual), output(expected), "output")
-    if getattr(expected, "loss", None) is not None:
-        assert_close(actual.loss, expected.loss, "loss")
+    assert_same_outputs(*pair(model), {**inputs(), "task_ids": TASKS})
 
 
 @pytest.mark.parametrize("model", ["bert_qa", "bert"])
@@ -122,13 +119,8 @@ def test_hf_seq2seq_forward():
 
 def test_gradients_match():
     hf, ours = pair("llama")
-    for peft_model in (hf, ours):
-        peft_model.train()
-        peft_model(input_ids=M.ids(), attention_mask=MASK, labels=M.ids(seed=3), task_ids=TASKS).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            assert_close(param.grad, hf_params[name].grad, f"gradient of {name}")
+    assert_same_gradients(hf, ours, {"input_ids": M.ids(), "attention_mask": MASK, "labels": M.ids(seed=3),
+                                     "task_ids": TASKS})
     assert ours.prompt_encoder["default"].prefix_task_cols.grad[1].abs().sum() == 0, "task 1 is not in the batch"
 
 

@@ -49,23 +49,3 @@ def test_a_loaded_adapter_is_its_table_of_virtual_tokens(tmp_path):
     x = M.ids()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits)
-
-
-def test_training_lowers_the_loss_and_leaves_the_base_alone():
-    base = M.llama()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                     encoder_reparameterization_type="LSTM", encoder_hidden_size=16))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = M.ids(4, 8)
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, before[key]), key

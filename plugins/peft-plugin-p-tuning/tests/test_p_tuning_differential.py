@@ -14,9 +14,10 @@ from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.differential import (
     assert_checkpoints_interchangeable,
     assert_close,
+    assert_same_gradients,
+    assert_same_outputs,
     assert_same_structure,
     make_pair,
-    output,
     transformers_renamed_the_cache,
 )
 from peft_kernel.testing.generation import generation_gap
@@ -67,24 +68,13 @@ FORWARD = [
 @pytest.mark.parametrize("case", FORWARD, ids=[c[0] for c in FORWARD])
 def test_forward_and_loss(case):
     _, model, kwargs, inputs = case
-    hf, ours = pair(model, **kwargs)
-    with torch.no_grad():
-        expected, actual = hf(**inputs()), ours(**inputs())
-    assert_close(output(actual), output(expected), "output")
-    if getattr(expected, "loss", None) is not None:
-        assert_close(actual.loss, expected.loss, "loss")
+    assert_same_outputs(*pair(model, **kwargs), inputs())
 
 
 @pytest.mark.parametrize("kwargs", [{}, LSTM], ids=["mlp", "lstm"])
 def test_gradients_match(kwargs):
-    hf, ours = pair("llama", **kwargs)
-    for peft_model in (hf, ours):
-        peft_model.train()
-        peft_model(input_ids=M.ids(), attention_mask=MASK, labels=M.ids(seed=3)).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            assert_close(param.grad, hf_params[name].grad, f"gradient of {name}")
+    assert_same_gradients(*pair("llama", **kwargs), {"input_ids": M.ids(), "attention_mask": MASK,
+                                                     "labels": M.ids(seed=3)})
 
 
 @pytest.mark.parametrize("model, kwargs", [("llama", LSTM), ("t5", {}), ("bert_cls", {})])

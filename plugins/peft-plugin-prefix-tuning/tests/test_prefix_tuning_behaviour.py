@@ -145,23 +145,3 @@ def test_classifier_head_trains_with_the_prefixes(tmp_path):
 
     assert set(load_file(tmp_path / "adapter_model.safetensors")) == {
         "prompt_embeddings", "base_model.classifier.weight", "base_model.classifier.bias"}
-
-
-def test_training_lowers_the_loss_and_leaves_the_base_alone():
-    base = M.llama()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True)
-    model = get_peft_model(base, config)
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    x = M.ids(4, 8)
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, before[key]), key

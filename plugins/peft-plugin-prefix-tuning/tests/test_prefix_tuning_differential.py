@@ -16,6 +16,8 @@ from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.differential import (
     assert_checkpoints_interchangeable,
     assert_close,
+    assert_same_gradients,
+    assert_same_outputs,
     assert_same_structure,
     make_pair,
     output,
@@ -68,26 +70,14 @@ FORWARD = [
 @pytest.mark.parametrize("case", FORWARD, ids=[c[0] for c in FORWARD])
 def test_forward_and_loss(case):
     _, model, kwargs, inputs = case
-    hf, ours = pair(model, **kwargs)
-    with torch.no_grad():
-        expected, actual = hf(**inputs()), ours(**inputs())
-    assert_close(output(actual), output(expected), "output")
-    if getattr(expected, "loss", None) is not None:
-        assert_close(actual.loss, expected.loss, "loss")
+    assert_same_outputs(*pair(model, **kwargs), inputs())
 
 
 @pytest.mark.parametrize("model", ["llama", "t5"])
 def test_gradients_match(model):
-    hf, ours = pair(model, prefix_projection=True)
     labels = M.ids(seed=3) if model == "llama" else M.ids(length=4, seed=2)
-    for peft_model in (hf, ours):
-        peft_model.train()
-        torch.manual_seed(3)  # same dropout masks
-        peft_model(input_ids=M.ids(), attention_mask=MASK, labels=labels).loss.backward()
-    hf_params = dict(hf.named_parameters())
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            assert_close(param.grad, hf_params[name].grad, f"gradient of {name}")
+    assert_same_gradients(*pair(model, prefix_projection=True),
+                          {"input_ids": M.ids(), "attention_mask": MASK, "labels": labels})
 
 
 # -- task heads: HF PEFT finds no `past_key_values` argument on the backbone ------------------
