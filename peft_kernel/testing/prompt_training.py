@@ -14,7 +14,8 @@ Subclass :class:`PromptTrainingConformance` in the plugin's tests::
         config_fn = staticmethod(lambda task_type: MyConfig(task_type=task_type, num_virtual_tokens=4))
 
 The model runs in training mode (dropout seeded alike for the runs compared). A few AdamW steps
-on one batch must lower the loss and leave the base model's weights as they were.
+on one batch must lower the loss and leave the base model's weights as they were, and a saved
+adapter reloaded with ``is_trainable=True`` must give the saved outputs and train.
 """
 
 from __future__ import annotations
@@ -149,3 +150,24 @@ class PromptTrainingConformance:
         assert losses[-1] < losses[0] - 0.05, f"the loss did not fall: {losses}"
         for key, value in model.get_base_model().state_dict().items():
             assert torch.equal(value, base[key]), f"training changed the base model's {key}"
+
+    def test_trainable_reload_keeps_the_saved_prompt(self, tmp_path):
+        """``from_pretrained(..., is_trainable=True)`` rebuilds the saved layout: the same outputs as
+        the saved adapter, and trainable prompt tensors (only those)."""
+        from .. import PeftModel
+
+        builder = "causal_lm_fn" if self.causal_lm_fn is not None else "seq2seq_lm_fn"
+        model, inputs = self._adapted(builder)
+        model.eval().save_pretrained(tmp_path)
+        with torch.no_grad():
+            expected = output(model(**inputs))
+        torch.manual_seed(0)
+        reloaded = PeftModel.from_pretrained(getattr(self, builder)(), tmp_path, is_trainable=True).eval()
+        trainable = [n for n, p in reloaded.named_parameters() if p.requires_grad]
+        assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable), trainable
+        assert not reloaded.peft_config["default"].inference_mode
+        with torch.no_grad():
+            assert_close(output(reloaded(**inputs)), expected, "trainable reload")
+        reloaded.train()
+        reloaded(**inputs).loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in reloaded.parameters() if p.requires_grad)

@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 
-import peft_kernel
 from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.differential import (
     assert_checkpoints_interchangeable,
@@ -144,21 +143,6 @@ def test_checkpoints_load_both_ways(model, kwargs, tmp_path):
     if model == "t5":
         inputs["decoder_input_ids"] = M.ids(length=3, seed=2)
     assert_checkpoints_interchangeable(hf, ours, getattr(M, model), lambda: inputs, tmp_path)
-
-
-def test_trainable_reload_of_a_projected_prefix(tmp_path):
-    """A checkpoint holds the computed prefixes, not the MLP: reloaded with is_trainable=True
-    they become the trainable table, and the outputs are the saved adapter's. (HF PEFT refuses
-    trainable reloads of every prompt-learning adapter.)"""
-    hf, ours = pair("llama", prefix_projection=True)
-    hf.save_pretrained(tmp_path)
-    x = M.ids()
-    with torch.no_grad():
-        expected = hf(input_ids=x).logits
-    reloaded = peft_kernel.PeftModel.from_pretrained(M.llama(), tmp_path, is_trainable=True)
-    assert [n for n, p in reloaded.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
-    with torch.no_grad():
-        assert_close(reloaded(input_ids=x).logits, expected, "trainable reload")
 
 
 # -- HF PEFT's generation and gradient checkpointing -------------------------------------------
