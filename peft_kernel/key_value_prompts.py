@@ -169,6 +169,15 @@ def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
 
 
+def checkpointing_keeps_caches() -> bool:
+    """Whether the installed transformers lets a checkpointed layer keep a (read-only) cache."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers without per-layer checkpointing
+        return False
+    return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
 def frozen_cache_for(model: nn.Module, encoder_decoder: bool):
     """A read-only prompt cache when gradient checkpointing is on in ``model`` (training,
     gradients enabled), else ``None`` (a normal cache will do)."""
