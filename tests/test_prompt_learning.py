@@ -20,6 +20,7 @@ from peft_kernel import (
     inject_adapter_in_model,
     register_peft_method,
 )
+from peft_kernel.key_value_prompts import cache_keyword
 from peft_kernel.plugins import reset_manager
 from peft_kernel.prompt_learning import find_word_embeddings, prepare_config
 
@@ -435,9 +436,10 @@ def test_key_value_prompts_are_the_models_cache():
     cache = transformers.DynamicCache()
     table = model.prompt_encoder["default"].keys_values
     cache.update(table[0, 0].expand(2, -1, -1, -1), table[0, 1].expand(2, -1, -1, -1), 0)
+    full_mask = torch.cat((torch.ones(2, 3, dtype=torch.long), mask), dim=1)
     with torch.no_grad():
-        expected = model.base_model(input_ids=x, attention_mask=torch.cat((torch.ones(2, 3, dtype=torch.long), mask),
-                                                                          dim=1), cache=cache).logits
+        expected = model.base_model(input_ids=x, attention_mask=full_mask,
+                                    **{cache_keyword(model.base_model): cache}).logits
         torch.testing.assert_close(model(input_ids=x, attention_mask=mask).logits, expected)
         assert isinstance(model.get_prompt(2), transformers.Cache)
 

@@ -100,7 +100,9 @@ def _head_by_hand(model: str, peft_model, inputs):
     """The head on the backbone's output, the backbone run with the prefixes as its cache."""
     base = peft_model.get_base_model()
     mask = torch.cat((torch.ones(2, 3, dtype=torch.long), inputs["attention_mask"]), dim=1)
-    hidden = base.bert(input_ids=inputs["input_ids"], attention_mask=mask, cache=_prefix_cache(peft_model, 2))
+    cache_keyword = "cache" if transformers_renamed_the_cache() else "past_key_values"
+    hidden = base.bert(input_ids=inputs["input_ids"], attention_mask=mask,
+                       **{cache_keyword: _prefix_cache(peft_model, 2)})
     if model == "bert_cls":
         return base.classifier(hidden.pooler_output)
     if model == "bert_token_cls":
