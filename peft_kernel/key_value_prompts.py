@@ -127,7 +127,9 @@ def prompt_cache(model: nn.Module, key_values: torch.Tensor, encoder_decoder: bo
 # prompts + new states without storing anything, so both runs see the same keys.
 
 
+@functools.cache
 def _frozen_cache_classes():
+    """The read-only cache classes (built once, when transformers is first needed here)."""
     from transformers import DynamicCache, EncoderDecoderCache
 
     class FrozenPromptCache(DynamicCache):
@@ -158,24 +160,25 @@ def _frozen_cache_classes():
     return FrozenPromptCache, FrozenEncoderDecoderCache
 
 
-def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
-    """transformers' layers that will checkpoint in this forward."""
-    if not (model.training and torch.is_grad_enabled()):
-        return []
+def _checkpointing_layer_class():
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover - transformers without per-layer checkpointing
+        return None
+    return GradientCheckpointingLayer
+
+
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """transformers' layers that will checkpoint in this forward."""
+    layer_class = _checkpointing_layer_class()
+    if layer_class is None or not (model.training and torch.is_grad_enabled()):
         return []
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    return [m for m in model.modules() if isinstance(m, layer_class) and m.gradient_checkpointing]
 
 
 def checkpointing_keeps_caches() -> bool:
     """Whether the installed transformers lets a checkpointed layer keep a (read-only) cache."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # pragma: no cover - transformers without per-layer checkpointing
-        return False
-    return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+    return hasattr(_checkpointing_layer_class(), "_can_checkpoint_with_cache")
 
 
 def frozen_cache_for(model: nn.Module, encoder_decoder: bool):
@@ -184,10 +187,10 @@ def frozen_cache_for(model: nn.Module, encoder_decoder: bool):
     layers = _checkpointed_layers(model)
     if not layers:
         return None
-    unsupported = sorted({type(m).__name__ for m in layers if not hasattr(type(m), "_can_checkpoint_with_cache")})
-    if unsupported:
+    if not checkpointing_keeps_caches():
+        kinds = ", ".join(sorted({type(m).__name__ for m in layers}))
         raise ValueError(
-            f"Gradient checkpointing drops the key/value cache in {', '.join(unsupported)} with the installed "
+            f"Gradient checkpointing drops the key/value cache in {kinds} with the installed "
             "transformers, and with it the per-layer prompts (they would get no gradient). Train without gradient "
             "checkpointing, or upgrade transformers to a version whose layers can keep a read-only cache."
         )

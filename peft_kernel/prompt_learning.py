@@ -541,7 +541,7 @@ class PromptLearning:
         if kwargs.get(mask_key) is not None:
             kwargs[mask_key] = self._prefix(kwargs[mask_key], n, 1)
         cache = kv.find_cache(kwargs)
-        if kv.cache_length(kv.self_attention_cache(cache) if cache is not None else None) > 0:
+        if kv.cache_length(kv.self_attention_cache(cache)) > 0:
             return self.model(**kwargs)  # the prompts are already in the cache (incremental decoding by hand)
         keys = ("input_ids", "inputs_embeds") if not seq2seq else (
             "input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")
