@@ -241,3 +241,9 @@ class PromptLearningConfig(PeftConfig):
     )
 
     is_prompt_learning = True
+    #: the prompts are per-layer keys and values in the model's cache, not virtual input tokens
+    injects_key_values = False
+
+    def fill_derived_fields(self) -> None:
+        """Called once the model dimensions are filled in: set fields whose defaults derive
+        from them (e.g. a hidden size that defaults to ``token_dim``). Does nothing by default."""

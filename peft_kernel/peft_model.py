@@ -441,7 +441,9 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         elif not isinstance(config, PeftConfig):
             raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
-        config.inference_mode = not is_trainable
+        # prompt encoders are built in the layout their checkpoint holds (inference mode); a
+        # trainable load unfreezes that afterwards (load_adapter)
+        config.inference_mode = not is_trainable or config.is_prompt_learning
         target_cls = cls
         if cls is PeftModel and config.task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
             target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
@@ -473,7 +475,7 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config:
                 raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name")
             config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder)
-            config.inference_mode = not is_trainable
+            config.inference_mode = not is_trainable or config.is_prompt_learning
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
@@ -485,6 +487,8 @@ class PeftModel(nn.Module):
             raise
         if not is_trainable:
             self.set_requires_grad_false(adapter_name)
+        elif self._is_prompt_learning:
+            self.prompt_learning.unfreeze(adapter_name)
         return result
 
     def set_requires_grad_false(self, adapter_name: str) -> None:

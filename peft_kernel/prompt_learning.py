@@ -6,9 +6,12 @@ as ``model_cls``, a *prompt encoder*. Everything else lives here, written once:
 
 * finding the model's word embeddings and filling the config's model dimensions;
 * inserting the virtual-token embeddings in front of ``inputs_embeds`` and extending
-  ``attention_mask`` / ``labels`` / ``token_type_ids`` to match, per task type;
-* ``generate`` for decoder-only models (virtual tokens enter once, when the key/value
-  cache is still empty) and encoder-decoder models (virtual tokens on the encoder side);
+  ``attention_mask`` / ``labels`` / ``token_type_ids`` to match, per task type — or, for
+  methods whose prompts are per-layer keys and values, putting them into the model's
+  key/value cache (:mod:`peft_kernel.key_value_prompts`);
+* ``generate`` for decoder-only models (the prompts enter once, when the key/value cache is
+  still empty) and encoder-decoder models (virtual tokens on the encoder side, key/value
+  prompts in the decoder's self-attention);
 * several adapters (one active), ``modules_to_save`` heads, ``disable_adapter()``;
 * checkpoint keys (no ``base_model.model.`` prefix, no adapter name).
 
@@ -18,19 +21,40 @@ The prompt-encoder contract
 
 * ``forward(indices)`` maps a ``LongTensor`` of virtual-token indices, shape
   ``(batch, num_virtual_tokens * num_transformer_submodules)``, to embeddings of shape
-  ``(batch, that many, token_dim)``; with ``task_ids`` given to the PeftModel, it is
-  called as ``forward(indices, task_ids)``;
+  ``(batch, that many, width)``; with ``task_ids`` given to the PeftModel, it is called as
+  ``forward(indices, task_ids)``. ``width`` is ``token_dim`` for virtual tokens;
 * the class attribute ``checkpoint_keys`` maps checkpoint keys to the encoder's own
   parameter names; the default is HF PEFT's ``{"prompt_embeddings": "embedding.weight"}``;
 * the constructor is called under ``torch.device("meta")`` for ``low_cpu_mem_usage`` and
-  with ``config.inference_mode`` set when a trained adapter is about to be loaded: an
-  encoder skips data-dependent initialisation (tokenizers, vocabulary samples) then.
+  with ``config.inference_mode`` set whenever a saved adapter is about to be loaded (also
+  with ``is_trainable=True``; trainability is applied afterwards): an encoder then builds the
+  layout its checkpoint holds and skips data-dependent initialisation (tokenizers,
+  vocabulary samples, source checkpoints).
+
+Optional parts, each for methods that need it:
+
+* ``checkpoint_output_key`` (attribute): this checkpoint key stores the encoder's *output*
+  for all virtual tokens (the table the model sees), not a parameter. An encoder that trains
+  a reparameterisation of its table (an MLP, an LSTM, a projection) saves the table it
+  computes; built for loading, it holds that table as the parameter ``checkpoint_keys`` names.
+* ``frozen_parameters`` (attribute): names of the encoder's parameters that never train.
+* ``forward_inputs`` (attribute) and ``loss(logits, labels, **inputs)``: the keyword inputs
+  named in ``forward_inputs`` are taken out of the model call and passed to ``loss``, whose
+  result replaces the model's loss whenever labels are given. ``logits`` include the virtual
+  positions; ``labels`` are the caller's.
+* Key/value prompts: when the config class sets ``injects_key_values = True``, the encoder's
+  ``key_values(prompts)`` turns its output ``(batch, num_virtual_tokens, width)`` into
+  per-layer keys and values, ``(layers, 2, batch, heads, num_virtual_tokens, head_dim)``.
+  For these configs ``token_dim`` and ``num_attention_heads`` describe the attention's keys
+  and values (``num_key_value_heads × head_dim`` and ``num_key_value_heads`` on grouped-query
+  models, HF PEFT's convention), and ``num_layers`` the number of layers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import key_value_prompts as kv
 from .auxiliary import ModulesToSaveWrapper
 from .errors import PeftWarning
 from .plugins import manager
@@ -102,17 +127,21 @@ def prepare_config(config, model: nn.Module) -> None:
     """Validate ``config`` and fill its unset model dimensions from ``model``'s config.
 
     ``token_dim`` is required (from the config or the model); ``num_layers`` and
-    ``num_attention_heads`` stay ``None`` when the model does not describe them.
+    ``num_attention_heads`` stay ``None`` when the model does not describe them, unless the
+    prompts are per-layer keys and values (then they are required, and describe the keys and
+    values, see the module docstring). Finally the config's ``fill_derived_fields()`` fills
+    fields whose defaults depend on these dimensions.
     """
     n = config.num_virtual_tokens
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
     text = _text_config(model)
+    required = ("token_dim", "num_layers", "num_attention_heads") if config.injects_key_values else ("token_dim",)
     for field_name, names in _DIMENSIONS.items():
         if getattr(config, field_name) is None:
             value = _config_value(text, names)
-            if value is None and field_name != "token_dim":
-                continue  # only encoders that need the model's shape (e.g. per-layer prefixes) read these
+            if value is None and field_name not in required:
+                continue  # only encoders that need the model's shape (e.g. per-layer prompts) read these
             if value is None:
                 raise ValueError(
                     f"Please specify `{field_name}` in the {type(config).__name__}: it cannot be read from the "
@@ -121,6 +150,21 @@ def prepare_config(config, model: nn.Module) -> None:
             setattr(config, field_name, value)
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 2 if config.task_type == "SEQ_2_SEQ_LM" else 1
+    if config.injects_key_values:
+        _describe_keys_and_values(config, text)
+    config.fill_derived_fields()
+
+
+def _describe_keys_and_values(config, text) -> None:
+    """On grouped-query models (fewer key/value heads than query heads) the keys and values
+    are ``num_key_value_heads`` heads of ``head_dim``: ``token_dim`` and
+    ``num_attention_heads`` are set to describe them, as HF PEFT does."""
+    kv_heads = _config_value(text, ("num_key_value_heads",))
+    if kv_heads is None:
+        return
+    head_dim = _config_value(text, ("head_dim",)) or config.token_dim // config.num_attention_heads
+    config.token_dim = head_dim * kv_heads
+    config.num_attention_heads = kv_heads
 
 
 def find_word_embeddings(model: nn.Module) -> nn.Module:
@@ -159,28 +203,6 @@ def _device_of(module: nn.Module) -> torch.device | None:
     for tensor in module.buffers():
         return tensor.device
     return None
-
-
-#: keyword names of the key/value cache in transformers' forward/generate calls (``past_key_values``
-#: became ``cache`` in transformers 5.2x; both are looked for, whichever the installed version passes)
-_CACHE_KEYS = ("cache", "past_key_values")
-
-
-def _find_cache(kwargs: dict):
-    for key in _CACHE_KEYS:
-        if kwargs.get(key) is not None:
-            return kwargs[key]
-    return None
-
-
-def _cache_length(cache) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:  # legacy tuple cache
-        return int(cache[0][0].shape[-2])
-    return 0
 
 
 def _shift_positions(position_ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -268,6 +290,9 @@ class PromptLearning:
             encoder = spec.model_cls(config, self.word_embeddings)
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"{spec.model_cls.__name__}(config, word_embeddings) must return an nn.Module")
+        if config.injects_key_values and not callable(getattr(encoder, "key_values", None)):
+            raise TypeError(f"{spec.model_cls.__name__} must define key_values(prompts): {type(config).__name__} "
+                            "sets injects_key_values")
         device = _device_of(self.word_embeddings)
         if not low_cpu_mem_usage and device is not None and device.type != "meta":
             encoder = encoder.to(device)
@@ -309,12 +334,20 @@ class PromptLearning:
         trainable = active in configs and not configs[active].inference_mode
         for name, encoder in self.encoders.items():
             encoder.requires_grad_(trainable and name == active)
+            for frozen in getattr(encoder, "frozen_parameters", ()):
+                encoder.get_parameter(frozen).requires_grad_(False)
         if active in configs:
             for _, wrapper in self._wrappers():
                 wrapper.set_adapter([active], inference_mode=not trainable)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Called after ``PeftModel.active_adapter`` changed."""
+        self._apply_trainability()
+
+    def unfreeze(self, adapter_name: str) -> None:
+        """Make a loaded adapter trainable (``is_trainable=True``): it was built in its saved
+        layout, in inference mode; now it trains when active."""
+        self.peft_model.peft_config[adapter_name].inference_mode = False
         self._apply_trainability()
 
     def delete(self, adapter_name: str) -> None:
@@ -342,13 +375,13 @@ class PromptLearning:
 
     # -- virtual tokens ---------------------------------------------------------------
 
-    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None,
-                   adapter_name: str | None = None) -> torch.Tensor:
-        """The virtual-token embeddings, ``(batch_size, total virtual tokens, token_dim)``."""
-        name = self.peft_model.active_adapter if adapter_name is None else adapter_name
+    def _encode(self, name: str, batch_size: int, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's output for ``batch_size`` rows, ``(batch_size, total virtual tokens, width)``."""
         config = self._config(name)
         encoder = self.encoders[name]
         total = config.num_virtual_tokens * config.num_transformer_submodules
+        if config.injects_key_values:
+            total = config.num_virtual_tokens  # one set of keys and values per layer, for one stack
         device = _device_of(encoder)
         indices = torch.arange(total, dtype=torch.long, device=device).unsqueeze(0)
         if task_ids is not None:
@@ -358,13 +391,46 @@ class PromptLearning:
         # encode once, repeat the result (cheaper than encoding batch_size identical rows)
         return encoder(indices).repeat(batch_size, 1, 1)
 
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None,
+                   adapter_name: str | None = None):
+        """The prompts for ``batch_size`` rows: virtual-token embeddings ``(batch_size, total
+        virtual tokens, token_dim)``, or, for key/value prompts, a transformers cache that
+        holds them (what HF PEFT returns; pass it as the model's cache)."""
+        name = self.peft_model.active_adapter if adapter_name is None else adapter_name
+        config = self._config(name)
+        if not config.injects_key_values:
+            return self._encode(name, batch_size, task_ids)
+        return kv.prompt_cache(self.model, self._key_values(config, batch_size, task_ids, name),
+                               self._is_encoder_decoder(config))
+
+    def _key_values(self, config, batch_size: int, task_ids, name: str | None = None) -> torch.Tensor:
+        """Per-layer keys and values, ``(layers, 2, batch, heads, n, head_dim)``, in the model's dtype."""
+        name = self.peft_model.active_adapter if name is None else name
+        key_values = self.encoders[name].key_values(self._encode(name, batch_size, task_ids))
+        weight = getattr(self.word_embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            key_values = key_values.to(device=weight.device, dtype=weight.dtype)
+        return key_values
+
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
-        config = self._config(adapter_name)
+        """What the checkpoint of ``adapter_name`` holds as ``prompt_embeddings`` (on the CPU): the
+        encoder's output for all virtual tokens, or the table itself for encoders whose output
+        depends on more than the token (e.g. task ids)."""
         encoder = self.encoders[adapter_name]
-        total = config.num_virtual_tokens * config.num_transformer_submodules
-        indices = torch.arange(total, dtype=torch.long, device=_device_of(encoder)).unsqueeze(0)
+        layout = getattr(encoder, "checkpoint_keys", None) or DEFAULT_CHECKPOINT_KEYS
+        if getattr(encoder, "checkpoint_output_key", None) is None and "prompt_embeddings" in layout:
+            return encoder.get_parameter(layout["prompt_embeddings"]).detach().cpu()
         with torch.no_grad():
-            return encoder(indices)[0].detach().cpu()
+            return self._encode(adapter_name, 1, None)[0].detach().cpu()
+
+    def computed_checkpoint_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors that are computed rather than stored: the encoder's output under its
+        ``checkpoint_output_key`` (see the module docstring)."""
+        key = getattr(self.encoders[adapter_name], "checkpoint_output_key", None)
+        if key is None:
+            return {}
+        with torch.no_grad():
+            return {key: self._encode(adapter_name, 1, None)[0].detach()}
 
     def _embed(self, input_ids, inputs_embeds):
         if inputs_embeds is not None:
@@ -386,9 +452,16 @@ class PromptLearning:
 
     # -- forward ----------------------------------------------------------------------
 
+    def _pop_encoder_inputs(self, kwargs) -> dict:
+        """Keyword inputs that belong to the active encoder (its ``forward_inputs``), not the model."""
+        name = self.peft_model.active_adapter
+        encoder = self.encoders[name] if name in self.encoders else None
+        return {key: kwargs.pop(key) for key in getattr(encoder, "forward_inputs", ()) if key in kwargs}
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._disabled:
             kwargs.pop("task_ids", None)
+            self._pop_encoder_inputs(kwargs)
             return self.model(*args, **kwargs)
         config = self._config()
         names = _POSITIONAL.get(config.task_type, _DEFAULT_POSITIONAL)
@@ -398,6 +471,18 @@ class PromptLearning:
             if name in kwargs:
                 raise TypeError(f"forward got multiple values for argument {name!r}")
             kwargs[name] = value
+        encoder_inputs = self._pop_encoder_inputs(kwargs)
+        labels = kwargs.get("labels")
+        if config.injects_key_values:
+            out = self._forward_with_key_values(config, kwargs)
+        else:
+            out = self._forward_with_virtual_tokens(config, kwargs)
+        loss = getattr(self.encoders[self.peft_model.active_adapter], "loss", None)
+        if loss is not None and labels is not None:
+            out.loss = loss(out.logits, labels, **encoder_inputs)
+        return out
+
+    def _forward_with_virtual_tokens(self, config, kwargs):
         task_ids = kwargs.pop("task_ids", None)
         input_ids = kwargs.pop("input_ids", None)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
@@ -409,15 +494,9 @@ class PromptLearning:
         seq2seq = self._is_encoder_decoder(config)
         if kwargs.get("position_ids") is not None:
             warnings.warn("position_ids are ignored with prompt learning: the virtual tokens shift every position; "
-                          "the model computes them.", PeftWarning, stacklevel=3)
+                          "the model computes them.", PeftWarning, stacklevel=4)
             kwargs["position_ids"] = None
-        if kwargs.get("token_type_ids") is not None:
-            if not seq2seq and config.task_type in _KEEPS_TOKEN_TYPES:
-                kwargs["token_type_ids"] = self._prefix(kwargs["token_type_ids"], n, 0)
-            else:
-                warnings.warn(f"token_type_ids are ignored with prompt learning for task {config.task_type}.",
-                              PeftWarning, stacklevel=3)
-                kwargs["token_type_ids"] = None
+        self._token_types(config, kwargs, seq2seq, n)
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = self._prefix(kwargs["attention_mask"], n, 1)
         if not seq2seq:
@@ -428,11 +507,52 @@ class PromptLearning:
             )
             if labels is not None and per_token:
                 kwargs["labels"] = self._prefix(labels, n, IGNORE_INDEX)
-            if _cache_length(_find_cache(kwargs)) > 0:
+            if kv.cache_length(kv.find_cache(kwargs)) > 0:
                 # the virtual tokens are already in the cache (incremental decoding by hand)
                 return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         embeds = self._with_prompts(config, self._embed(input_ids, inputs_embeds), task_ids)
         return self.model(inputs_embeds=embeds, **kwargs)
+
+    def _token_types(self, config, kwargs, seq2seq: bool, n: int) -> None:
+        """Virtual input tokens get token type 0 where the task keeps token types; elsewhere
+        token types are dropped (with a warning)."""
+        if kwargs.get("token_type_ids") is None:
+            return
+        if not seq2seq and config.task_type in _KEEPS_TOKEN_TYPES:
+            if n:
+                kwargs["token_type_ids"] = self._prefix(kwargs["token_type_ids"], n, 0)
+        else:
+            warnings.warn(f"token_type_ids are ignored with prompt learning for task {config.task_type}.",
+                          PeftWarning, stacklevel=5)
+            kwargs["token_type_ids"] = None
+
+    def _forward_with_key_values(self, config, kwargs):
+        """The prompts go into the (decoder's self-attention) key/value cache; inputs, labels
+        and outputs keep their length. Masks get ``n`` leading ones; given ``position_ids``
+        (positions of the real tokens) move up by ``n``, as the model's own would."""
+        n = config.num_virtual_tokens
+        seq2seq = self._is_encoder_decoder(config)
+        task_ids = kwargs.pop("task_ids", None)
+        self._token_types(config, kwargs, seq2seq, 0)
+        position_key = "decoder_position_ids" if seq2seq else "position_ids"
+        if kwargs.get(position_key) is not None:
+            kwargs[position_key] = kwargs[position_key] + n
+        mask_key = "decoder_attention_mask" if seq2seq else "attention_mask"
+        if kwargs.get(mask_key) is not None:
+            kwargs[mask_key] = self._prefix(kwargs[mask_key], n, 1)
+        cache = kv.find_cache(kwargs)
+        if kv.cache_length(kv.self_attention_cache(cache)) > 0:
+            return self.model(**kwargs)  # the prompts are already in the cache (incremental decoding by hand)
+        keys = ("input_ids", "inputs_embeds") if not seq2seq else (
+            "input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels")
+        rows = next((kwargs[k].shape[0] for k in keys if kwargs.get(k) is not None), None)
+        if rows is None:
+            raise ValueError("Pass input_ids or inputs_embeds: the prompts are made for each row of the batch")
+        keyword = kv.cache_keyword(self.model)
+        prompts = kv.prompt_cache(self.model, self._key_values(config, rows, task_ids), seq2seq, cache)
+        kv.set_cache(kwargs, keyword, prompts)
+        with kv.checkpointed_layers_keep_cache(self.model, prompts):
+            return self.model(**kwargs)
 
     def _extend_mask_for_encoder_outputs(self, kwargs, n: int) -> None:
         mask, encoded = kwargs.get("attention_mask"), kwargs.get("encoder_outputs")
@@ -445,13 +565,14 @@ class PromptLearning:
     # -- generate ---------------------------------------------------------------------
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._pop_encoder_inputs(kwargs)  # training inputs (e.g. for the encoder's loss)
         if self._disabled:
             kwargs.pop("task_ids", None)
             return self.model.generate(*args, **kwargs)
         config = self._config()
-        if self._is_encoder_decoder(config):
+        if self._is_encoder_decoder(config) and not config.injects_key_values:
             return self._generate_encoder_decoder(config, *args, **kwargs)
-        return self._generate_decoder_only(config, *args, **kwargs)
+        return self._generate_with_steps_wrapped(config, *args, **kwargs)
 
     def _generate_encoder_decoder(self, config, *args, **kwargs):
         """The virtual tokens go in front of the encoder input; the decoder is untouched."""
@@ -474,7 +595,7 @@ class PromptLearning:
             kwargs["attention_mask"] = self._prefix(kwargs["attention_mask"], config.num_virtual_tokens, 1)
         return self.model.generate(**kwargs)
 
-    def _generate_decoder_only(self, config, *args, **kwargs):
+    def _generate_with_steps_wrapped(self, config, *args, **kwargs):
         """Run the model's own ``generate`` with its ``prepare_inputs_for_generation``
         wrapped for the duration of the call (restored afterwards, also on errors)."""
         task_ids = kwargs.pop("task_ids", None)
@@ -482,10 +603,11 @@ class PromptLearning:
         self._size_fixed_cache(config, args, kwargs)
         original = model.prepare_inputs_for_generation
         own = model.__dict__.get("prepare_inputs_for_generation", _MISSING)
+        step = self._prepare_key_value_step if config.injects_key_values else self._prepare_step
 
         @functools.wraps(original)
         def prepare_inputs_for_generation(*p_args, **p_kwargs):
-            return self._prepare_step(original, config, task_ids, *p_args, **p_kwargs)
+            return step(original, config, task_ids, *p_args, **p_kwargs)
 
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         try:
@@ -499,7 +621,7 @@ class PromptLearning:
     def _size_fixed_cache(self, config, args, kwargs) -> None:
         """Caches of fixed size (``cache_implementation="static"``, ...) are sized by
         ``generate`` for the real tokens only; make room for the virtual ones."""
-        if _find_cache(kwargs) is not None:
+        if kv.find_cache(kwargs) is not None:
             return
         generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
@@ -515,6 +637,18 @@ class PromptLearning:
         current = kwargs.get("max_cache_len", getattr(generation_config, "max_cache_len", None)) or 0
         kwargs["max_cache_len"] = max(current, total + config.num_virtual_tokens)
 
+    def _step_mask(self, kwargs, key: str, n: int) -> None:
+        """A generation step's 2-D mask (from a dict or a 4-D mask if need be) with ``n`` leading ones."""
+        mask = kwargs.get(key)
+        if isinstance(mask, dict):
+            if len(mask) != 1:
+                raise ValueError(f"Expected a single attention mask, got {len(mask)} ({sorted(mask)})")
+            mask = next(iter(mask.values()))
+        if mask is not None:
+            if mask.dim() == 4:
+                mask = _mask_2d(mask)
+            kwargs[key] = self._prefix(mask, n, 1)
+
     def _prepare_step(self, original, config, task_ids, *args, **kwargs):
         """One generation step. The virtual tokens enter while the cache is empty (the
         prefill, or every step without a cache); afterwards they live in the cache and
@@ -524,17 +658,8 @@ class PromptLearning:
         position_ids = kwargs.pop("position_ids", None)
         if position_ids is not None:
             kwargs["position_ids"] = _shift_positions(position_ids, n)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, dict):
-            if len(mask) != 1:
-                raise ValueError(f"Expected a single attention mask, got {len(mask)} ({sorted(mask)})")
-            mask = next(iter(mask.values()))
-        if mask is not None:
-            if mask.dim() == 4:
-                mask = _mask_2d(mask)
-            mask = self._prefix(mask, n, 1)
-            kwargs["attention_mask"] = mask
-        if _cache_length(_find_cache(kwargs)) == 0:
+        self._step_mask(kwargs, "attention_mask", n)
+        if kv.cache_length(kv.find_cache(kwargs)) == 0:
             input_ids = args[0] if args else kwargs.get("input_ids")
             user_embeds = kwargs.get("inputs_embeds")
             if user_embeds is not None and (input_ids is None or input_ids.shape[-1] == 0):
@@ -549,6 +674,27 @@ class PromptLearning:
         model_inputs = original(*args, **kwargs)
         model_inputs.pop("token_type_ids", None)
         return model_inputs
+
+    def _prepare_key_value_step(self, original, config, task_ids, *args, **kwargs):
+        """One generation step with key/value prompts: they go into the cache while it is
+        empty (the prefill; every step without a cache); masks get ``n`` leading ones and
+        positions move up by ``n``, on every step. Inputs are untouched."""
+        n = config.num_virtual_tokens
+        seq2seq = self._is_encoder_decoder(config)
+        position_key = "decoder_position_ids" if seq2seq else "position_ids"
+        if kwargs.get(position_key) is not None:
+            kwargs[position_key] = kwargs[position_key] + n
+        self._step_mask(kwargs, "decoder_attention_mask" if seq2seq else "attention_mask", n)
+        cache = kv.find_cache(kwargs)
+        if kwargs.get("use_cache") is False:
+            cache = None  # a model may hand back the cache it was given; without caching every step starts afresh
+        if cache is None or kv.cache_length(kv.self_attention_cache(cache)) == 0:
+            ids = args[0] if args else kwargs.get("decoder_input_ids" if seq2seq else "input_ids")
+            if ids is None or ids.shape[-1] == 0:
+                ids = kwargs["inputs_embeds"]
+            prompts = kv.prompt_cache(self.model, self._key_values(config, ids.shape[0], task_ids), seq2seq, cache)
+            kv.set_cache(kwargs, _step_cache_keyword(original, kwargs), prompts)
+        return original(*args, **kwargs)
 
     # -- disabling --------------------------------------------------------------------
 
@@ -590,3 +736,12 @@ class PromptLearning:
 
 
 _MISSING = object()
+
+
+def _step_cache_keyword(prepare_inputs_for_generation, kwargs: dict) -> str:
+    """The keyword ``generate`` hands the cache to ``prepare_inputs_for_generation`` under."""
+    present = [key for key in kv.CACHE_KEYS if key in kwargs]
+    if present:
+        return present[0]
+    parameters = inspect.signature(prepare_inputs_for_generation).parameters
+    return next((key for key in kv.CACHE_KEYS if key in parameters), kv.CACHE_KEYS[0])

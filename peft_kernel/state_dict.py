@@ -138,6 +138,7 @@ def get_peft_model_state_dict(model, state_dict: dict | None = None, adapter_nam
         values = {k: state_dict[k.replace(FSDP_INFIX, "")] for k in mapping if k.replace(FSDP_INFIX, "") in state_dict}
     result = {mapping[k]: distributed.materialize(mapping[k], v) for k, v in values.items()}
     if config.is_prompt_learning:
+        result.update(model.prompt_learning.computed_checkpoint_tensors(adapter_name))
         return result
     manager().adapter_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=result)
     return result

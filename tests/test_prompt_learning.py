@@ -20,6 +20,7 @@ from peft_kernel import (
     inject_adapter_in_model,
     register_peft_method,
 )
+from peft_kernel.key_value_prompts import cache_keyword
 from peft_kernel.plugins import reset_manager
 from peft_kernel.prompt_learning import find_word_embeddings, prepare_config
 
@@ -383,3 +384,80 @@ def test_low_cpu_mem_usage_builds_the_encoder_on_meta(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded.print_trainable_parameters()
+
+
+# -- prompts as per-layer keys and values (a method the kernel has never seen) --------------
+
+
+@dataclass
+class ToyKeyValueConfig(PromptLearningConfig):
+    injects_key_values = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = "TOY_KEY_VALUE"
+
+
+class ToyKeyValueEncoder(nn.Module):
+    """One tensor holds every layer's keys and values: (layers, 2, heads, n, head_dim)."""
+
+    checkpoint_keys = {"toy_keys_values": "keys_values"}
+
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        heads = config.num_attention_heads
+        shape = (config.num_layers, 2, heads, config.num_virtual_tokens, config.token_dim // heads)
+        self.keys_values = nn.Parameter(torch.randn(shape))
+
+    def forward(self, indices):  # one row of width layers·2·heads·head_dim per virtual token
+        per_token = self.keys_values.permute(3, 0, 1, 2, 4).flatten(1)
+        return per_token[indices]
+
+    def key_values(self, prompts):
+        layers, _, heads, n, head_dim = self.keys_values.shape
+        return prompts.view(prompts.shape[0], n, layers, 2, heads, head_dim).permute(2, 3, 0, 4, 1, 5)
+
+
+def key_value_model():
+    register_peft_method(name="toy_key_value", config_cls=ToyKeyValueConfig, model_cls=ToyKeyValueEncoder)
+    return get_peft_model(tiny_llama(), ToyKeyValueConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+
+
+def test_key_value_prompts_are_the_models_cache():
+    """The forward equals the base model continuing from a cache that holds the prompts: masks
+    cover them, positions start after them, outputs keep their length. Dimensions describe the
+    grouped-query keys and values (1 head of 8)."""
+    import transformers
+
+    model = key_value_model()
+    config = model.peft_config["default"]
+    assert (config.token_dim, config.num_attention_heads, config.num_layers) == (8, 1, 1)
+    x, mask = ids(2, 4, seed=1), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    cache = transformers.DynamicCache()
+    table = model.prompt_encoder["default"].keys_values
+    cache.update(table[0, 0].expand(2, -1, -1, -1), table[0, 1].expand(2, -1, -1, -1), 0)
+    full_mask = torch.cat((torch.ones(2, 3, dtype=torch.long), mask), dim=1)
+    with torch.no_grad():
+        expected = model.base_model(input_ids=x, attention_mask=full_mask,
+                                    **{cache_keyword(model.base_model): cache}).logits
+        torch.testing.assert_close(model(input_ids=x, attention_mask=mask).logits, expected)
+        assert isinstance(model.get_prompt(2), transformers.Cache)
+
+
+def test_key_value_prompts_generate_like_full_forwards():
+    model = key_value_model()
+    x = ids(2, 4, seed=1)
+    with torch.no_grad():
+        expected = greedy_by_hand(model, x, 4)
+        for kwargs in ({}, {"cache_implementation": "static"}, {"use_cache": False}):
+            assert torch.equal(model.generate(input_ids=x, max_new_tokens=4, do_sample=False, **kwargs), expected)
+    assert "prepare_inputs_for_generation" not in vars(model.base_model)
+
+
+def test_a_key_value_encoder_must_lay_out_its_prompts():
+    class NoLayout(ToyKeyValueEncoder):
+        key_values = None
+
+    register_peft_method(name="toy_key_value", config_cls=ToyKeyValueConfig, model_cls=NoLayout)
+    with pytest.raises(TypeError, match="key_values"):
+        get_peft_model(tiny_llama(), ToyKeyValueConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))

@@ -33,6 +33,7 @@ from torch import nn
 from .. import PeftModel, get_peft_model
 from ..layer import AdapterLayer
 from ..state_dict import SAFETENSORS_WEIGHTS_NAME
+from .differential import output
 
 
 @dataclasses.dataclass
@@ -59,11 +60,7 @@ def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
             out = model(inputs)
     if isinstance(out, (tuple, list)):
         out = out[0]
-    if hasattr(out, "logits"):
-        out = out.logits
-    if hasattr(out, "last_hidden_state"):
-        out = out.last_hidden_state
-    out = out.detach().float()
+    out = output(out).detach().float()
     out.virtual_tokens = _virtual_tokens(model)
     return out
 

@@ -56,6 +56,7 @@ CAUSAL_MODES = [
 #: the same for encoder-decoder models
 SEQ2SEQ_MODES = [
     ("dynamic", {}, False),
+    ("static", {"cache_implementation": "static"}, False),
     ("padded-dynamic", {}, True),
     ("beam", {"num_beams": 3, "num_return_sequences": 2}, False),
     ("no-cache", {"use_cache": False}, False),
@@ -71,28 +72,34 @@ def _inputs(vocab: int, padded: bool, batch: int = 2, length: int = 6) -> tuple[
     return ids, mask
 
 
-def _full_logits(model: nn.Module, encoder_decoder: bool, enc_ids, enc_mask, dec_ids) -> torch.Tensor:
+def _full_logits(model: nn.Module, encoder_decoder: bool, enc_ids, enc_mask, dec_ids, row_inputs) -> torch.Tensor:
     """Logits of the last position of a full forward over one row's prefix, no cache."""
     with torch.no_grad():
         if encoder_decoder:
             out = model(input_ids=enc_ids[None], attention_mask=None if enc_mask is None else enc_mask[None],
-                        decoder_input_ids=dec_ids[None], use_cache=False)
+                        decoder_input_ids=dec_ids[None], use_cache=False, **row_inputs)
         else:
-            out = model(input_ids=dec_ids[None], use_cache=False)
+            out = model(input_ids=dec_ids[None], use_cache=False, **row_inputs)
     return out.logits[0, -1].float()
 
 
 def generation_gap(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   max_new_tokens: int = 5, **generate_kwargs: Any) -> float:
+                   max_new_tokens: int = 5, row_inputs: dict[str, torch.Tensor] | None = None,
+                   **generate_kwargs: Any) -> float:
     """Worst absolute difference, over every generated step and row, between what
     ``generate`` computed (logits, or for beam search the returned beams' token scores)
-    and a full no-cache forward over the same prefix. Greedy decoding."""
+    and a full no-cache forward over the same prefix. Greedy decoding.
+
+    ``row_inputs`` are further inputs with one entry per row of ``input_ids`` (e.g.
+    ``task_ids``): passed to ``generate`` as they are, and to each row's full forward as that
+    row's entry."""
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     beams = generate_kwargs.get("num_beams", 1) > 1
+    row_inputs = row_inputs or {}
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
-                             output_logits=True, output_scores=True, **generate_kwargs)
+                             output_logits=True, output_scores=True, **row_inputs, **generate_kwargs)
     sequences = out.sequences
     start = 1 if encoder_decoder else input_ids.shape[1]  # where the generated tokens begin
     per_input = sequences.shape[0] // input_ids.shape[0]
@@ -106,7 +113,8 @@ def generation_gap(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
             prefix = sequences[row, : start + t]
             if not encoder_decoder and mask is not None:  # the row as it would be without padding
                 prefix = prefix[torch.cat([mask.bool(), torch.ones(t, dtype=torch.bool)])]
-            full = _full_logits(model, encoder_decoder, input_ids[source], mask, prefix)
+            this_row = {key: value[source : source + 1] for key, value in row_inputs.items()}
+            full = _full_logits(model, encoder_decoder, input_ids[source], mask, prefix, this_row)
             if beams:
                 token = sequences[row, start + t]
                 expected = torch.log_softmax(full, dim=-1)[token]
@@ -132,7 +140,12 @@ class GenerationConformance:
     seq2seq_lm_fn: Callable[[], nn.Module] | None = None
     #: ``config_fn(task_type)`` returns the method's config for that task type
     config_fn: Callable[[str], Any]
+    #: ``row_inputs_fn(batch_size)``: further inputs, one entry per row (e.g. ``task_ids``), or ``None``
+    row_inputs_fn: Callable[[int], dict[str, torch.Tensor]] | None = None
     atol: float = ATOL
+
+    def _row_inputs(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return self.row_inputs_fn(batch_size) if self.row_inputs_fn is not None else {}
 
     def pytest_generate_tests(self, metafunc):
         if "causal_mode" in metafunc.fixturenames:
@@ -154,7 +167,7 @@ class GenerationConformance:
         name, kwargs, padded = mode
         model = self._adapted(model_fn, task_type)
         ids, mask = _inputs(model.config.vocab_size, padded)
-        gap = generation_gap(model, ids, mask, **kwargs)
+        gap = generation_gap(model, ids, mask, row_inputs=self._row_inputs(ids.shape[0]), **kwargs)
         assert gap <= self.atol, f"{name}: generate's logits differ from a full forward by {gap:.3g} > {self.atol}"
 
     def test_causal_lm_generation_is_exact(self, causal_mode):
@@ -170,15 +183,16 @@ class GenerationConformance:
             return
         model = self._adapted(self.causal_lm_fn, "CAUSAL_LM")
         ids, _ = _inputs(model.config.vocab_size, False)
+        row_inputs = self._row_inputs(ids.shape[0])
         embed = model.get_input_embeddings()
         with torch.no_grad():
             prompt = embed(ids)
             out = model.generate(inputs_embeds=prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
+                                 return_dict_in_generate=True, output_logits=True, **row_inputs)
             worst = 0.0
             for t, step_logits in enumerate(out.logits):
                 embeds = torch.cat((prompt, embed(out.sequences[:, :t])), dim=1)
-                full = model(inputs_embeds=embeds, use_cache=False).logits[:, -1]
+                full = model(inputs_embeds=embeds, use_cache=False, **row_inputs).logits[:, -1]
                 worst = max(worst, (step_logits - full).abs().max().item())
         assert worst <= self.atol, f"generate from inputs_embeds differs from a full forward by {worst:.3g}"
 
@@ -190,7 +204,7 @@ class GenerationConformance:
         ids, _ = _inputs(model.config.vocab_size, False)
         kwargs = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
         with torch.no_grad():
-            adapted = model.generate(input_ids=ids, **kwargs).logits[0]
+            adapted = model.generate(input_ids=ids, **self._row_inputs(ids.shape[0]), **kwargs).logits[0]
             with model.disable_adapter():
                 plain = model.generate(input_ids=ids, **kwargs).logits[0]
         assert (adapted - plain).abs().max().item() > 1e-3, "the adapter does not change generation"

@@ -115,27 +115,13 @@ def test_seq2seq_table_holds_both_stacks():
     assert out.logits.shape == (2, 4, M.VOCAB) and out.encoder_last_hidden_state.shape[1] == 9
 
 
-def test_training_lowers_the_loss_and_leaves_the_base_alone():
-    base = M.llama()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.3)
-    x = M.ids(4, 8)
-    losses = []
-    for _ in range(12):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
-    for key, value in base.state_dict().items():
-        assert torch.equal(value, before[key]), key
+def test_only_the_table_trains():
+    """(Training itself: the kernel's training-path kit, test_training.py.)"""
+    model = get_peft_model(M.llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trainable, total = model.get_nb_trainable_parameters()
-    assert trainable == 4 * 32
+    assert trainable == 4 * 32 and total == trainable + sum(p.numel() for p in M.llama().parameters())
 
 
 def test_word_embeddings_are_exposed_like_hf():

@@ -37,13 +37,16 @@ class PromptTuningConfig(PromptLearningConfig):
         default=None, metadata={"help": "Keyword arguments for AutoTokenizer.from_pretrained (TEXT only)."}
     )
 
+    #: the values prompt_tuning_init accepts (a subclass may accept others)
+    init_choices = PromptTuningInit
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = "PROMPT_TUNING"
         try:
-            self.prompt_tuning_init = PromptTuningInit(self.prompt_tuning_init)
+            self.prompt_tuning_init = self.init_choices(self.prompt_tuning_init)
         except ValueError:
-            choices = ", ".join(m.value for m in PromptTuningInit)
+            choices = ", ".join(m.value for m in self.init_choices)
             raise ValueError(f"prompt_tuning_init must be one of {choices}, got {self.prompt_tuning_init!r}") from None
         text = self.prompt_tuning_init == PromptTuningInit.TEXT
         if text and not self.tokenizer_name_or_path:

@@ -30,7 +30,7 @@ class PromptEmbedding(nn.Module):
         self.embedding = nn.Embedding(total, config.token_dim)
         if config.inference_mode or self.embedding.weight.device.type == "meta":
             return  # weights are about to be loaded: skip data-dependent initialisation
-        init = PromptTuningInit(config.prompt_tuning_init)
+        init = config.prompt_tuning_init  # a PromptTuningInit, or a subclass config's own choices
         if init == PromptTuningInit.SAMPLE_VOCAB:
             ids = torch.randint(0, word_embeddings.num_embeddings, (total,), dtype=torch.long)
             self._init_from_tokens(ids, word_embeddings)
