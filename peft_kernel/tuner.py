@@ -71,7 +71,7 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
     layer_cls: type = AdapterLayer
-    #: ``{model_type: [module names]}`` used when ``target_modules`` is None
+    #: ``{model_type: [module names] or regex}`` used when ``target_modules`` is None
     default_target_modules: dict[str, list[str]] = {}
     #: compress long target lists into equivalent short suffix sets
     compress_targets: bool = True
@@ -136,7 +136,8 @@ class BaseTuner(nn.Module):
                     f"{model_type!r} in {type(self).__name__}."
                 )
             config = copy.copy(config)
-            config.target_modules = set(self.default_target_modules[model_type])
+            targets = self.default_target_modules[model_type]
+            config.target_modules = targets if isinstance(targets, str) else set(targets)  # a str is a regex
         return config
 
     def _check_new_adapter_config(self, config) -> None:
