@@ -128,6 +128,22 @@ def test_cp_form_gradients_match_hf():
     _assert_same_gradients(*_train_both(model, kwargs, steps=1))
 
 
+def test_rank_dropout_of_every_row_drops_the_update():
+    _, ours = make_pair("mlp", {"target_modules": ["lin0", "lin1"], "rank_dropout": 1.0})
+    x = M.inputs("mlp")
+    ours.train()
+    D.assert_close(ours(x).detach(), D.run(M.build("mlp"), x), "every row dropped")
+
+
+@pytest.mark.xfail(strict=True, reason="HF PEFT 0.21.2: rank dropout that drops every row divides by their zero "
+                                       "mean, and the layer outputs NaN")
+def test_rank_dropout_of_every_row_matches_hf():
+    hf, ours = make_pair("mlp", {"target_modules": ["lin0", "lin1"], "rank_dropout": 1.0})
+    x = M.inputs("mlp")
+    hf.train(), ours.train()
+    D.assert_close(hf(x).detach(), ours(x).detach(), "HF with every row dropped")
+
+
 def test_two_active_adapters_add():
     kwargs = {"target_modules": ["lin0", "lin1"], "r": 3}
     hf, ours = make_pair("mlp", kwargs, perturb=False)
