@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import peft_kernel
+from peft_kernel.testing import differential as D
 from peft_plugin_ia3 import IA3Config
 
 hf_peft = pytest.importorskip("peft")
@@ -97,18 +98,6 @@ def test_random_init_matches():
         assert torch.equal(ours.state_dict()[key], value), key
 
 
-def _canon(value):
-    """Sets are written as lists in arbitrary order by HF and sorted by us."""
-    return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
-
-
-def _checkpoint_files(path):
-    from safetensors.torch import load_file
-
-    with open(path / "adapter_config.json") as fh:
-        config = json.load(fh)
-    return config, load_file(path / "adapter_model.safetensors")
-
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
     "mlp-ff", "mlp-regex", "mlp-modules_to_save", "conv2d-ff-groups", "gpt2-conv1d", "gpt2-defaults", "llama-defaults",
@@ -120,15 +109,7 @@ def test_checkpoints_both_ways(case, tmp_path):
     expected = M.run(hf, x)
     hf.save_pretrained(tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours")
-    hf_config, hf_tensors = _checkpoint_files(tmp_path / "hf")
-    our_config, our_tensors = _checkpoint_files(tmp_path / "ours")
-    assert set(our_tensors) == set(hf_tensors)
-    for key, value in hf_tensors.items():
-        assert torch.equal(our_tensors[key], value), key
-    assert set(our_config) == set(hf_config)
-    for key in hf_config:
-        if key != "peft_version":
-            assert _canon(our_config[key]) == _canon(hf_config[key]), (key, our_config[key], hf_config[key])
+    D.assert_same_checkpoint(tmp_path / "ours", tmp_path / "hf")
 
     # HF's checkpoint in ours
     config = peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf"))

@@ -5,13 +5,13 @@ config fields, with and without stored projections."""
 from __future__ import annotations
 
 import copy
-import json
 
 import _vera_models as M
 import pytest
 import torch
 
 import peft_kernel
+from peft_kernel.testing import differential as D
 from peft_plugin_vera import VeraConfig, make_projections
 
 hf_peft = pytest.importorskip("peft")
@@ -108,17 +108,6 @@ def test_outputs_merge_unmerge(case):
     M.assert_close(M.run(ours.merge_and_unload(), x), M.run(hf.merge_and_unload(), x), "merge_and_unload")
 
 
-def _canon(value):
-    return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
-
-
-def _checkpoint_files(path):
-    from safetensors.torch import load_file
-
-    with open(path / "adapter_config.json") as fh:
-        config = json.load(fh)
-    return config, load_file(path / "adapter_model.safetensors")
-
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
     "mlp", "mlp-no-projection", "mlp-bias-vera_only", "mlp-regex-mts", "gpt2-conv1d", "gpt2-defaults",
@@ -130,16 +119,9 @@ def test_checkpoints_both_ways(case, tmp_path):
     expected = M.run(hf, x)
     hf.save_pretrained(tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours")
-    hf_config, hf_tensors = _checkpoint_files(tmp_path / "hf")
-    our_config, our_tensors = _checkpoint_files(tmp_path / "ours")
-    assert set(our_tensors) == set(hf_tensors)
+    D.assert_same_checkpoint(tmp_path / "ours", tmp_path / "hf")
+    our_tensors = D.checkpoint_files(tmp_path / "ours")[1]
     assert ("base_model.vera_A" in our_tensors) == kwargs.get("save_projection", True)
-    for key, value in hf_tensors.items():
-        assert torch.equal(our_tensors[key], value), key
-    assert set(our_config) == set(hf_config)
-    for key in hf_config:
-        if key != "peft_version":
-            assert _canon(our_config[key]) == _canon(hf_config[key]), (key, our_config[key], hf_config[key])
 
     assert isinstance(peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf")), VeraConfig)
     loaded = peft_kernel.PeftModel.from_pretrained(M.build(model), str(tmp_path / "hf"))
