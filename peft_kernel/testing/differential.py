@@ -114,3 +114,45 @@ def assert_same_checkpoint(ours: Path, theirs: Path) -> None:
     for key in their_config:
         if key != "peft_version":
             assert _canon(our_config[key]) == _canon(their_config[key]), (key, our_config[key], their_config[key])
+
+
+def assert_matches_oracle(hf: nn.Module, ours: nn.Module, x: Any, base_out: torch.Tensor,
+                          disabled_is_base: bool = True) -> None:
+    """Same adapter weights in HF PEFT's model and ours: the same outputs unmerged, merged (and
+    merged == unmerged within 1e-4), unmerged again, disabled (also == ``base_out``, the base
+    model's output, unless the adapter trains base tensors such as biases: ``disabled_is_base``)
+    and after ``merge_and_unload``. Both models are merged and unloaded on return."""
+    expected = run(hf, x)
+    assert_differs(expected, base_out, "adapter")
+    assert_close(run(ours, x), expected, "forward")
+    hf.merge_adapter(), ours.merge_adapter()
+    assert_close(run(ours, x), run(hf, x), "merged forward")
+    assert_close(run(ours, x), expected, "merged vs unmerged", atol=1e-4)
+    hf.unmerge_adapter(), ours.unmerge_adapter()
+    assert_close(run(ours, x), run(hf, x), "unmerged forward")
+    with hf.disable_adapter(), ours.disable_adapter():
+        assert_close(run(ours, x), run(hf, x), "disabled")
+        if disabled_is_base:
+            assert_close(run(ours, x), base_out, "disabled vs base")
+    assert_close(run(ours.merge_and_unload(), x), run(hf.merge_and_unload(), x), "merge_and_unload")
+
+
+def assert_checkpoints_load_both_ways(hf: nn.Module, ours: nn.Module, fresh_base: Callable[[], nn.Module], x: Any,
+                                      tmp_path: Path) -> None:
+    """Both save; the files are the same (:func:`assert_same_checkpoint`); ours loads HF's
+    checkpoint and HF loads ours, each giving HF's outputs and the same config class."""
+    import peft
+
+    import peft_kernel
+
+    expected = run(hf, x)
+    hf.save_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
+    assert_same_checkpoint(tmp_path / "ours", tmp_path / "hf")
+    config_name = type(hf.peft_config["default"]).__name__
+    assert type(peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf"))).__name__ == config_name
+    loaded = peft_kernel.PeftModel.from_pretrained(fresh_base(), str(tmp_path / "hf"))
+    assert_close(run(loaded, x), expected, "ours loading HF's checkpoint")
+    hf_loaded = peft.PeftModel.from_pretrained(fresh_base(), str(tmp_path / "ours"))
+    assert_close(run(hf_loaded, x), expected, "HF loading our checkpoint")
+    assert type(hf_loaded.peft_config["default"]).__name__ == config_name

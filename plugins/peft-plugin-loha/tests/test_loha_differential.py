@@ -70,17 +70,7 @@ def test_outputs_merge_unmerge(case):
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
     base = D.run(M.build(model), x)
-    expected = D.run(hf, x)
-    D.assert_differs(expected, base, "adapter")
-    D.assert_close(D.run(ours, x), expected, "forward")
-    hf.merge_adapter(), ours.merge_adapter()
-    D.assert_close(D.run(ours, x), D.run(hf, x), "merged forward")
-    D.assert_close(D.run(ours, x), expected, "merged vs unmerged", atol=1e-4)
-    hf.unmerge_adapter(), ours.unmerge_adapter()
-    D.assert_close(D.run(ours, x), expected, "unmerged again")
-    with hf.disable_adapter(), ours.disable_adapter():
-        D.assert_close(D.run(ours, x), base, "disabled vs base")
-    D.assert_close(D.run(ours.merge_and_unload(), x), D.run(hf.merge_and_unload(), x), "merge_and_unload")
+    D.assert_matches_oracle(hf, ours, x, base)
 
 
 HF_CP_BACKWARD_BUG = ("HF PEFT 0.21.2's custom backward of the CP form (HadaWeightCP) returns wrong gradients: it "
@@ -165,17 +155,7 @@ def test_checkpoints_both_ways(case, tmp_path):
     _, model, kwargs = case
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
-    expected = D.run(hf, x)
-    hf.save_pretrained(tmp_path / "hf")
-    ours.save_pretrained(tmp_path / "ours")
-    D.assert_same_checkpoint(tmp_path / "ours", tmp_path / "hf")
-    config = peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf"))
-    assert isinstance(config, LoHaConfig)
-    loaded = peft_kernel.PeftModel.from_pretrained(M.build(model), str(tmp_path / "hf"))
-    D.assert_close(D.run(loaded, x), expected, "ours loading HF's checkpoint")
-    hf_loaded = hf_peft.PeftModel.from_pretrained(M.build(model), str(tmp_path / "ours"))
-    D.assert_close(D.run(hf_loaded, x), expected, "HF loading our checkpoint")
-    assert type(hf_loaded.peft_config["default"]).__name__ == "LoHaConfig"
+    D.assert_checkpoints_load_both_ways(hf, ours, lambda: M.build(model), x, tmp_path)
 
 
 def test_config_fields_and_defaults_match_hf():
