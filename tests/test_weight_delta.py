@@ -337,3 +337,13 @@ class TestDenseDeltaConformance(MethodConformance):
 
 class TestTransformConformance(MethodConformance):
     cases = [Case("net", Net, lambda: ScaleShiftConfig(target_modules=["conv", "proj", "head"]), _ids)]
+
+
+def test_default_targets_may_be_a_regex(monkeypatch):
+    """``default_target_modules`` entries may be a regex string (HF PEFT's table has one)."""
+    monkeypatch.setattr(DenseModel, "default_target_modules", {"toy": r".*\.lin[02]"})
+    model = nn.Sequential()
+    model.add_module("block", nn.ModuleDict({f"lin{i}": nn.Linear(4, 4) for i in range(3)}))
+    model.config = {"model_type": "toy"}
+    peft_model = get_peft_model(model, DenseConfig(target_modules=None))
+    assert sorted(peft_model.base_model.targeted_module_names) == ["block.lin0", "block.lin2"]
