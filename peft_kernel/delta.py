@@ -141,7 +141,7 @@ class WeightDeltaLayer(AdapterLayer):
             **{name: {} for name in self.other_param_names if name not in self.container_types},
         )
         by_type: dict[type, list[str]] = {}
-        for name in self.adapter_layer_names + tuple(self.container_types):
+        for name in dict.fromkeys(self.adapter_layer_names + tuple(self.container_types)):
             by_type.setdefault(self.container_types.get(name, nn.ParameterDict), []).append(name)
         for container, names in by_type.items():
             self.register_containers(*names, container=container)
@@ -265,13 +265,15 @@ class WeightDeltaLayer(AdapterLayer):
         return result + self.apply_weight(x, delta).to(result.dtype)
 
     def _fusable(self, x: torch.Tensor, delta: torch.Tensor) -> bool:
-        """Whether ``op(x, W + ΔW) + b`` can replace ``base(x) + op(x, ΔW)``: a plain float
-        linear or convolution, called without hooks, in the input's and the delta's dtype."""
+        """Whether ``op(x, W + ΔW) + b`` can replace ``base(x) + op(x, ΔW)``: a plain linear or
+        convolution holding a plain tensor (not a quantized or sharded tensor subclass), called
+        without hooks, in the input's and the delta's dtype."""
         base = self._modules["base_layer"]
         if type(base) not in (nn.Linear, *_CONV) and type(base) is not transformers_conv1d():
             return False
         weight = base.weight
-        return plain_call(base) and weight.dtype == x.dtype == delta.dtype and weight.device == delta.device
+        return (type(weight) in (nn.Parameter, torch.Tensor) and plain_call(base)
+                and weight.dtype == x.dtype == delta.dtype and weight.device == delta.device)
 
     def forward_active(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
         if self.transforms_weight:

@@ -347,3 +347,25 @@ def test_default_targets_may_be_a_regex(monkeypatch):
     model.config = {"model_type": "toy"}
     peft_model = get_peft_model(model, DenseConfig(target_modules=None))
     assert sorted(peft_model.base_model.targeted_module_names) == ["block.lin0", "block.lin2"]
+
+
+class OpaqueWeight(torch.Tensor):
+    """A weight that only the base layer's own operation may use, as a quantized tensor subclass
+    on a plain nn.Linear (torchao) is: arithmetic on it is refused."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__add__, torch.Tensor.add, torch.add):
+            raise RuntimeError("arithmetic on an opaque weight")
+        with torch._C.DisableTorchFunctionSubclass():  # results are plain tensors
+            return func(*args, **(kwargs or {}))
+
+
+def test_a_tensor_subclass_weight_is_only_used_by_the_base_layer():
+    model, layer, reference, x = _adapted("linear", DenseConfig)
+    base = layer.get_base_layer()
+    opaque = base.weight.detach().as_subclass(OpaqueWeight)
+    del base.weight
+    base.weight = opaque
+    expected = nn.functional.linear(x, reference.weight + layer.tdense_w["default"], reference.bias)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
