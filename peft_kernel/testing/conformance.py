@@ -359,11 +359,20 @@ class MethodConformance:
                 expected = _run(model, inputs)
             _assert_close(mixed[rows], expected[rows], case.atol, f"mixed-batch rows of {name!r}")
 
-    def test_outputs_follow_in_place_edits(self, case: Case):
-        """Editing adapter and base tensors in place (an optimizer step, a reload) changes the
-        next output exactly as a fresh model with those tensors computes it: nothing derived
-        from the tensors may be cached past an edit."""
+    def test_no_stale_state(self, case: Case):
+        """Nothing a layer derives from its tensors or its adapters outlives a change:
+
+        * editing adapter and base tensors in place (an optimizer step, a reload) changes the
+          next output exactly as a fresh model with those tensors computes it;
+        * an adapter deleted and added again under the same name computes with its new
+          tensors: what a layer keeps per adapter must be dropped on state changes
+          (``adapter_state_changed``), not only when tensors are edited.
+        """
         _, model = self._peft(case)
+        other = self.adapter_name_2
+        model.add_adapter(other, case.config_fn())
+        fresh = get_peft_model(self._fresh(case), case.config_fn())
+        fresh.add_adapter(other, case.config_fn())
         inputs = case.input_fn()
         before = _run(model, inputs)  # the first call builds whatever a layer caches
         _run(model, inputs)
@@ -371,30 +380,20 @@ class MethodConformance:
         _edit_base_weights(model, seed=4)
         after = _run(model, inputs)
         _assert_differs(after, before, "in-place edits")
-        fresh = get_peft_model(self._fresh(case), case.config_fn())
         fresh.load_state_dict(model.state_dict())
         _assert_close(after, _run(fresh, inputs), case.atol, "outputs after in-place edits (stale cache?)")
 
-    def test_state_changes_drop_cached_adapter_state(self, case: Case):
-        """An adapter deleted and added again under the same name computes with its new
-        tensors: whatever a layer keeps per adapter must be dropped on state changes
-        (``adapter_state_changed``), not only when tensors are edited."""
-        _, model = self._peft(case)
-        inputs = case.input_fn()
-        model.add_adapter(self.adapter_name_2, case.config_fn())
-        model.set_adapter(self.adapter_name_2)
+        model.set_adapter(other)
         perturb(model, seed=2)
         old = _run(model, inputs)
         _run(model, inputs)
         model.set_adapter("default")
-        model.delete_adapter(self.adapter_name_2)
-        model.add_adapter(self.adapter_name_2, case.config_fn())
-        model.set_adapter(self.adapter_name_2)
+        model.delete_adapter(other)
+        model.add_adapter(other, case.config_fn())
+        model.set_adapter(other)
         perturb(model, seed=5)
         new = _run(model, inputs)
         _assert_differs(new, old, "the re-added adapter")
-        fresh = get_peft_model(self._fresh(case), case.config_fn())
-        fresh.add_adapter(self.adapter_name_2, case.config_fn())
         fresh.load_state_dict(model.state_dict())
-        fresh.set_adapter(self.adapter_name_2)
+        fresh.set_adapter(other)
         _assert_close(new, _run(fresh, inputs), case.atol, "re-added adapter (state kept from the deleted one?)")
