@@ -100,7 +100,7 @@ from . import quant
 from .dispatch import is_linear_like, stores_weight_transposed, transformers_conv1d
 from .layer import AdapterLayer, plain_call
 
-#: base layer kinds and the nn classes of each (linear-like layers are recognised by dispatch)
+#: the convolutions a weight-delta layer adapts (linear-like layers are recognised by dispatch)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -178,6 +178,7 @@ class WeightDeltaLayer(AdapterLayer):
 
     @property
     def changes_bias(self) -> bool:
+        """Whether this layer's method changes the bias (it overrides ``transform_bias``)."""
         return type(self).transform_bias is not WeightDeltaLayer.transform_bias
 
     # -- layouts and the base layer's operation -------------------------------------------
