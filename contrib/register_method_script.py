@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import peft_kernel
-from peft_kernel import AdapterLayer, BaseTuner, PeftModel, TunerConfig, get_peft_model
+from peft_kernel import BaseTuner, PeftModel, TunerConfig, WeightDeltaLayer, get_peft_model
 
 
 @dataclass
@@ -40,31 +40,19 @@ class DiagonalConfig(TunerConfig):
         self.peft_type = "DIAGONAL"
 
 
-class DiagonalLinear(AdapterLayer):
+class DiagonalLinear(WeightDeltaLayer):
+    """The method is its weight delta; forward, merging and the rest are the kernel's."""
+
     adapter_layer_names = ("diagonal_vector",)
 
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, config=None, **kwargs):
-        super().__init__(base_layer, adapter_name=adapter_name)
-        self.diagonal_vector = nn.ParameterDict({})
-        self.update_layer(adapter_name, config=config)
-
-    def update_layer(self, adapter_name, config=None, **kwargs):
+    def update_layer(self, adapter_name, config, **kwargs):
         size = min(self.in_features, self.out_features)
         self.diagonal_vector[adapter_name] = nn.Parameter(torch.full((size,), float(config.init_value)))
 
-    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+    def get_delta(self, adapter_name):
+        """diag(d), padded with zeros to the (out, in) shape of the weight."""
         d = self.diagonal_vector[adapter_name]
-        update = x[..., : d.shape[0]] * d.to(x.dtype)
-        if self.out_features > d.shape[0]:  # rows beyond the square get nothing
-            update = nn.functional.pad(update, (0, self.out_features - d.shape[0]))
-        return result + update.to(result.dtype)
-
-    def delta_weight(self, adapter_name):
-        """diag(d) padded to the weight's (out, in) shape; merging adds it."""
-        d = self.diagonal_vector[adapter_name]
-        index = torch.arange(d.shape[0], device=d.device)
-        delta = torch.zeros(self.out_features, self.in_features, dtype=d.dtype, device=d.device)
-        return delta.index_put((index, index), d)
+        return nn.functional.pad(torch.diag(d), (0, self.in_features - d.shape[0], 0, self.out_features - d.shape[0]))
 
 
 class DiagonalModel(BaseTuner):

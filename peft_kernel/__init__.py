@@ -21,6 +21,7 @@ from .plugins import hookimpl, register_peft_method
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .auxiliary import ModulesToSaveWrapper
+    from .delta import WeightDeltaLayer
     from .distributed import fsdp_auto_wrap_policy, fully_shard_model
     from .layer import AdapterLayer, BufferDict
     from .layer import AdapterLayer as BaseTunerLayer
@@ -49,12 +50,13 @@ __all__ = [
     "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
     "prepare_model_for_kbit_training",
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
-    "set_peft_model_state_dict", "unregister_layer_mapping",
+    "set_peft_model_state_dict", "unregister_layer_mapping", "WeightDeltaLayer",
 ]
 
 #: public name -> defining submodule (":Name" when it differs), imported on first access (needs torch)
 _LAZY = {
     "ModulesToSaveWrapper": ".auxiliary",
+    "WeightDeltaLayer": ".delta",
     "fsdp_auto_wrap_policy": ".distributed",
     "fully_shard_model": ".distributed",
     "AdapterLayer": ".layer",
@@ -83,7 +85,7 @@ _LAZY = {
 
 #: submodules reachable as attributes (``peft_kernel.layer``) without importing them first
 _SUBMODULES = (
-    "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "dispatch", "distributed", "errors",
+    "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "delta", "dispatch", "distributed", "errors",
     "hookspecs", "io", "layer", "lazy", "mapping", "peft_model", "plugins", "prompt_learning", "quant",
     "state_dict", "status", "targeting", "testing", "training", "tuner",
 )

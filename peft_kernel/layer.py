@@ -409,6 +409,7 @@ class AdapterLayer(nn.Module):
         names = list(adapter_names)
         if len(names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples")
+        self._check_single_batched_input(batch, args, kwargs)
         result = result.clone()
         for name in dict.fromkeys(names):
             if name == BASE_ADAPTER or not self.has_adapter(name):
@@ -423,6 +424,20 @@ class AdapterLayer(nn.Module):
                 self.__dict__["_batch_rows"] = None
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
+
+    def _check_single_batched_input(self, batch: int, args: tuple, kwargs: dict) -> None:
+        """Mixed-batch routing splits only ``x``; a further input with the batch's samples would
+        reach each adapter whole (and fail with a shape error deep in torch, or mix samples)."""
+        dim = self.batch_dim
+        batched = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > dim
+                   and a.shape[dim] == batch]
+        if batched:
+            raise TypeError(
+                f"{type(self).__name__} was called with {len(batched) + 1} inputs holding the batch's {batch} samples, "
+                "but mixed adapter batches (adapter_names=) route only the first input to each adapter. Set "
+                "supports_mixed_batch = False on the layer class (the batch is then refused up front), or route "
+                "mixed batches in the layer's forward (batch_adapter_names holds the per-sample names)."
+            )
 
     # -- merging ----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import json
 import os
 import sys
 import warnings
@@ -148,9 +149,21 @@ class PluginRecord:
     error: str | None = None
 
 
-def plugin_name_for(peft_type: str) -> str:
-    """The distribution that conventionally provides ``peft_type``."""
-    return "peft-plugin-" + peft_type.lower().replace("_", "-")
+def first_party_methods() -> dict[str, list[str]]:
+    """``{distribution: [peft_type, ...]}`` of the first-party method plugins (a data file of
+    the kernel, ``peft_kernel/data/first_party_methods.json``)."""
+    from importlib import resources
+
+    return json.loads(resources.files("peft_kernel.data").joinpath("first_party_methods.json").read_text())
+
+
+def distribution_for(peft_type: str) -> str | None:
+    """The first-party distribution that provides ``peft_type``, or ``None`` when none does
+    (never a guessed name: anyone could publish a package under it)."""
+    for distribution, peft_types in first_party_methods().items():
+        if peft_type in peft_types:
+            return distribution
+    return None
 
 
 def _split_env(name: str) -> set[str] | None:
@@ -273,11 +286,30 @@ class PluginManager:
         known = ", ".join(sorted(self.methods())) or "none"
         broken = [r.name for r in self._records.values() if r.error]
         hint = f" Broken plugins: {', '.join(broken)} (see `peft-kernel plugins`)." if broken else ""
-        return (
-            f"Unknown peft_type {peft_type!r}: no installed plugin provides it. Install "
-            f"`{plugin_name_for(peft_type)}` (pip install {plugin_name_for(peft_type)}) or register the method "
-            f"with peft_kernel.register_peft_method(). Installed methods: {known}.{hint}"
-        )
+        return f"Unknown peft_type {peft_type!r}: {self.provider_hint(peft_type)} Installed methods: {known}.{hint}"
+
+    def provider_hint(self, peft_type: str) -> str:
+        """Where ``peft_type`` could come from: an installed plugin that is not loaded, a
+        first-party distribution, or the user's own registration."""
+        distribution = distribution_for(peft_type)
+        for ep in _entry_points():
+            ep_dist = ep.dist.name if getattr(ep, "dist", None) else None
+            if ep.name != peft_type.lower() and (distribution is None or ep_dist != distribution):
+                continue
+            record = self._records.get(ep.name)
+            if record is None:
+                why = f"not loaded: ${ENV_SELECT} or ${ENV_BLOCK} leaves it out"
+            elif record.error:
+                why = f"broken: it {record.error}"
+            else:
+                continue  # loaded, and it does not provide peft_type
+            return f"it is provided by plugin {ep.name!r} ({ep_dist}), which is installed but {why}."
+        if distribution is not None:
+            return f"it is provided by the plugin {distribution}, which is not installed: pip install {distribution}."
+        return ("no loaded plugin provides it, and no known plugin does. A method of your own must be registered "
+                "before it is used, in every process that builds or loads it: "
+                "peft_kernel.register_peft_method(name=..., config_cls=..., model_cls=...), or a plugin package "
+                "with a `peft_kernel` entry point (see docs/plugin-authors.md).")
 
     def combinations(self) -> dict[str, Combination]:
         if self._combinations is None:

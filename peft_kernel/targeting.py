@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import dispatch
 
@@ -16,6 +16,26 @@ ALL_LINEAR = "all-linear"
 DUMMY_TARGET = "dummy-target-modules"
 #: target lists at least this long are compressed to their shortest equivalent suffixes
 MIN_TARGETS_FOR_COMPRESSION = 20
+
+#: default targets per transformers model type: the attention's query and value projections (or
+#: its fused projection), as HF PEFT chooses them for the low-rank family of methods; a tuner that
+#: adapts these by default sets ``default_target_modules = ATTENTION_TARGETS``. A string is a regex.
+ATTENTION_TARGETS: dict[str, list[str] | str] = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bloom": ["query_key_value"], "blip-2": ["q", "v", "q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "gpt_neo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"], "llama": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"], "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"], "codegen": ["qkv_proj"], "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"], "stablelm": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)", "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"], "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
+}
 
 
 def _suffix_match(key: str, entries: Iterable[str]) -> str | None:
@@ -89,6 +109,14 @@ def is_target(config, key: str) -> bool:
     if is_excluded(config, key) or in_modules_to_save(config, key):
         return False
     return matches_target(config, key)
+
+
+def pattern_value(pattern: dict | None, key: str, default: Any) -> Any:
+    """The value ``rank_pattern``-style ``pattern`` gives module ``key`` (see
+    :func:`get_pattern_key`), or ``default`` when no entry matches."""
+    if not pattern:
+        return default
+    return pattern.get(get_pattern_key(pattern.keys(), key), default)
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key: str) -> str:

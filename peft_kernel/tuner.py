@@ -19,6 +19,7 @@ from torch import nn
 from . import distributed, targeting
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
+from .dispatch import user_mappings
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .layer import AdapterLayer, ParameterLayer
 from .plugins import manager
@@ -71,7 +72,7 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
     layer_cls: type = AdapterLayer
-    #: ``{model_type: [module names]}`` used when ``target_modules`` is None
+    #: ``{model_type: [module names] or regex}`` used when ``target_modules`` is None
     default_target_modules: dict[str, list[str]] = {}
     #: compress long target lists into equivalent short suffix sets
     compress_targets: bool = True
@@ -136,7 +137,8 @@ class BaseTuner(nn.Module):
                     f"{model_type!r} in {type(self).__name__}."
                 )
             config = copy.copy(config)
-            config.target_modules = set(self.default_target_modules[model_type])
+            targets = self.default_target_modules[model_type]
+            config.target_modules = targets if isinstance(targets, str) else set(targets)  # a str is a regex
         return config
 
     def _check_new_adapter_config(self, config) -> None:
@@ -272,7 +274,9 @@ class BaseTuner(nn.Module):
     def _create_and_replace(self, config, adapter_name, target, key, parent, attr, low_cpu_mem_usage=False,
                             autocast_adapter_dtype=True) -> None:
         kwargs = config.layer_kwargs(key)
-        if isinstance(target, self.layer_cls) and type(target).update_layer is not AdapterLayer.update_layer:
+        # a layer of this method (its own classes, or a custom layer registered for it) takes the new adapter
+        ours = (self.layer_cls, *user_mappings(config).values())
+        if isinstance(target, ours) and type(target).update_layer is not AdapterLayer.update_layer:
             with _maybe_meta(low_cpu_mem_usage):
                 target.update_layer(adapter_name, config=config, **kwargs)
             layer = target
@@ -366,8 +370,6 @@ class BaseTuner(nn.Module):
 
     def _unsupported_message(self, target, key, config) -> str:
         cls = type(target)
-        from .dispatch import user_mappings
-
         supported = list(self.supported_layer_types)
         supported += [t.__name__ for t in user_mappings(config)]
         backends = [b.name for b in manager().quant_backends()]

@@ -36,9 +36,9 @@ def _is_module(dotted: str) -> bool:
 
 
 #: the kernel classes a plugin subclasses or is handed; their underscore members are private
-PLUGIN_FACING = ("peft_kernel.AdapterLayer", "peft_kernel.BaseTuner", "peft_kernel.TunerConfig",
-                 "peft_kernel.PromptLearningConfig", "peft_kernel.BufferDict", "peft_kernel.ModulesToSaveWrapper",
-                 "peft_kernel.quant.QuantBackend")
+PLUGIN_FACING = ("peft_kernel.AdapterLayer", "peft_kernel.WeightDeltaLayer", "peft_kernel.BaseTuner",
+                 "peft_kernel.TunerConfig", "peft_kernel.PromptLearningConfig", "peft_kernel.BufferDict",
+                 "peft_kernel.ModulesToSaveWrapper", "peft_kernel.quant.QuantBackend")
 
 
 def kernel_private_members() -> set[str]:

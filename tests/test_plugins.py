@@ -51,10 +51,46 @@ def test_block_and_select_env_vars():
     assert "lora" in {r["name"] for r in json.loads(only.stdout)}
 
 
-def test_unknown_method_names_the_plugin_to_install(tmp_path):
+def test_unknown_method_suggests_no_package_it_does_not_know(tmp_path):
+    """A name no known plugin provides (a method registered from someone's script) gets no
+    ``pip install`` suggestion: anyone could publish a package under a guessed name."""
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "FANCY_NEW", "r": 2}))
-    with pytest.raises(ValueError, match="peft-plugin-fancy-new"):
+    with pytest.raises(ValueError, match=r"no known plugin does.*register_peft_method") as info:
         PeftConfig.from_pretrained(str(tmp_path))
+    assert "pip install" not in str(info.value) and "peft-plugin-fancy" not in str(info.value)
+
+
+def test_unknown_first_party_method_names_its_distribution(monkeypatch):
+    monkeypatch.setattr(peft_kernel.plugins, "_entry_points", lambda: [])  # nothing installed
+    reset_manager()
+    try:
+        with pytest.raises(ValueError, match=r"provided by the plugin peft-plugin-vera, which is not installed: "
+                                             r"pip install peft-plugin-vera"):
+            manager().method("VERA")
+    finally:
+        reset_manager()
+
+
+def test_unknown_method_of_a_disabled_plugin_says_it_is_disabled(monkeypatch):
+    monkeypatch.setenv("PEFT_KERNEL_DISABLE_PLUGINS", "vera")
+    reset_manager()
+    try:
+        with pytest.raises(ValueError, match=r"plugin 'vera' \(peft-plugin-vera\), which is installed but not loaded"):
+            manager().method("VERA")
+    finally:
+        reset_manager()
+
+
+def test_first_party_method_table_matches_the_plugins():
+    """peft_kernel/data/first_party_methods.json lists exactly the methods of plugins/*."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    first_party = {tomllib.loads(p.read_text())["project"]["name"] for p in root.glob("plugins/*/pyproject.toml")}
+    registered = {r.distribution: sorted(r.methods) for r in manager().plugin_info()
+                  if r.distribution in first_party and r.methods}
+    assert {d: sorted(t) for d, t in peft_kernel.plugins.first_party_methods().items()} == registered
 
 
 class BrokenPlugin:

@@ -95,7 +95,7 @@ def describe(path: str) -> dict:
         raise CLIError(f"{config_path!r} has no peft_type")
     peft_type = str(config["peft_type"])
 
-    from ..plugins import manager, plugin_name_for
+    from ..plugins import distribution_for, manager
 
     spec = manager().methods().get(peft_type)
     prefix = spec.prefix if spec is not None else peft_type.lower() + "_"
@@ -144,11 +144,18 @@ def describe(path: str) -> dict:
         "weights_file": weights_file,
         "file_size": os.path.getsize(os.path.join(path, weights_file)) if weights_file else 0,
         "total_size": total_size,
-        "plugin": plugin_name_for(peft_type),
+        "plugin": _providing_distribution(spec) if spec is not None else distribution_for(peft_type),
         "plugin_installed": spec is not None,
         "provided_by": spec.source if spec is not None else None,
         "trainer_state": trainer_state,
     }
+
+
+def _providing_distribution(spec) -> str | None:
+    from ..plugins import manager
+
+    record = {r.name: r for r in manager().plugin_info()}.get(spec.source)
+    return record.distribution if record is not None else None
 
 
 def _prod(shape) -> int:
@@ -170,8 +177,12 @@ def run(args) -> int:
     if info["rank_pattern"]:
         rank = f"{rank} (per-module: {json.dumps(info['rank_pattern'])})"
     dtypes = ", ".join(f"{d} ({n:,d})" for d, n in info["dtypes"].items()) or "-"
-    plugin = info["plugin"] + (f" — installed (plugin {info['provided_by']!r})" if info["plugin_installed"]
-                               else f" — NOT installed: pip install {info['plugin']}")
+    if info["plugin_installed"]:
+        plugin = f"{info['plugin'] or 'registered from code'} — installed (plugin {info['provided_by']!r})"
+    else:
+        from ..plugins import manager
+
+        plugin = f"NOT available: {manager().provider_hint(info['peft_type'])}"
     rows = [
         ("adapter", info["path"]),
         ("method", info["peft_type"]),

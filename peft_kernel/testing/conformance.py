@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import PeftModel, get_peft_model
-from ..layer import AdapterLayer
+from ..layer import BASE_ADAPTER, AdapterLayer
 from ..state_dict import SAFETENSORS_WEIGHTS_NAME
 from .differential import output
 
@@ -51,13 +51,13 @@ class Case:
         return self.name
 
 
-def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
+def _run(model: nn.Module, inputs: Any, **extra: Any) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         if isinstance(inputs, dict):
-            out = model(**inputs)
+            out = model(**inputs, **extra)
         else:
-            out = model(inputs)
+            out = model(inputs, **extra)
     if isinstance(out, (tuple, list)):
         out = out[0]
     out = output(out).detach().float()
@@ -81,13 +81,29 @@ def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
 
 def _base_weight_ids(model: nn.Module) -> set[int]:
     """Weights (not biases) held directly by the innermost base layer of each adapter layer."""
-    ids = set()
-    for module in model.modules():
-        if isinstance(module, AdapterLayer):
-            for name, param in module.get_base_layer().named_parameters(recurse=False):
-                if not name.endswith("bias"):
-                    ids.add(id(param))
-    return ids
+    return {id(param) for param in _base_weights(model)}
+
+
+def _batch_size(inputs: Any) -> int | None:
+    values = inputs.values() if isinstance(inputs, dict) else [inputs]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def _edit_base_weights(model: nn.Module, seed: int) -> None:
+    """Change every adapted layer's base weight in place (a base reloaded or fine-tuned in place)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in {id(p): p for p in _base_weights(model)}.values():  # tied weights once
+            if param.is_floating_point() and param.device.type != "meta":
+                param.add_((torch.randn(param.shape, generator=generator) * 0.05).to(param.device, param.dtype))
+
+
+def _base_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [param for module in model.modules() if isinstance(module, AdapterLayer)
+            for name, param in module.get_base_layer().named_parameters(recurse=False) if not name.endswith("bias")]
 
 
 def _virtual_tokens(model: nn.Module) -> int:
@@ -305,3 +321,76 @@ class MethodConformance:
         loaded = PeftModel.from_pretrained(self._fresh(case), tmp_path, low_cpu_mem_usage=True)
         assert not any(p.device.type == "meta" for p in loaded.parameters()), "meta tensors left after loading"
         _assert_close(_run(loaded, inputs), expected, case.atol, "low_cpu_mem_usage load differs")
+
+    # -- state the layers may cache -------------------------------------------------------
+
+    def test_mixed_batch(self, case: Case):
+        """``adapter_names=`` gives every sample its own adapter's output, or is refused with
+        a clear error (TypeError / ValueError) before anything runs: never a shape error."""
+        _, model = self._peft(case)
+        if model.peft_config["default"].is_prompt_learning:
+            return  # no adapter layers to route
+        inputs = case.input_fn()
+        batch = _batch_size(inputs)
+        if batch is None:
+            return
+        model.add_adapter(self.adapter_name_2, case.config_fn())
+        model.set_adapter(self.adapter_name_2)
+        perturb(model, seed=2)
+        model.set_adapter("default")
+        choices = ["default", self.adapter_name_2, BASE_ADAPTER]
+        names = [choices[i % len(choices)] for i in range(batch)]
+        try:
+            mixed = _run(model, inputs, adapter_names=names)
+        except (TypeError, ValueError, NotImplementedError) as refusal:
+            assert "mixed" in str(refusal) or "adapter_names" in str(refusal), (
+                f"a refused mixed batch must say so, got {type(refusal).__name__}: {refusal}")
+            return
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            if name == BASE_ADAPTER:
+                with model.disable_adapter():
+                    expected = _run(model, inputs)
+            else:
+                model.set_adapter(name)
+                expected = _run(model, inputs)
+            _assert_close(mixed[rows], expected[rows], case.atol, f"mixed-batch rows of {name!r}")
+
+    def test_no_stale_state(self, case: Case):
+        """Nothing a layer derives from its tensors or its adapters outlives a change:
+
+        * editing adapter and base tensors in place (an optimizer step, a reload) changes the
+          next output exactly as a fresh model with those tensors computes it;
+        * an adapter deleted and added again under the same name computes with its new
+          tensors: what a layer keeps per adapter must be dropped on state changes
+          (``adapter_state_changed``), not only when tensors are edited.
+        """
+        _, model = self._peft(case)
+        other = self.adapter_name_2
+        model.add_adapter(other, case.config_fn())
+        fresh = get_peft_model(self._fresh(case), case.config_fn())
+        fresh.add_adapter(other, case.config_fn())
+        inputs = case.input_fn()
+        before = _run(model, inputs)  # the first call builds whatever a layer caches
+        _run(model, inputs)
+        perturb(model, seed=3)
+        _edit_base_weights(model, seed=4)
+        after = _run(model, inputs)
+        _assert_differs(after, before, "in-place edits")
+        fresh.load_state_dict(model.state_dict())
+        _assert_close(after, _run(fresh, inputs), case.atol, "outputs after in-place edits (stale cache?)")
+
+        model.set_adapter(other)
+        perturb(model, seed=2)
+        old = _run(model, inputs)
+        _run(model, inputs)
+        model.set_adapter("default")
+        model.delete_adapter(other)
+        model.add_adapter(other, case.config_fn())
+        model.set_adapter(other)
+        perturb(model, seed=5)
+        new = _run(model, inputs)
+        _assert_differs(new, old, "the re-added adapter")
+        fresh.load_state_dict(model.state_dict())
+        fresh.set_adapter(other)
+        _assert_close(new, _run(fresh, inputs), case.atol, "re-added adapter (state kept from the deleted one?)")

@@ -38,8 +38,14 @@ def test_inspect_names_a_missing_plugin(tmp_path, trained):
     config["peft_type"] = "NO_SUCH_METHOD"
     (copy / "adapter_config.json").write_text(json.dumps(config))
     info = json.loads(ok(run_cli("inspect", copy, "--json")).stdout)
-    assert info["plugin"] == "peft-plugin-no-such-method" and info["plugin_installed"] is False
-    assert "pip install peft-plugin-no-such-method" in ok(call_cli("inspect", copy)).stdout
+    assert info["plugin"] is None and info["plugin_installed"] is False
+    out = ok(call_cli("inspect", copy)).stdout
+    assert "NOT available: no loaded plugin provides it, and no known plugin does" in out
+    assert "pip install" not in out  # never a guessed package name
+    config["peft_type"] = "VERA"  # a first-party method whose plugin is installed but disabled
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    info = json.loads(ok(run_cli("inspect", copy, "--json", env={"PEFT_KERNEL_DISABLE_PLUGINS": "vera"})).stdout)
+    assert info["plugin"] == "peft-plugin-vera" and info["plugin_installed"] is False
 
 
 def test_inspect_bad_input(tmp_path):

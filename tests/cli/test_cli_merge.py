@@ -72,7 +72,8 @@ def test_merge_bad_input(tmp_path, trained):
     config = json.loads((trained / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "SOMETHING_ELSE"}))
     fails_cleanly(call_cli("merge", "default", trained, other, "--output", tmp_path / "o"), "different methods")
-    fails_cleanly(call_cli("merge", "default", other, "--output", tmp_path / "o"), "peft-plugin-something-else")
+    fails_cleanly(call_cli("merge", "default", other, "--output", tmp_path / "o"), "SOMETHING_ELSE",
+                  "no known plugin does")
     fails_cleanly(call_cli("merge", "default", trained, trained, "--combination", "nope", "--output",
                           tmp_path / "o"), "Unknown combination_type")
     assert not (tmp_path / "o").exists()

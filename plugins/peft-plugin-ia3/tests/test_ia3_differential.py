@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import peft_kernel
+from peft_kernel.testing import differential as D
 from peft_plugin_ia3 import IA3Config
 
 hf_peft = pytest.importorskip("peft")
@@ -75,18 +76,7 @@ def test_outputs_merge_unmerge(case):
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
     base = M.run(M.build(model), x)
-    expected = M.run(hf, x)
-    M.assert_differs(expected, base, "adapter")
-    M.assert_close(M.run(ours, x), expected, "forward")
-    hf.merge_adapter(), ours.merge_adapter()
-    M.assert_close(M.run(ours, x), M.run(hf, x), "merged forward")
-    M.assert_close(M.run(ours, x), expected, "merged vs unmerged", atol=1e-4)
-    hf.unmerge_adapter(), ours.unmerge_adapter()
-    M.assert_close(M.run(ours, x), M.run(hf, x), "unmerged forward")
-    with hf.disable_adapter(), ours.disable_adapter():
-        M.assert_close(M.run(ours, x), M.run(hf, x), "disabled")
-        M.assert_close(M.run(ours, x), base, "disabled vs base")
-    M.assert_close(M.run(ours.merge_and_unload(), x), M.run(hf.merge_and_unload(), x), "merge_and_unload")
+    D.assert_matches_oracle(hf, ours, x, base)
 
 
 def test_random_init_matches():
@@ -97,19 +87,6 @@ def test_random_init_matches():
         assert torch.equal(ours.state_dict()[key], value), key
 
 
-def _canon(value):
-    """Sets are written as lists in arbitrary order by HF and sorted by us."""
-    return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
-
-
-def _checkpoint_files(path):
-    from safetensors.torch import load_file
-
-    with open(path / "adapter_config.json") as fh:
-        config = json.load(fh)
-    return config, load_file(path / "adapter_model.safetensors")
-
-
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
     "mlp-ff", "mlp-regex", "mlp-modules_to_save", "conv2d-ff-groups", "gpt2-conv1d", "gpt2-defaults", "llama-defaults",
     "llama-task")], ids=lambda c: c[0])
@@ -117,28 +94,7 @@ def test_checkpoints_both_ways(case, tmp_path):
     _, model, kwargs = case
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
-    expected = M.run(hf, x)
-    hf.save_pretrained(tmp_path / "hf")
-    ours.save_pretrained(tmp_path / "ours")
-    hf_config, hf_tensors = _checkpoint_files(tmp_path / "hf")
-    our_config, our_tensors = _checkpoint_files(tmp_path / "ours")
-    assert set(our_tensors) == set(hf_tensors)
-    for key, value in hf_tensors.items():
-        assert torch.equal(our_tensors[key], value), key
-    assert set(our_config) == set(hf_config)
-    for key in hf_config:
-        if key != "peft_version":
-            assert _canon(our_config[key]) == _canon(hf_config[key]), (key, our_config[key], hf_config[key])
-
-    # HF's checkpoint in ours
-    config = peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf"))
-    assert isinstance(config, IA3Config)
-    loaded = peft_kernel.PeftModel.from_pretrained(M.build(model), str(tmp_path / "hf"))
-    M.assert_close(M.run(loaded, x), expected, "ours loading HF's checkpoint")
-    # ours in HF
-    hf_loaded = hf_peft.PeftModel.from_pretrained(M.build(model), str(tmp_path / "ours"))
-    M.assert_close(M.run(hf_loaded, x), expected, "HF loading our checkpoint")
-    assert type(hf_loaded.peft_config["default"]).__name__ == "IA3Config"
+    D.assert_checkpoints_load_both_ways(hf, ours, lambda: M.build(model), x, tmp_path)
 
 
 def test_second_adapter_checkpoint_subfolder(tmp_path):

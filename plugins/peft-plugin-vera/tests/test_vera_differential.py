@@ -5,13 +5,13 @@ config fields, with and without stored projections."""
 from __future__ import annotations
 
 import copy
-import json
 
 import _vera_models as M
 import pytest
 import torch
 
 import peft_kernel
+from peft_kernel.testing import differential as D
 from peft_plugin_vera import VeraConfig, make_projections
 
 hf_peft = pytest.importorskip("peft")
@@ -95,29 +95,7 @@ def test_outputs_merge_unmerge(case):
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
     base = M.run(M.build(model), x)
-    expected = M.run(hf, x)
-    M.assert_differs(expected, base, "adapter")
-    M.assert_close(M.run(ours, x), expected, "forward")
-    hf.merge_adapter(), ours.merge_adapter()
-    M.assert_close(M.run(ours, x), M.run(hf, x), "merged forward")
-    M.assert_close(M.run(ours, x), expected, "merged vs unmerged", atol=1e-4)
-    hf.unmerge_adapter(), ours.unmerge_adapter()
-    M.assert_close(M.run(ours, x), M.run(hf, x), "unmerged forward")
-    with hf.disable_adapter(), ours.disable_adapter():
-        M.assert_close(M.run(ours, x), M.run(hf, x), "disabled")
-    M.assert_close(M.run(ours.merge_and_unload(), x), M.run(hf.merge_and_unload(), x), "merge_and_unload")
-
-
-def _canon(value):
-    return sorted(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
-
-
-def _checkpoint_files(path):
-    from safetensors.torch import load_file
-
-    with open(path / "adapter_config.json") as fh:
-        config = json.load(fh)
-    return config, load_file(path / "adapter_model.safetensors")
+    D.assert_matches_oracle(hf, ours, x, base, disabled_is_base=kwargs.get("bias", "none") == "none")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
@@ -127,26 +105,8 @@ def test_checkpoints_both_ways(case, tmp_path):
     _, model, kwargs = case
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
-    expected = M.run(hf, x)
-    hf.save_pretrained(tmp_path / "hf")
-    ours.save_pretrained(tmp_path / "ours")
-    hf_config, hf_tensors = _checkpoint_files(tmp_path / "hf")
-    our_config, our_tensors = _checkpoint_files(tmp_path / "ours")
-    assert set(our_tensors) == set(hf_tensors)
-    assert ("base_model.vera_A" in our_tensors) == kwargs.get("save_projection", True)
-    for key, value in hf_tensors.items():
-        assert torch.equal(our_tensors[key], value), key
-    assert set(our_config) == set(hf_config)
-    for key in hf_config:
-        if key != "peft_version":
-            assert _canon(our_config[key]) == _canon(hf_config[key]), (key, our_config[key], hf_config[key])
-
-    assert isinstance(peft_kernel.PeftConfig.from_pretrained(str(tmp_path / "hf")), VeraConfig)
-    loaded = peft_kernel.PeftModel.from_pretrained(M.build(model), str(tmp_path / "hf"))
-    M.assert_close(M.run(loaded, x), expected, "ours loading HF's checkpoint")
-    hf_loaded = hf_peft.PeftModel.from_pretrained(M.build(model), str(tmp_path / "ours"))
-    M.assert_close(M.run(hf_loaded, x), expected, "HF loading our checkpoint")
-    assert type(hf_loaded.peft_config["default"]).__name__ == "VeraConfig"
+    D.assert_checkpoints_load_both_ways(hf, ours, lambda: M.build(model), x, tmp_path)
+    assert ("base_model.vera_A" in D.checkpoint_files(tmp_path / "ours")[1]) == kwargs.get("save_projection", True)
 
 
 def test_second_adapter_matches_hf():

@@ -1,7 +1,7 @@
 """A minimal out-of-tree peft-kernel plugin: SSF ("Scaling & Shifting your Features",
 Lian et al., 2022) on linear layers.
 
-Each adapted ``nn.Linear`` gets a per-output scale γ (starts at 1) and shift β (starts
+Each adapted linear layer gets a per-output scale γ (starts at 1) and shift β (starts
 at 0)::
 
     y = γ ⊙ (W x + b) + β
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from peft_kernel import TunerConfig, hookimpl
+from peft_kernel.dispatch import dispatch_method_layer
 
 if TYPE_CHECKING:
     from .layer import SSFLayer, SSFModel
@@ -62,10 +63,7 @@ def peft_kernel_register_methods(register):
 def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
     if config.peft_type != "SSF":
         return None
-    from torch import nn
-
     from .layer import SSFLayer
 
-    if isinstance(target, nn.Linear):
-        return SSFLayer(target, adapter_name, config=config, **config.layer_kwargs(target_name))
-    return None
+    # linear layers of every kind: nn.Linear, transformers Conv1D, quantized linear layers
+    return dispatch_method_layer(target, target_name, adapter_name, config, SSFLayer)

@@ -1,5 +1,11 @@
 """SSF's layer and tuner: the part of the plugin that needs torch.
 
+SSF is a weight transform: ``y = γ ⊙ (W x + b) + β`` is the linear layer with weight
+``diag(γ) W`` and bias ``γ ⊙ b + β``. The layer states that (and its inverse, for unmerging)
+on peft-kernel's :class:`~peft_kernel.WeightDeltaLayer`, which does the rest: forward,
+merging, several adapters, mixed batches, dtypes, quantized bases. A layer without a bias
+still trains, but cannot merge (there is no bias to fold β into).
+
 The entry-point module (``peft_plugin_example``) imports this module only when the
 method is used, so discovering the plugin stays torch-free.
 """
@@ -9,45 +15,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peft_kernel import AdapterLayer, BaseTuner
+from peft_kernel import BaseTuner, WeightDeltaLayer
 
 
-class SSFLayer(AdapterLayer):
+class SSFLayer(WeightDeltaLayer):
     adapter_layer_names = ("ssf_scale", "ssf_shift")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, **kwargs) -> None:
-        super().__init__(base_layer, adapter_name=adapter_name)
-        self.ssf_scale = nn.ParameterDict({})
-        self.ssf_shift = nn.ParameterDict({})
-        self.update_layer(adapter_name, config=config)
-
-    def update_layer(self, adapter_name: str, config=None, **kwargs) -> None:
-        init = config.init_scale if config is not None else 1.0
-        self.ssf_scale[adapter_name] = nn.Parameter(torch.full((self.out_features,), float(init)))
+    def update_layer(self, adapter_name: str, config, **kwargs) -> None:
+        self.ssf_scale[adapter_name] = nn.Parameter(torch.full((self.out_features,), float(config.init_scale)))
         self.ssf_shift[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
 
-    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
-        scale, shift = self.ssf_scale[adapter_name], self.ssf_shift[adapter_name]
-        return (result * scale + shift).to(result.dtype)
+    def transform_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return weight * self.ssf_scale[adapter_name][:, None]
 
-    # merging: y = γ(Wx + b) + β is the linear layer (diag(γ) W, γ b + β)
-    def merge_blocker(self) -> str | None:
-        if self.get_base_layer().bias is None:
-            return "SSF folds its shift into the bias, and this layer has none"
-        return super().merge_blocker()
+    def untransform_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return weight / self.ssf_scale[adapter_name][:, None]
 
-    def merge_weight(self, weight, adapter_name):
-        return weight * self.ssf_scale[adapter_name].to(weight.dtype)[:, None]
+    def transform_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor:
+        shift = self.ssf_shift[adapter_name]
+        return shift if bias is None else bias * self.ssf_scale[adapter_name] + shift
 
-    def unmerge_weight(self, weight, adapter_name):
-        return weight / self.ssf_scale[adapter_name].to(weight.dtype)[:, None]
-
-    def merge_bias(self, adapter_name: str, sign: int) -> None:
-        bias = self.get_base_layer().bias
-        scale = self.ssf_scale[adapter_name].to(bias.dtype)
-        shift = self.ssf_shift[adapter_name].to(bias.dtype)
-        with torch.no_grad():
-            bias.copy_(bias * scale + shift if sign > 0 else (bias - shift) / scale)
+    def untransform_bias(self, bias: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return (bias - self.ssf_shift[adapter_name]) / self.ssf_scale[adapter_name]
 
     def __repr__(self) -> str:
         return "ssf." + super().__repr__()
@@ -56,4 +45,4 @@ class SSFLayer(AdapterLayer):
 class SSFModel(BaseTuner):
     prefix = "ssf_"
     layer_cls = SSFLayer
-    supported_layer_types = ("torch.nn.Linear",)
+    supported_layer_types = ("torch.nn.Linear", "transformers Conv1D", "quantized linear layers")

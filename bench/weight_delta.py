@@ -1,0 +1,92 @@
+"""Forward and training-step cost of a weight-delta method (LoHa) on peft-kernel's
+``WeightDeltaLayer`` next to HF PEFT's LoHa, on the same CPU in one process.
+
+    python bench/weight_delta.py [--threads 1] [--repeats 20] [--clock cpu]
+
+Rows: one adapted ``nn.Linear`` (fused path ``op(x, W + ΔW) + b``, and the unfused path
+``base(x) + op(x, ΔW)`` that quantized, hooked or mixed-dtype bases take) and one adapted
+``nn.Conv2d`` in CP form, each for inference (no grad) and a training step (forward +
+backward). Prints the median time per call and the ratio ours / HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import peft
+import torch
+from torch import nn
+
+import peft_kernel
+from peft_plugin_loha import LoHaConfig
+
+
+def _timed(fn, repeats: int, clock) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return statistics.median(samples)
+
+
+def _models(base: nn.Module, **config):
+    torch.manual_seed(0)
+    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(**config))
+    torch.manual_seed(0)
+    ours = peft_kernel.get_peft_model(copy.deepcopy(base), LoHaConfig(**config))
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+def _step(model, x):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+    return run
+
+
+def _infer(model, x):
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    linear = nn.Sequential(nn.Linear(1024, 1024))
+    conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+    cases = [
+        ("Linear 1024, 512 tokens", linear, dict(target_modules=["0"], r=8, init_weights=False),
+         torch.randn(512, 1024), False),
+        ("Linear 1024, 512 tokens, unfused", linear, dict(target_modules=["0"], r=8, init_weights=False),
+         torch.randn(512, 1024), True),
+        ("Conv2d 64x3x3 CP, 8x32x32", conv, dict(target_modules=["0"], r=8, init_weights=False,
+                                                 use_effective_conv2d=True), torch.randn(8, 64, 32, 32), False),
+    ]
+    print(f"| workload | mode | HF PEFT (ms) | ours (ms) | ours / HF |  ({args.clock} time, {args.threads} thread(s))")
+    print("|---|---|---|---|---|")
+    for name, base, config, x, unfused in cases:
+        hf, ours = _models(base, **config)
+        if unfused:  # a no-op hook: what a hooked (offloaded, quantized, ...) base gets
+            ours.base_model.model[0].get_base_layer().register_forward_hook(lambda *a: None)
+        for mode, make in (("inference", _infer), ("train step", _step)):
+            t_hf = _timed(make(hf, x), args.repeats, clock) * 1e3
+            t_ours = _timed(make(ours, x), args.repeats, clock) * 1e3
+            print(f"| {name} | {mode} | {t_hf:.2f} | {t_ours:.2f} | {t_ours / t_hf:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
