@@ -13,13 +13,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import PeftConfig, PromptLearningConfig, TaskType, TunerConfig
+from .config import PeftConfig, PeftType, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .lazy import lazy_attributes
 from .plugins import hookimpl, register_peft_method
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from .auto import (
+        AutoPeftModel,
+        AutoPeftModelForCausalLM,
+        AutoPeftModelForFeatureExtraction,
+        AutoPeftModelForQuestionAnswering,
+        AutoPeftModelForSeq2SeqLM,
+        AutoPeftModelForSequenceClassification,
+        AutoPeftModelForTokenClassification,
+    )
     from .auxiliary import ModulesToSaveWrapper
     from .delta import WeightDeltaLayer
     from .distributed import fsdp_auto_wrap_policy, fully_shard_model
@@ -41,6 +50,9 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .tuner import BaseTuner
 
 __all__ = [
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification", "PeftType",
     "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
@@ -55,6 +67,10 @@ __all__ = [
 
 #: public name -> defining submodule (":Name" when it differs), imported on first access (needs torch)
 _LAZY = {
+    **{name: ".auto" for name in (
+        "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+        "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+        "AutoPeftModelForTokenClassification")},
     "ModulesToSaveWrapper": ".auxiliary",
     "WeightDeltaLayer": ".delta",
     "fsdp_auto_wrap_policy": ".distributed",
@@ -85,8 +101,8 @@ _LAZY = {
 
 #: submodules reachable as attributes (``peft_kernel.layer``) without importing them first
 _SUBMODULES = (
-    "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "delta", "dispatch", "distributed", "errors",
-    "hookspecs", "io", "layer", "lazy", "mapping", "peft_model", "plugins", "prompt_learning", "quant",
+    "auto", "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "delta", "dispatch", "distributed",
+    "errors", "hookspecs", "hub", "io", "layer", "lazy", "mapping", "peft_model", "plugins", "prompt_learning", "quant",
     "state_dict", "status", "targeting", "testing", "training", "tuner",
 )
 

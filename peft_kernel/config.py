@@ -44,6 +44,25 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
+class _PeftTypeMeta(type):
+    def __getattr__(cls, name: str) -> PeftType:
+        if name.isupper():  # PeftType.LORA, as with HF PEFT's enum; the set of ids stays open
+            return cls(name)
+        raise AttributeError(name)
+
+
+class PeftType(str, metaclass=_PeftTypeMeta):
+    """A method id (``peft_type``): a plain string that also answers to the spelling of HF
+    PEFT's enum, ``PeftType.LORA`` and ``config.peft_type.value``, which code written for HF
+    PEFT (transformers, diffusers) uses. Any registered id is valid."""
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+
 @dataclass
 class PeftConfig:
     """Fields common to every adapter. Subclass it (usually via :class:`TunerConfig`)
@@ -59,6 +78,11 @@ class PeftConfig:
 
     is_prompt_learning = False
     is_adaption_prompt = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "peft_type" and type(value) is str:
+            value = PeftType(value)
+        super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
         if self.peft_version is None:
@@ -129,16 +153,16 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
-        """Load ``adapter_config.json`` from a directory (``subfolder`` inside it)."""
-        path = pretrained_model_name_or_path
-        if subfolder:
-            path = os.path.join(path, subfolder)
-        file = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(file):
-            raise ValueError(
-                f"Can't find {CONFIG_NAME} at {path!r}. peft-kernel loads adapters from local directories; "
-                "download hub adapters first (e.g. huggingface_hub.snapshot_download)."
-            )
+        """Load ``adapter_config.json`` from a directory or a Hub repo id (``subfolder`` inside it;
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` as in
+        ``huggingface_hub.hf_hub_download``)."""
+        from .hub import resolve_file, split_hub_kwargs
+
+        hub_kwargs, _ = split_hub_kwargs(kwargs)
+        try:
+            file = resolve_file(pretrained_model_name_or_path, (CONFIG_NAME,), subfolder=subfolder, **hub_kwargs)
+        except FileNotFoundError as exc:
+            raise ValueError(f"Can't find {CONFIG_NAME} at {pretrained_model_name_or_path!r}: {exc}") from None
         data = cls.from_json_file(file)
         return cls.from_dict(data)
 

@@ -16,7 +16,7 @@ from . import status as _status
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig, TaskType
 from .errors import PeftWarning
-from .io import atomic_write_text
+from .hub import split_hub_kwargs, write_model_card
 from .layer import BASE_ADAPTER, AdapterLayer
 from .plugins import manager
 from .state_dict import (
@@ -410,35 +410,54 @@ class PeftModel(nn.Module):
         self.create_or_update_model_card(save_directory)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        path = os.path.join(output_dir, "README.md")
-        if os.path.exists(path):
-            return
+        """Write (or update) ``README.md`` with the metadata HF PEFT gives an adapter: library
+        ``peft``, the base model, tags (the base model's own, ``transformers``, the methods,
+        ``base_model:adapter:<base>``) and, for causal LMs, the ``text-generation`` pipeline."""
         base = self.get_base_model()
         base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-        tags = [str(c.peft_type).lower() for c in self.peft_config.values()]
-        lines = ["---", "library_name: peft"]
-        if base_name:
-            lines.append(f"base_model: {base_name}")
-        lines.append("tags:")
-        if base_name:
-            lines.append(f"- base_model:adapter:{base_name}")
-        lines += [f"- {t}" for t in sorted(set(tags))]
+        tags = set(getattr(base, "model_tags", None) or ())
+        tags |= {str(c.peft_type).lower() for c in self.peft_config.values()}
         if type(base).__module__.startswith("transformers"):
-            lines.append("- transformers")
-        if any(c.task_type == "CAUSAL_LM" for c in self.peft_config.values()):
-            lines.append("pipeline_tag: text-generation")
-        lines += ["---", "", "# Adapter", "", "Saved with peft-kernel in Hugging Face PEFT's format.", "",
-                  "### Framework versions", "", f"- PEFT {self.active_peft_config.peft_version}", ""]
-        atomic_write_text(path, "\n".join(lines))
+            tags.add("transformers")
+        name_or_path = getattr(base, "name_or_path", None)
+        if name_or_path:
+            tags.add(f"base_model:adapter:{name_or_path}")
+        metadata: dict[str, Any] = {"library_name": "peft"}
+        if base_name:
+            metadata["base_model"] = base_name
+        metadata["tags"] = sorted(tags)
+        if isinstance(self, PeftModelForCausalLM):
+            metadata["pipeline_tag"] = "text-generation"
+        write_model_card(output_dir, metadata, self.active_peft_config.peft_version)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    safe_serialization: bool = True, **save_kwargs: Any):
+        """Save the adapters (as :meth:`save_pretrained` does, model card included) and upload
+        them to the Hub repo ``repo_id``, creating it if needed. Returns huggingface_hub's
+        ``CommitInfo``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, **save_kwargs)
+            return api.upload_folder(repo_id=repo.repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload adapter")
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, key_mapping: dict | None = None, **kwargs: Any):
-        """Load a saved adapter (ours or HF PEFT's) onto ``model``."""
+        """Load a saved adapter (ours or HF PEFT's) onto ``model``, from a directory or a Hub repo
+        id (``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ... as in
+        ``huggingface_hub.hf_hub_download``)."""
+        hub_kwargs, _ = split_hub_kwargs(kwargs)
         if config is None:
-            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
         elif not isinstance(config, PeftConfig):
             raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
         # prompt encoders are built in the layout their checkpoint holds (inference mode); a
@@ -466,15 +485,16 @@ class PeftModel(nn.Module):
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
                      key_mapping: dict | None = None, **kwargs: Any):
-        """Load another adapter from a directory; it is not activated. Returns the load
-        result (``missing_keys``, ``unexpected_keys``)."""
+        """Load a saved adapter (a directory or a Hub repo id) as ``adapter_name``; a new adapter
+        is not activated. Loading into an existing adapter replaces its weights and leaves its
+        trainability alone (transformers' Trainer does that to resume from a checkpoint and to
+        load the best one). Returns the load result (``missing_keys``, ``unexpected_keys``)."""
         created = kwargs.pop("_created", False)
-        subfolder = kwargs.get("subfolder")
-        weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, subfolder=subfolder)
-        if not created:
-            if adapter_name in self.peft_config:
-                raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name")
-            config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, subfolder=subfolder)
+        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
+        weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
+        added = not created and adapter_name not in self.peft_config
+        if added:
+            config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, **hub_kwargs)
             config.inference_mode = not is_trainable or config.is_prompt_learning
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
@@ -482,13 +502,14 @@ class PeftModel(nn.Module):
                                                ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
                                                low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
-            if not created:
+            if added:
                 self.delete_adapter(adapter_name)
             raise
-        if not is_trainable:
-            self.set_requires_grad_false(adapter_name)
-        elif self._is_prompt_learning:
-            self.prompt_learning.unfreeze(adapter_name)
+        if created or added:  # an adapter that was there keeps its trainability
+            if not is_trainable:
+                self.set_requires_grad_false(adapter_name)
+            elif self._is_prompt_learning:
+                self.prompt_learning.unfreeze(adapter_name)
         return result
 
     def set_requires_grad_false(self, adapter_name: str) -> None:
@@ -529,16 +550,45 @@ def _check_adapter_name(adapter_name: str, config: PeftConfig) -> None:
         )
 
 
+# The task classes name their inputs (HF PEFT's signatures, in its order), so that tools that
+# read ``forward``'s signature, such as transformers' Trainer choosing dataset columns and label
+# names, see them. ``input_ids`` goes on positionally, everything else given by keyword.
+
+
+def _task_forward(model: PeftModel, input_ids, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    named = {k: v for k, v in named.items() if v is not None}
+    if not model._is_prompt_learning:
+        named.pop("task_ids", None)  # only prompt-learning methods with several tasks use it
+    args = () if input_ids is None else (input_ids,)
+    return PeftModel.forward(model, *args, **named, **kwargs)
+
+
 class PeftModelForCausalLM(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, input_ids, dict(
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            task_ids=task_ids), kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, input_ids, dict(
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask, decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            task_ids=task_ids), kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
-    pass
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, input_ids, dict(
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict, task_ids=task_ids), kwargs)
 
 
 class _HeadModel(PeftModel):
@@ -564,16 +614,36 @@ class _HeadModel(PeftModel):
         self._prepare_task_config_static(peft_config)
 
 
-class PeftModelForSequenceClassification(_HeadModel):
+class _ClassificationModel(_HeadModel):
     head_names = ("classifier", "score")
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, input_ids, dict(
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            task_ids=task_ids), kwargs)
 
-class PeftModelForTokenClassification(_HeadModel):
-    head_names = ("classifier", "score")
+
+class PeftModelForSequenceClassification(_ClassificationModel):
+    pass
+
+
+class PeftModelForTokenClassification(_ClassificationModel):
+    pass
 
 
 class PeftModelForQuestionAnswering(_HeadModel):
     head_names = ("qa_outputs",)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs):
+        return _task_forward(self, input_ids, dict(
+            attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, start_positions=start_positions, end_positions=end_positions,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+            task_ids=task_ids), kwargs)
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {

@@ -332,38 +332,35 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, assign: bool) -> No
 
 def load_peft_weights(model_id: str, device: str | None = None, key_mapping: dict | None = None,
                       use_pickle: bool = True, **hub_kwargs) -> dict[str, torch.Tensor]:
-    """Read an adapter's tensors from a local directory.
+    """Read an adapter's tensors from a local directory or a Hub repo id (``hub_kwargs``:
+    ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ...).
 
     ``adapter_model.safetensors`` is preferred; ``adapter_model.bin`` is read only when no
     safetensors file exists, and then with ``torch.load(weights_only=True)``.
     """
-    path = model_id
-    if hub_kwargs.get("subfolder"):
-        path = os.path.join(path, hub_kwargs["subfolder"])
+    from .hub import resolve_file, split_hub_kwargs
+
     device = device or "cpu"
-    safe_file = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
-    bin_file = os.path.join(path, WEIGHTS_NAME)
-    if os.path.isfile(safe_file):
+    try:
+        file = resolve_file(model_id, (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME), **split_hub_kwargs(hub_kwargs)[0])
+    except FileNotFoundError as exc:
+        raise ValueError(f"Can't load the adapter weights of {model_id!r}: {exc}") from None
+    if file.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            state = load_file(safe_file, device=str(device))
+            state = load_file(file, device=str(device))
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise ValueError(
-                f"{safe_file} is not a readable safetensors file ({exc}). It may be truncated or corrupt; "
+                f"{file} is not a readable safetensors file ({exc}). It may be truncated or corrupt; "
                 "save the adapter again."
             ) from None
-    elif os.path.isfile(bin_file):
-        try:
-            state = torch.load(bin_file, map_location=device, weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{bin_file} could not be loaded safely (weights_only=True): {exc}") from None
     else:
-        raise ValueError(
-            f"No {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in {path!r}. peft-kernel loads adapters from local "
-            "directories."
-        )
+        try:
+            state = torch.load(file, map_location=device, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{file} could not be loaded safely (weights_only=True): {exc}") from None
     if key_mapping:
         import re
 

@@ -152,8 +152,8 @@ def test_masks_and_labels_cover_the_virtual_tokens():
     assert out["logits"].shape == (2, 8, VOCAB)
     positional = model(x, torch.ones_like(x), None, x)
     torch.testing.assert_close(positional["logits"], out["logits"])
-    with pytest.raises(TypeError, match="positional"):
-        model(x, None, None, x, "one too many")
+    with pytest.raises(TypeError, match="positional"):  # HF PEFT's 8 named inputs, then no more
+        model(x, None, None, x, None, None, None, None, "one too many")
     with pytest.raises(TypeError, match="multiple values"):
         model(x, input_ids=x)
 
