@@ -31,11 +31,22 @@ FSDP_INFIX = distributed.FSDP_INFIX
 
 
 def _tuner_and_config(model, adapter_name):
-    tuner = getattr(model, "base_model", model)
+    """``(holder, config)``: the holder is a PeftModel's tuner, or the model itself when the
+    adapter was injected in place (``inject_adapter_in_model``, which transformers' and
+    diffusers' adapter APIs use)."""
+    from .peft_model import PeftModel
+
+    tuner = model.base_model if isinstance(model, PeftModel) else model
     configs = getattr(model, "peft_config", None) or getattr(tuner, "peft_config", {})
     if adapter_name not in configs:
         raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(configs)}")
     return tuner, configs[adapter_name]
+
+
+def _layers_and_prefix(model, tuner) -> tuple[nn.Module, str]:
+    """The module holding the adapter layers, and the checkpoint-key prefix of its paths: keys of
+    a PeftModel start with ``base_model.model.``, those of a model adapted in place do not."""
+    return (model, "") if tuner is model else (tuner.model, MODEL_PREFIX)
 
 
 def key_map(model, adapter_name: str = "default") -> dict[str, str]:
@@ -47,7 +58,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
     tuner, config = _tuner_and_config(model, adapter_name)
     if config.is_prompt_learning:
         return model.prompt_learning.key_map(adapter_name)
-    inner = tuner.model
+    inner, prefix = _layers_and_prefix(model, tuner)
     mapping: dict[str, str] = {}
     owners: list[str] = []
     for path, module in inner.named_modules():
@@ -64,15 +75,15 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
                 base = f"{path}.{attr}"
                 if isinstance(item, nn.Module):
                     for sub in _module_keys(item):
-                        mapping[f"{MODEL_PREFIX}{base}.{adapter_name}.{sub}"] = f"{MODEL_PREFIX}{base}.{sub}"
+                        mapping[f"{prefix}{base}.{adapter_name}.{sub}"] = f"{prefix}{base}.{sub}"
                 else:
-                    mapping[f"{MODEL_PREFIX}{base}.{adapter_name}"] = f"{MODEL_PREFIX}{base}"
+                    mapping[f"{prefix}{base}.{adapter_name}"] = f"{prefix}{base}"
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             if any(path.startswith(o) for o in owners):
                 continue
             owners.append(path + ".")
             for sub in _module_keys(module.modules_to_save[adapter_name]):
-                mapping[f"{MODEL_PREFIX}{path}.modules_to_save.{adapter_name}.{sub}"] = f"{MODEL_PREFIX}{path}.{sub}"
+                mapping[f"{prefix}{path}.modules_to_save.{adapter_name}.{sub}"] = f"{prefix}{path}.{sub}"
     for attr in getattr(tuner, "shared_buffer_names", ()):
         container = getattr(tuner, attr, None)
         if container is not None and adapter_name in container:
@@ -81,7 +92,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
     if bias == "all":
         for name, _ in inner.named_parameters():
             if name.endswith(".bias") or name == "bias":
-                key = f"{MODEL_PREFIX}{name}"
+                key = f"{prefix}{name}"
                 if ".modules_to_save." not in name and ".original_module." not in name and key not in mapping:
                     mapping[key] = key
     elif isinstance(bias, str) and bias.endswith("_only"):
@@ -90,7 +101,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
                 base = module.get_base_layer()
                 if getattr(base, "bias", None) is not None:
                     full = path + ".base_layer" * _depth(module) + ".bias"
-                    mapping[f"{MODEL_PREFIX}{full}"] = f"{MODEL_PREFIX}{full}"
+                    mapping[f"{prefix}{full}"] = f"{prefix}{full}"
     if any(FSDP_INFIX in k for k in mapping):
         mapping = {k: v.replace(FSDP_INFIX, "") for k, v in mapping.items()}
     return mapping
@@ -245,10 +256,13 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     """
     tuner, config = _tuner_and_config(model, adapter_name)
     state = dict(peft_model_state_dict)
+    inner, prefix = _layers_and_prefix(model, tuner)
     if config.is_prompt_learning:  # keys carry no prefix (prompt_embeddings, base_model.<head>...)
         state = _normalise(state)
-    else:
+    elif prefix:
         state = {k if k.startswith("base_model.") else MODEL_PREFIX + k: v for k, v in _normalise(state).items()}
+    else:  # adapted in place: keys are the model's own paths (a PeftModel's checkpoint fits too)
+        state = {k.removeprefix(MODEL_PREFIX): v for k, v in _normalise(state).items()}
     if not config.is_prompt_learning:
         manager().load_state_dict(model=tuner, config=config, adapter_name=adapter_name, state_dict=state)
     wanted = save_key_map(model, adapter_name)
@@ -289,7 +303,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     if low_cpu_mem_usage and config.is_prompt_learning:
         model.prompt_learning.move_to_device(adapter_name)
     elif low_cpu_mem_usage:
-        for _, module in tuner.model.named_modules():
+        for _, module in inner.named_modules():
             if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
                 module._move_adapter_to_device_of_base_layer(adapter_name)
     return _LoadResult(missing, unexpected)

@@ -233,3 +233,21 @@ def test_trainable_parameters_after_add_adapter(active_frozen, new_frozen, bias)
     ours.add_adapter("b", b_ours)
     assert trainable_names(ours) == trainable_names(hf)
     assert ours.active_adapters == hf.active_adapters == ["a"]
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_set_scale_and_unscale_layer(use_rslora):
+    """What diffusers' set_adapters(adapter_weights=...) and scale/unscale_lora_layers call."""
+    models = []
+    for lib in (HF, OURS):
+        model = lib.get_peft_model(build_base("mlp"), lib.LoraConfig(**lora_kwargs("mlp", use_rslora=use_rslora)))
+        models.append(model)
+    hf, ours = models
+    copy_state(hf, ours)
+    inputs = make_inputs("mlp")
+    for method, args in (("set_scale", ("default", 0.5)), ("scale_layer", (3.0,)), ("unscale_layer", (3.0,)),
+                         ("unscale_layer", (None,))):
+        for model in (hf, ours):
+            for layer in [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(type(m), method)]:
+                getattr(layer, method)(*args)
+        assert_close(output(ours, inputs), output(hf, inputs), f"{method}{args}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -54,22 +55,60 @@ def token_dataset(n: int = 16, length: int = 8, seed: int = 0):
 PROBE = torch.tensor([[3, 7, 11, 19, 23, 5], [4, 4, 9, 30, 31, 12]])
 
 
-def hf_peft_run(code: str, timeout: int = 300) -> str:
-    """Run ``code`` in a fresh interpreter whose ``import peft`` is HF PEFT; returns its stdout."""
-    path = os.environ.get("PEFT_KERNEL_HF_PEFT_PATH")
-    if not path or not os.path.isdir(os.path.join(path, "peft")):
-        pytest.fail("PEFT_KERNEL_HF_PEFT_PATH must name a folder with HF PEFT installed (tox -e ecosystem sets it)")
-    prelude = f"import peft\nassert peft.__file__.startswith({path!r}), peft.__file__\n"
-    env = {**os.environ, "PYTHONPATH": path, "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done.stdout
+class HFPeft:
+    """An interpreter whose ``import peft`` is HF PEFT, started once and fed code snippets (each
+    run with its own globals), so that the oracle's imports are paid for once per session."""
+
+    SERVER = textwrap.dedent("""
+        import json, os, sys, traceback
+        replies = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)  # what the snippets print goes to stderr, the replies alone to the pipe
+        import peft
+        assert peft.__file__.startswith(sys.argv[1]), peft.__file__
+        for line in sys.stdin:
+            try:
+                exec(json.loads(line), {})
+                reply = {"ok": True}
+            except BaseException:
+                reply = {"ok": False, "error": traceback.format_exc()}
+            replies.write(json.dumps(reply) + "\\n")
+            replies.flush()
+    """)
+
+    def __init__(self) -> None:
+        path = os.environ.get("PEFT_KERNEL_HF_PEFT_PATH")
+        if not path or not os.path.isdir(os.path.join(path, "peft")):
+            pytest.fail("PEFT_KERNEL_HF_PEFT_PATH must name a folder with HF PEFT installed (tox -e ecosystem sets it)")
+        env = {**os.environ, "PYTHONPATH": path, "TRANSFORMERS_VERBOSITY": "error"}
+        self.log = tempfile.TemporaryFile("w+")  # its stderr, shown when it dies
+        self.process = subprocess.Popen([sys.executable, "-c", self.SERVER, path], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+
+    def run(self, code: str, timeout: float = 300) -> None:
+        """Run ``code`` in the HF PEFT interpreter; its exceptions fail the test, with their traceback."""
+        import json
+        import select
+
+        self.process.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            self.log.seek(0)
+            pytest.fail(f"the HF PEFT interpreter gave no answer; its stderr ends with:\n{self.log.read()[-3000:]}")
+        reply = json.loads(line)
+        assert reply["ok"], reply["error"]
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.log.close()
 
 
-def hf_peft_causal_logits(base_dir: str, adapter_dir: str, out_file: str) -> torch.Tensor:
+def hf_peft_causal_logits(hf_peft: HFPeft, base_dir: str, adapter_dir: str, out_file: str) -> torch.Tensor:
     """Logits of HF PEFT's ``PeftModel.from_pretrained(base, adapter_dir)`` on :data:`PROBE`."""
-    hf_peft_run(f"""
+    hf_peft.run(f"""
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

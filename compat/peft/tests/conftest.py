@@ -29,3 +29,13 @@ def llama_dir(tmp_path_factory) -> str:
     from _ecosystem import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def hf_peft():
+    """The HF PEFT oracle: an interpreter of its own (see _ecosystem.HFPeft)."""
+    from _ecosystem import HFPeft
+
+    oracle = HFPeft()
+    yield oracle
+    oracle.close()

@@ -37,7 +37,7 @@ def test_the_peft_name_is_peft_kernel():
     assert _is_peft_model(get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(target_modules=["0"])))
 
 
-def test_default_arguments_train_and_checkpoint_only_the_adapter(llama_dir, tmp_path):
+def test_default_arguments_train_and_checkpoint_only_the_adapter(llama_dir, tmp_path, hf_peft):
     model = lora(load_llama(llama_dir))
     before = logits(model)
     trainer = Trainer(model=model, args=args(tmp_path / "out"), train_dataset=token_dataset())
@@ -51,7 +51,7 @@ def test_default_arguments_train_and_checkpoint_only_the_adapter(llama_dir, tmp_
         assert not {"model.safetensors", "pytorch_model.bin"} & files
     final = tmp_path / "out" / "checkpoint-4"
     # HF PEFT loads the checkpoint and computes what the trained model computes
-    theirs = hf_peft_causal_logits(llama_dir, str(final), str(tmp_path / "hf.pt"))
+    theirs = hf_peft_causal_logits(hf_peft, llama_dir, str(final), str(tmp_path / "hf.pt"))
     torch.testing.assert_close(theirs, after, atol=1e-5, rtol=0)
     # ... and so does peft-kernel, in a fresh model
     again = PeftModel.from_pretrained(load_llama(llama_dir), str(final))

@@ -95,8 +95,8 @@ class LoraLayer(AdapterLayer):
         self.register_containers("lora_magnitude_vector")
         # per adapter: rank, alpha, scaling, DoRA / lora_bias flags, DoRA norms while merged
         # aLoRA / Arrow: per adapter, whether it is an aLoRA; a router's ArrowConfig and routing state
-        self.set_plain_attributes(r={}, lora_alpha={}, scaling={}, use_dora={}, lora_bias={}, _dora_norm={},
-                                  fan_in_fan_out=False, alora={}, arrow_config={}, arrow_state={})
+        self.set_plain_attributes(r={}, lora_alpha={}, scaling={}, use_rslora={}, use_dora={}, lora_bias={},
+                                  _dora_norm={}, fan_in_fan_out=False, alora={}, arrow_config={}, arrow_state={})
 
     # -- creation ---------------------------------------------------------------------
 
@@ -126,7 +126,8 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = (
             nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else empty_module(nn.Identity)
         )
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_rslora[adapter_name] = use_rslora
+        self.scaling[adapter_name] = self.initial_scaling(adapter_name)
         self.lora_bias[adapter_name] = lora_bias
         self.make_factors(adapter_name, r, lora_bias)
         if not self._is_meta(adapter_name):
@@ -385,10 +386,15 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self.arrow_state.pop(adapter_name, None)
 
+    def initial_scaling(self, adapter: str) -> float:
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
+        r = self.r[adapter]
+        return self.lora_alpha[adapter] / (math.sqrt(r) if self.use_rslora.get(adapter) else r)
+
     def set_scale(self, adapter: str, scale: float) -> None:
         self.adapter_state_changed()
         if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+            self.scaling[adapter] = scale * self.initial_scaling(adapter)
 
     def set_scaling(self, adapter: str, scaling: float) -> None:
         """Set one adapter's scaling; a tensor scaling is filled in place (no new object, so a
@@ -414,7 +420,7 @@ class LoraLayer(AdapterLayer):
             if name not in self.scaling:
                 continue
             if scale is None:
-                self.scaling[name] = self.lora_alpha[name] / self.r[name]
+                self.scaling[name] = self.initial_scaling(name)
             else:
                 self.scaling[name] /= scale
 
