@@ -84,12 +84,14 @@ class HFPeft:
         self.process = subprocess.Popen([sys.executable, "-c", self.SERVER, path], env=env, text=True,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
 
-    def run(self, code: str, timeout: float = 300) -> None:
-        """Run ``code`` in the HF PEFT interpreter; its exceptions fail the test, with their traceback."""
+    def run(self, code: str, definitions: str = "", timeout: float = 300) -> None:
+        """Run ``code`` in the HF PEFT interpreter, after ``import torch`` and ``definitions`` (both
+        dedented); its exceptions fail the test, with their traceback."""
         import json
         import select
 
-        self.process.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+        source = "import torch\n" + textwrap.dedent(definitions) + "\n" + textwrap.dedent(code)
+        self.process.stdin.write(json.dumps(source) + "\n")
         self.process.stdin.flush()
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         line = self.process.stdout.readline() if ready else ""
