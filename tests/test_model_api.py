@@ -212,3 +212,31 @@ def test_training_step_reduces_loss():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
+
+
+def test_peft_type_is_a_string_that_reads_like_hf_peft_s_enum():
+    import json
+    import pickle
+
+    import peft as hf_peft
+
+    config = LoraConfig(target_modules=["lin0"])
+    assert config.peft_type == "LORA" and config.peft_type.value == "LORA"
+    assert config.peft_type == peft_kernel.PeftType.LORA == hf_peft.PeftType.LORA
+    assert peft_kernel.PeftType.ANY_REGISTERED_NAME == "ANY_REGISTERED_NAME"  # the set of ids stays open
+    assert json.loads(config.to_json_string())["peft_type"] == "LORA"
+    assert pickle.loads(pickle.dumps(config)).peft_type.value == "LORA"
+
+
+def test_state_dict_of_a_model_adapted_in_place_uses_its_own_paths(tmp_path):
+    """What transformers' and diffusers' adapter APIs rely on: no PeftModel, no base_model.model. prefix."""
+    torch.manual_seed(0)
+    wrapped = get_peft_model(MLP(), LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    torch.manual_seed(0)
+    bare = inject_adapter_in_model(LoraConfig(target_modules=["lin0"], init_lora_weights=False), MLP())
+    state = get_peft_model_state_dict(bare)
+    assert sorted(state) == ["lin0.lora_A.weight", "lin0.lora_B.weight"]
+    torch.testing.assert_close(state["lin0.lora_A.weight"], wrapped.base_model.model.lin0.lora_A["default"].weight)
+    fresh = inject_adapter_in_model(LoraConfig(target_modules=["lin0"]), MLP())
+    peft_kernel.set_peft_model_state_dict(fresh, get_peft_model_state_dict(wrapped))  # a PeftModel's keys fit too
+    torch.testing.assert_close(fresh.lin0.lora_B["default"].weight, wrapped.base_model.model.lin0.lora_B["default"].weight)

@@ -19,6 +19,7 @@ DOC = ROOT / "docs" / "plugin-api.md"
 PLUGIN_SOURCES = sorted(
     [p for p in (ROOT / "plugins").glob("*/src/**/*.py")]
     + [p for p in (ROOT / "contrib" / "peft-plugin-example" / "src").glob("**/*.py")]
+    + [p for p in (ROOT / "compat").glob("*/src/**/*.py")]  # the `peft` name is held to the same API
 )
 
 

@@ -13,7 +13,21 @@ from __future__ import annotations
 from importlib import metadata
 
 from peft_kernel import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
     PeftConfig,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
     PeftType,
     PromptLearningConfig,
     TaskType,
@@ -25,24 +39,6 @@ from peft_kernel import (
     prepare_model_for_kbit_training,
     register_peft_method,
     set_peft_model_state_dict,
-)
-from peft_kernel.auto import (
-    AutoPeftModel,
-    AutoPeftModelForCausalLM,
-    AutoPeftModelForFeatureExtraction,
-    AutoPeftModelForQuestionAnswering,
-    AutoPeftModelForSeq2SeqLM,
-    AutoPeftModelForSequenceClassification,
-    AutoPeftModelForTokenClassification,
-)
-from peft_kernel.peft_model import (
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
 )
 
 from ._missing import PeftMixedModel, PrefixTuningConfig, missing_name

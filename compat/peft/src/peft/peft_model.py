@@ -1,6 +1,6 @@
 """``peft.peft_model``: the PeftModel family."""
 
-from peft_kernel.peft_model import (
+from peft_kernel import (
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
