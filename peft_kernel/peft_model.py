@@ -563,13 +563,17 @@ def _task_forward(model: PeftModel, input_ids, named: dict[str, Any], kwargs: di
     return PeftModel.forward(model, *args, **named, **kwargs)
 
 
+def _labelled_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                      output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """``forward`` of the causal-LM and classification task classes."""
+    return _task_forward(self, input_ids, dict(
+        attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        task_ids=task_ids), kwargs)
+
+
 class PeftModelForCausalLM(PeftModel):
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return _task_forward(self, input_ids, dict(
-            attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-            task_ids=task_ids), kwargs)
+    forward = _labelled_forward
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -616,13 +620,7 @@ class _HeadModel(PeftModel):
 
 class _ClassificationModel(_HeadModel):
     head_names = ("classifier", "score")
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return _task_forward(self, input_ids, dict(
-            attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-            task_ids=task_ids), kwargs)
+    forward = _labelled_forward
 
 
 class PeftModelForSequenceClassification(_ClassificationModel):
