@@ -85,7 +85,7 @@ def _fit_embeddings_to_tokenizer(base, adapter: str, hub_kwargs: dict[str, Any])
     needs the base's embeddings resized before its weights fit."""
     try:
         resolve_file(adapter, ("tokenizer_config.json",), **hub_kwargs)
-    except (FileNotFoundError, OSError):
+    except OSError:  # no tokenizer saved with the adapter
         return
     if not hasattr(base, "get_input_embeddings"):
         return

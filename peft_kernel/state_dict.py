@@ -256,7 +256,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     """
     tuner, config = _tuner_and_config(model, adapter_name)
     state = dict(peft_model_state_dict)
-    inner, prefix = _layers_and_prefix(model, tuner)
+    inner, prefix = (None, "") if config.is_prompt_learning else _layers_and_prefix(model, tuner)
     if config.is_prompt_learning:  # keys carry no prefix (prompt_embeddings, base_model.<head>...)
         state = _normalise(state)
     elif prefix:

@@ -43,7 +43,10 @@ from peft_kernel import (
 
 from ._missing import PeftMixedModel, PrefixTuningConfig, missing_name
 
-__version__ = metadata.version("peft")
+try:
+    __version__ = metadata.version("peft")
+except metadata.PackageNotFoundError:  # on sys.path without being installed: libraries will not see it either
+    __version__ = "0+unknown"
 
 __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
