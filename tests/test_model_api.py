@@ -239,4 +239,5 @@ def test_state_dict_of_a_model_adapted_in_place_uses_its_own_paths(tmp_path):
     torch.testing.assert_close(state["lin0.lora_A.weight"], wrapped.base_model.model.lin0.lora_A["default"].weight)
     fresh = inject_adapter_in_model(LoraConfig(target_modules=["lin0"]), MLP())
     peft_kernel.set_peft_model_state_dict(fresh, get_peft_model_state_dict(wrapped))  # a PeftModel's keys fit too
-    torch.testing.assert_close(fresh.lin0.lora_B["default"].weight, wrapped.base_model.model.lin0.lora_B["default"].weight)
+    trained_b = wrapped.base_model.model.lin0.lora_B["default"].weight
+    torch.testing.assert_close(fresh.lin0.lora_B["default"].weight, trained_b)
