@@ -43,6 +43,12 @@ class ModulesToSaveWrapper(nn.Module):
             self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
 
+    def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
+        """``{checkpoint key: key in this wrapper}`` for the copy of ``adapter_name``: checkpoints
+        hold the copy under the wrapped module's own names. transformers' ``load_adapter`` renames
+        keys with it (HF PEFT's name)."""
+        return {key: f"modules_to_save.{adapter_name}.{key}" for key in self.modules_to_save[adapter_name].state_dict()}
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapter)

@@ -67,3 +67,14 @@ def test_load_adapter_and_auto_model_from_an_adapter_directory(llama_dir, tmp_pa
 
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")  # base from base_model_name_or_path
     torch.testing.assert_close(logits(auto), expected, atol=1e-6, rtol=0)
+
+
+def test_load_adapter_with_modules_to_save(llama_dir, tmp_path):
+    torch.manual_seed(2)
+    trained = get_peft_model(load_llama(llama_dir), random_lora(modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        trained.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    trained.save_pretrained(tmp_path / "adapter")
+    model = load_llama(llama_dir)
+    model.load_adapter(str(tmp_path / "adapter"), adapter_name="default")
+    torch.testing.assert_close(logits(model), logits(trained), atol=1e-6, rtol=0)
