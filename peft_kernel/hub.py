@@ -24,10 +24,6 @@ def split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return hub, rest
 
 
-def is_local(model_id: str | os.PathLike) -> bool:
-    return os.path.isdir(model_id)
-
-
 def resolve_file(model_id: str | os.PathLike, filenames: tuple[str, ...], **hub_kwargs: Any) -> str:
     """The local path of the first of ``filenames`` that the adapter at ``model_id`` has.
 
@@ -35,7 +31,7 @@ def resolve_file(model_id: str | os.PathLike, filenames: tuple[str, ...], **hub_
     there (or, offline, none is cached).
     """
     subfolder = hub_kwargs.get("subfolder") or ""
-    if is_local(model_id):
+    if os.path.isdir(model_id):
         directory = os.path.join(model_id, subfolder)
         for name in filenames:
             path = os.path.join(directory, name)
@@ -47,7 +43,7 @@ def resolve_file(model_id: str | os.PathLike, filenames: tuple[str, ...], **hub_
 
 def _download(repo_id: str, filenames: tuple[str, ...], subfolder: str = "", revision: str | None = None,
               token: str | bool | None = None, cache_dir: str | None = None, force_download: bool = False,
-              local_files_only: bool = False, use_auth_token: str | bool | None = None) -> str:
+              local_files_only: bool = False) -> str:
     try:
         import huggingface_hub
         from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
