@@ -35,6 +35,11 @@ def test_the_peft_name_is_peft_kernel():
     from transformers.trainer_utils import _is_peft_model
 
     assert _is_peft_model(get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(target_modules=["0"])))
+    # names HF PEFT has and this env lacks import, and refuse to be used, saying what to do
+    with pytest.raises(NotImplementedError, match="pip install peft-plugin-prefix-tuning"):
+        peft.PrefixTuningConfig(num_virtual_tokens=2)
+    with pytest.raises(AttributeError, match="compatibility package"):
+        _ = peft.LoKrConfig
 
 
 def test_default_arguments_train_and_checkpoint_only_the_adapter(llama_dir, tmp_path, hf_peft):

@@ -41,7 +41,7 @@ from peft_kernel import (
     set_peft_model_state_dict,
 )
 
-from ._missing import PeftMixedModel, PrefixTuningConfig, missing_name
+from ._missing import PLACEHOLDERS, PeftMixedModel, missing_name
 
 try:
     __version__ = metadata.version("peft")
@@ -53,7 +53,7 @@ __all__ = [
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "PeftConfig", "PeftMixedModel", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "PrefixTuningConfig",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType",
     "PromptLearningConfig", "TaskType", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
     "inject_adapter_in_model", "load_peft_weights", "prepare_model_for_kbit_training", "register_peft_method",
     "set_peft_model_state_dict",
@@ -61,11 +61,15 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Method config classes by their class name (``LoraConfig``), from the plugin registry."""
+    """Method config classes by their class name (``LoraConfig``, ``PrefixTuningConfig``), from
+    the plugin registry; a placeholder for the few that libraries import although no installed
+    plugin provides them."""
     if name.endswith("Config"):
         from peft_kernel.plugins import manager
 
         for spec in manager().methods().values():
             if spec.config_cls.__name__ == name:
                 return spec.config_cls
+    if name in PLACEHOLDERS:
+        return PLACEHOLDERS[name]
     return missing_name(__name__, name)

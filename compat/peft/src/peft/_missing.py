@@ -1,20 +1,23 @@
-"""Names of HF PEFT that peft-kernel does not provide (yet).
+"""Names of HF PEFT that peft-kernel, or the installed plugins, do not provide.
 
-Libraries import some of them at module level only to test ``isinstance`` (TRL imports
-``PrefixTuningConfig``, transformers' Trainer ``PeftMixedModel``), so they exist as classes that
-nothing is an instance of and that refuse to be built, saying why.
+Libraries import some of them at module level only to test ``isinstance`` (transformers' Trainer
+imports ``PeftMixedModel``, TRL ``PrefixTuningConfig``, which exists when peft-plugin-prefix-tuning
+is installed), so they exist as classes that nothing is an instance of and that refuse to be
+built, saying why.
 """
 
 from __future__ import annotations
 
 from typing import NoReturn
 
-_ISSUE = "peft-kernel does not provide {what} yet; this name exists so that code importing it still imports."
-
 
 class _Unavailable:
+    #: what to do instead
+    remedy = "peft-kernel does not provide it yet"
+
     def __init__(self, *args, **kwargs) -> None:
-        raise NotImplementedError(_ISSUE.format(what=type(self).__name__))
+        raise NotImplementedError(f"{type(self).__name__} is not available: {self.remedy}. (The name exists so "
+                                  "that code importing it still imports.)")
 
 
 class PeftMixedModel(_Unavailable):
@@ -22,7 +25,13 @@ class PeftMixedModel(_Unavailable):
 
 
 class PrefixTuningConfig(_Unavailable):
-    """HF PEFT's prefix tuning (not available)."""
+    """HF PEFT's prefix tuning, when peft-plugin-prefix-tuning is not installed."""
+
+    remedy = "pip install peft-plugin-prefix-tuning"
+
+
+#: stand-ins for names that the plugin registry may not provide
+PLACEHOLDERS = {"PrefixTuningConfig": PrefixTuningConfig}
 
 
 def missing_name(module: str, name: str) -> NoReturn:
