@@ -46,14 +46,14 @@ class TaskType(str, enum.Enum):
 
 class _PeftTypeMeta(type):
     def __getattr__(cls, name: str) -> PeftType:
-        if name.isupper():  # PeftType.LORA, as with HF PEFT's enum; the set of ids stays open
+        if name.isupper():  # PeftType.<ID>, as with HF PEFT's enum; the set of ids stays open
             return cls(name)
         raise AttributeError(name)
 
 
 class PeftType(str, metaclass=_PeftTypeMeta):
     """A method id (``peft_type``): a plain string that also answers to the spelling of HF
-    PEFT's enum, ``PeftType.LORA`` and ``config.peft_type.value``, which code written for HF
+    PEFT's enum, ``PeftType.<ID>`` and ``config.peft_type.value``, which code written for HF
     PEFT (transformers, diffusers) uses. Any registered id is valid."""
 
     __slots__ = ()
