@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import BASE_ADAPTER, AdapterLayer
+from .layer import BASE_ADAPTER, AdapterLayer, batch_adapter_names_of
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -35,7 +35,6 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self._batch_names: list[str] | None = None
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
@@ -55,11 +54,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def batch_adapter_names(self) -> list[str] | None:
-        """Per-sample adapter names of the running mixed batch, else ``None``."""
-        return self._batch_names
-
-    def _set_batch_adapter_names(self, names: list[str] | None) -> None:
-        self._batch_names = names
+        """Per-sample adapter names of the mixed batch the current call runs, else ``None``."""
+        return batch_adapter_names_of(self)
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -122,7 +118,7 @@ class ModulesToSaveWrapper(nn.Module):
             self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        names = kwargs.pop("adapter_names", None) or self._batch_names
+        names = kwargs.pop("adapter_names", None) or batch_adapter_names_of(self)
         if names is None or self._disable_adapters:
             return self._active_copy()(x, *args, **kwargs)
         return self._mixed_batch_forward(x, names, *args, **kwargs)

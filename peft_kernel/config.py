@@ -11,12 +11,13 @@ import dataclasses
 import enum
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import io
 from .errors import PeftWarning
-from .io import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 #: checkpoint format we write; peft_version records it together with our own version
@@ -85,6 +86,7 @@ class PeftConfig:
         super().__setattr__(name, value)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.peft_version is None:
             self.peft_version = f"{PEFT_FORMAT_VERSION}+peftkernel.{_kernel_version()}"
         if isinstance(self.task_type, TaskType):
@@ -112,16 +114,23 @@ class PeftConfig:
         """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory")
-        os.makedirs(save_directory, exist_ok=True)
+        with io.staged(save_directory) as stage:
+            self.write_json(os.path.join(stage, CONFIG_NAME), extra=kwargs.pop("extra", None))
+
+    def write_json(self, path: str, extra: dict | None = None) -> None:
+        """Write the config (plus ``extra`` fields) as JSON to the file ``path``."""
         data = self.to_dict()
-        data.update(kwargs.pop("extra", {}) or {})
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), json.dumps(data, indent=2, sort_keys=True) + "\n")
+        data.update(extra or {})
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_peft_type(cls, **kwargs) -> PeftConfig:
         """Build the config class registered for ``kwargs["peft_type"]``."""
         if "peft_type" not in kwargs:
             raise ValueError("adapter config has no 'peft_type'; it is required to know which method to load")
+        if not isinstance(kwargs["peft_type"], str):
+            raise ValueError(f"peft_type must be a method name such as 'LORA', got {kwargs['peft_type']!r}")
         from .plugins import manager
 
         config_cls = manager().method(kwargs["peft_type"]).config_cls
@@ -130,6 +139,10 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
         """Build ``cls`` from a dict, dropping (with a warning) keys this version does not know."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config is a JSON object of fields, got a {type(data).__name__}")
+        if not all(isinstance(k, str) for k in data):
+            raise ValueError(f"adapter config field names must be strings, got {sorted(map(repr, data))}")
         if cls in (PeftConfig, TunerConfig, PromptLearningConfig):
             return cls.from_peft_type(**data)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -145,26 +158,143 @@ class PeftConfig:
 
     @classmethod
     def from_json_file(cls, path: str) -> dict[str, Any]:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:
             try:
-                return json.load(fh)
-            except json.JSONDecodeError as exc:
+                return json.loads(fh.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ValueError(f"{path} is not valid JSON ({exc}); was it written completely?") from None
+            except RecursionError:
+                raise ValueError(f"{path} nests too deeply to be an adapter config") from None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
         """Load ``adapter_config.json`` from a directory or a Hub repo id (``subfolder`` inside it;
         ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` as in
-        ``huggingface_hub.hf_hub_download``)."""
+        ``huggingface_hub.hf_hub_download``). From a directory, the config of its last complete
+        save is read (see :mod:`peft_kernel.io`)."""
         from .hub import resolve_file, split_hub_kwargs
 
         hub_kwargs, _ = split_hub_kwargs(kwargs)
-        try:
-            file = resolve_file(pretrained_model_name_or_path, (CONFIG_NAME,), subfolder=subfolder, **hub_kwargs)
-        except FileNotFoundError as exc:
-            raise ValueError(f"Can't find {CONFIG_NAME} at {pretrained_model_name_or_path!r}: {exc}") from None
-        data = cls.from_json_file(file)
+        with io.locked(os.path.join(pretrained_model_name_or_path, subfolder or "")):
+            try:
+                file = resolve_file(pretrained_model_name_or_path, (CONFIG_NAME,), subfolder=subfolder, **hub_kwargs)
+            except FileNotFoundError as exc:
+                raise ValueError(f"Can't find {CONFIG_NAME} at {pretrained_model_name_or_path!r}: {exc}") from None
+            data = cls.from_json_file(file)
         return cls.from_dict(data)
+
+
+# -- field types -------------------------------------------------------------------------
+#
+# A config is built from user code, from a CLI option or from a JSON file written by anyone.
+# Each field's value is checked against the field's annotation here, once, for every method:
+# a wrong type is an error that names the field, instead of a failure deep inside a layer.
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def check_field_types(config: PeftConfig) -> None:
+    """Raise ``TypeError`` (``ValueError`` for a ``Literal`` field) naming the first field whose
+    value does not fit its annotation.
+
+    Numbers are interchangeable (an ``int`` field takes ``16.0``), lists, tuples and sets are
+    interchangeable, a dict is accepted for a dataclass-typed field (it is converted later),
+    ``None`` is accepted where the default is ``None``, and annotations that cannot be
+    resolved are not checked.
+    """
+    hints = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        if not f.init or f.name not in hints:
+            continue
+        value = getattr(config, f.name)
+        if value is None and f.default is None:
+            continue
+        if not _conforms(value, hints[f.name]):
+            import typing
+
+            # a value outside a fixed set of choices is a bad value; anything else a bad type
+            error = ValueError if typing.get_origin(hints[f.name]) is typing.Literal else TypeError
+            raise error(
+                f"{type(config).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls not in _FIELD_TYPES:
+        import typing
+
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # an annotation names something unimportable: resolve field by field
+            hints = {}
+            for klass in reversed(cls.__mro__):
+                module = sys.modules.get(klass.__module__)
+                namespace = dict(vars(module)) if module is not None else {}
+                for name, annotation in vars(klass).get("__annotations__", {}).items():
+                    try:
+                        hints[name] = eval(annotation, namespace) if isinstance(annotation, str) else annotation
+                    except Exception:
+                        hints.pop(name, None)
+        _FIELD_TYPES[cls] = hints
+    return _FIELD_TYPES[cls]
+
+
+def _conforms(value: Any, annotation: Any) -> bool:
+    import numbers
+    import types
+    import typing
+
+    if annotation is Any or annotation is object:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if annotation in (int, float):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (list, tuple, set, frozenset) or origin in (list, tuple, set, frozenset):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False
+        item = args[0] if origin is not tuple and len(args) == 1 else Any
+        return all(_conforms(v, item) for v in value)
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        key, item = args if len(args) == 2 else (Any, Any)
+        return all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    if isinstance(annotation, type):
+        if issubclass(annotation, enum.Enum):
+            return isinstance(value, annotation) or value in {m.value for m in annotation}
+        return isinstance(value, annotation) or (dataclasses.is_dataclass(annotation) and isinstance(value, dict))
+    return True  # anything else (type variables, callables, ...) is the method's to check
+
+
+def _describe(annotation: Any) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if annotation in (int, float):
+        return "a number"
+    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset):
+        return f"a list of {_describe(args[0]).removeprefix('a ')}" if len(args) == 1 else "a list"
+    if origin is dict or annotation is dict:
+        return "a dict"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _jsonable(value):

@@ -32,10 +32,12 @@ def resolve_file(model_id: str | os.PathLike, filenames: tuple[str, ...], **hub_
     """
     subfolder = hub_kwargs.get("subfolder") or ""
     if os.path.isdir(model_id):
+        from . import io
+
         directory = os.path.join(model_id, subfolder)
         for name in filenames:
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
+            path = io.committed_path(directory, name)  # after an interrupted save: the staged copy
+            if path is not None and os.path.isfile(path):
                 return path
         raise FileNotFoundError(f"No {' or '.join(filenames)} in the directory {directory!r}.")
     return _download(str(model_id), filenames, **hub_kwargs)

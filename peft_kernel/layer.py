@@ -21,6 +21,7 @@ import collections
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
@@ -34,6 +35,46 @@ from .errors import MergeNotSupportedError, PeftWarning
 BASE_ADAPTER = "__base__"
 #: what :attr:`AdapterLayer.call_state` is outside a call that routes per-call values
 NO_CALL_STATE: Mapping[str, Any] = MappingProxyType({})
+
+#: the running mixed batch of this thread / task: (ids of the modules it routes, per-sample names).
+#: Per call, never on the shared modules: concurrent calls each see their own.
+_MIXED_BATCH: ContextVar[tuple[frozenset[int], list[str]] | None] = ContextVar("peft_kernel_mixed_batch",
+                                                                               default=None)
+
+
+@contextmanager
+def mixed_batch(modules: Iterable[nn.Module], adapter_names: list[str]) -> Iterator[None]:
+    """Route ``adapter_names`` (one per sample) to ``modules`` for the calls inside the block."""
+    token = _MIXED_BATCH.set((frozenset(map(id, modules)), list(adapter_names)))
+    try:
+        yield
+    finally:
+        _MIXED_BATCH.reset(token)
+
+
+#: (ids of the layers, read-only per-call values) of the running PeftModel call; see call_state
+_CALL_STATE: ContextVar[tuple[frozenset[int], Mapping[str, Any]] | None] = ContextVar("peft_kernel_call_state",
+                                                                                     default=None)
+#: (id of the layer, row indices) while a layer's adapter_forward runs on a mixed-batch sub-batch
+_BATCH_ROWS: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("peft_kernel_batch_rows", default=None)
+
+
+@contextmanager
+def with_call_state(layers: Iterable[nn.Module], state: Mapping[str, Any]) -> Iterator[None]:
+    """Show ``state`` to ``layers`` as their :attr:`AdapterLayer.call_state` inside the block."""
+    token = _CALL_STATE.set((frozenset(map(id, layers)), state))
+    try:
+        yield
+    finally:
+        _CALL_STATE.reset(token)
+
+
+def batch_adapter_names_of(module: nn.Module) -> list[str] | None:
+    """The per-sample adapter names of the running mixed batch if it routes ``module``."""
+    batch = _MIXED_BATCH.get()
+    if batch is None or id(module) not in batch[0]:
+        return None
+    return batch[1]
 
 
 def unwrap_base_layer(module: nn.Module) -> nn.Module:
@@ -148,8 +189,7 @@ class AdapterLayer(nn.Module):
         in_features, out_features = quant.layer_shape(base) or _infer_features(base)
         self.set_plain_attributes(
             _active_adapter=[] if adapter_name is None else [adapter_name], merged_adapters=[],
-            _disable_adapters=False, _batch_names=None, _batch_rows=None, _call_state=None, kwargs=kwargs,
-            in_features=in_features, out_features=out_features,
+            _disable_adapters=False, kwargs=kwargs, in_features=in_features, out_features=out_features,
         )
 
     # Layers are built by the thousand per model; nn.Module.__setattr__'s checks were a
@@ -274,7 +314,8 @@ class AdapterLayer(nn.Module):
 
         The kernel calls it after every state change it makes: an adapter created
         (after ``update_layer``), deleted, (de)activated, enabled or disabled, merged or
-        unmerged, and when a mixed batch starts or ends. A layer calls it itself after
+        unmerged. (A mixed batch is per call, not a state change: a specialised forward
+        checks :attr:`batch_adapter_names` itself.) A layer calls it itself after
         changing state outside those operations (e.g. LoRA's ``set_scale``). Subclasses
         that cache anything derived from their adapters (a specialised forward's plan, a
         normalisation) drop it here and call ``super()``. It is cheap: call it when in doubt.
@@ -284,26 +325,26 @@ class AdapterLayer(nn.Module):
 
     @property
     def batch_adapter_names(self) -> list[str] | None:
-        """Per-sample adapter names of the running mixed batch (``adapter_names=``), else ``None``."""
-        return self._batch_names
+        """Per-sample adapter names of the mixed batch (``adapter_names=``) that the current
+        call runs through this layer, else ``None``. Per call and per thread: concurrent calls
+        with different batches each see their own."""
+        return batch_adapter_names_of(self)
 
     @property
     def batch_rows(self) -> torch.Tensor | None:
         """While ``adapter_forward`` runs on one adapter's sub-batch of a mixed batch: the
         indices of those rows in the full batch (to pick per-row values from
-        :attr:`call_state`); else ``None``."""
-        return self._batch_rows
+        :attr:`call_state`); else ``None``. Per call, like :attr:`batch_adapter_names`."""
+        rows = _BATCH_ROWS.get()
+        return rows[1] if rows is not None and rows[0] == id(self) else None
 
     @property
     def call_state(self) -> Mapping[str, Any]:
         """Per-call values of the running ``PeftModel`` call (forward or generate), computed by
         the tuner's :meth:`~peft_kernel.BaseTuner.per_call_state` before every forward of the
-        base model; empty outside such a call. Read-only."""
-        return self._call_state or NO_CALL_STATE
-
-    def _set_batch_adapter_names(self, names: list[str] | None) -> None:
-        self.__dict__["_batch_names"] = names
-        self.adapter_state_changed()
+        base model; empty outside such a call. Read-only; per call and per thread."""
+        state = _CALL_STATE.get()
+        return state[1] if state is not None and id(self) in state[0] else NO_CALL_STATE
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str) -> None:
         """Put one adapter's tensors on the base layer's device (other adapters stay)."""
@@ -358,7 +399,7 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
-            adapter_names = self._batch_names
+            adapter_names = batch_adapter_names_of(self)
         if self._disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -385,7 +426,7 @@ class AdapterLayer(nn.Module):
             self.__dict__["forward"] = fn
 
     def _forward_merged(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if kwargs or not self.merged_adapters or self._disable_adapters or self._batch_names is not None:
+        if kwargs or not self.merged_adapters or self._disable_adapters or batch_adapter_names_of(self) is not None:
             return type(self).forward(self, x, *args, **kwargs)
         base = self._modules["base_layer"]
         return base.forward(x, *args) if plain_call(base) else base(x, *args)
@@ -417,11 +458,11 @@ class AdapterLayer(nn.Module):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             sub_x = x.index_select(self.batch_dim, index.to(x.device))
             sub_result = result.index_select(self.batch_dim, index)
-            self.__dict__["_batch_rows"] = index
+            token = _BATCH_ROWS.set((id(self), index))
             try:
                 updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
             finally:
-                self.__dict__["_batch_rows"] = None
+                _BATCH_ROWS.reset(token)
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
 
@@ -470,17 +511,29 @@ class AdapterLayer(nn.Module):
         blocker = self.merge_blocker()
         if blocker:
             raise MergeNotSupportedError(f"Cannot merge into {type(self.get_base_layer()).__name__}: {blocker}")
+        if safe_merge:
+            self.check_safe_merge(names)
         for name in names:
             if not self.has_adapter(name):
                 continue
-            weight = self._merge_target().detach()
-            merged = self.merge_weight(weight.clone() if safe_merge else weight, name)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; the base was left unchanged")
-            self._set_merge_target(merged)
+            self._set_merge_target(self.merge_weight(self._merge_target().detach(), name))
             self.merge_bias(name, +1)
             self.merged_adapters.append(name)
         self.adapter_state_changed()
+
+    def check_safe_merge(self, adapter_names: list[str]) -> None:
+        """Raise ``ValueError`` if merging ``adapter_names`` (in order) would put NaN or inf
+        into the base weight. Works on a copy: nothing changes. ``merge_adapter(safe_merge=True)``
+        calls it for every layer before it merges any. Layers that override :meth:`merge`
+        override this too."""
+        weight = self._merge_target().detach().clone()
+        for name in adapter_names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            weight = self.merge_weight(weight, name)
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; nothing was merged. Check the "
+                                 "adapter's weights (e.g. a diverged training run) before merging.")
 
     def unmerge(self) -> None:
         """Undo all merges, most recent first."""

@@ -11,10 +11,13 @@ from .errors import PeftWarning
 from .layer import AdapterLayer
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 from .plugins import manager
+from .tuner import check_adapter_name
 
 
 def get_peft_config(config_dict: dict) -> PeftConfig:
     """Build the registered config class for ``config_dict["peft_type"]``."""
+    if not isinstance(config_dict, dict):
+        raise TypeError(f"get_peft_config takes a dict of config fields, got {type(config_dict).__name__}")
     return PeftConfig.from_peft_type(**config_dict)
 
 
@@ -28,6 +31,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """
     if mixed:
         raise NotImplementedError("mixed adapter types are not supported yet; use one method per PeftModel")
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig (e.g. a method's config class), got "
+                        f"{type(peft_config).__name__}; build one from a dict with get_peft_config()")
+    check_adapter_name(adapter_name)
     name_or_path = (
         getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     )
@@ -52,6 +59,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
     With ``state_dict``, its keys decide which modules are adapted (values are not loaded).
     """
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig, got {type(peft_config).__name__}")
     if peft_config.is_prompt_learning:
         raise ValueError("inject_adapter_in_model does not support prompt learning methods; use get_peft_model")
     spec = manager().method(peft_config.peft_type)

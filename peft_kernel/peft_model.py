@@ -12,20 +12,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import io
 from . import status as _status
 from .auxiliary import ModulesToSaveWrapper
-from .config import PeftConfig, TaskType
+from .config import CONFIG_NAME, PeftConfig, TaskType
 from .errors import PeftWarning
 from .hub import split_hub_kwargs, write_model_card
-from .layer import BASE_ADAPTER, AdapterLayer
+from .layer import BASE_ADAPTER, AdapterLayer, mixed_batch, with_call_state
 from .plugins import manager
 from .state_dict import (
     get_peft_model_state_dict,
     load_peft_weights,
-    save_weights,
     set_peft_model_state_dict,
+    weights_file_names,
+    write_weights,
 )
-from .tuner import BaseTuner, adapter_modules
+from .tuner import BaseTuner, adapter_modules, check_adapter_name, undo_on_failure
 
 SPECIAL_FORWARD_ARGS = {"adapter_names"}
 
@@ -174,15 +176,12 @@ class PeftModel(nn.Module):
             state.clear()
             state.update(step(args, step_kwargs))
 
-        for layer in layers:
-            layer.__dict__["_call_state"] = view
         handle = self.get_base_model().register_forward_pre_hook(refresh, with_kwargs=True)
         try:
-            yield
+            with with_call_state(layers, view):  # per call: concurrent calls do not see each other's
+                yield
         finally:
             handle.remove()
-            for layer in layers:
-                layer.__dict__["_call_state"] = None
 
     @contextmanager
     def _mixed_batch(self, generating: bool, kwargs):
@@ -218,13 +217,8 @@ class PeftModel(nn.Module):
                     raise TypeError(f"{type(module).__name__} layers do not support mixed adapter batches")
         if any(getattr(m, "disable_adapters", False) for m in modules):
             adapter_names = [BASE_ADAPTER] * len(adapter_names)
-        for module in modules:
-            module._set_batch_adapter_names(list(adapter_names))
-        try:
+        with mixed_batch(modules, adapter_names):  # per call: concurrent calls do not see each other's
             yield
-        finally:
-            for module in modules:
-                module._set_batch_adapter_names(None)
 
     @contextmanager
     def disable_adapter(self):
@@ -267,14 +261,11 @@ class PeftModel(nn.Module):
         self._prepare_task_config(peft_config)
         tuner = self.base_model
         active = tuner.active_adapter
-        tuner.peft_config[adapter_name] = peft_config
         try:
-            tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+            with tuner._undo_on_failure(adapter_name):
+                tuner.peft_config[adapter_name] = peft_config
+                tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
-            if adapter_name in tuner.peft_config:
-                del tuner.peft_config[adapter_name]
-            for _, module in list(adapter_modules(tuner.model)):
-                module.delete_adapter(adapter_name)
             self._restore_active(active)
             raise
         if self._active_frozen(active) != peft_config.inference_mode:  # else injection already left it so
@@ -373,18 +364,28 @@ class PeftModel(nn.Module):
     # -- saving and loading -----------------------------------------------------------
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
-                        selected_adapters: list[str] | None = None, save_embedding_layers="auto",
+                        selected_adapters: list[str] | str | None = None, save_embedding_layers="auto",
                         is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
                         **kwargs: Any) -> None:
         """Write each adapter in HF PEFT's format: ``default`` at the top level, others in
-        ``<save_directory>/<name>/``. Everything is computed before anything is written,
-        and each file is replaced atomically."""
+        ``<save_directory>/<name>/``. Everything is computed before anything is written.
+        Each adapter directory is replaced as a whole, crash-consistently, and concurrent
+        saves into ``save_directory`` run one after the other (see :mod:`peft_kernel.io`)."""
         if os.path.isfile(save_directory):
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if not self.peft_config:
+            raise ValueError("This model has no adapter left to save (all were deleted); add or load one first")
+        if isinstance(selected_adapters, str):
+            selected_adapters = [selected_adapters]
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if not names:
+            raise ValueError("selected_adapters is empty, so there is nothing to save; pass None to save every adapter "
+                             f"or some of {sorted(self.peft_config)}")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Cannot save unknown adapters {unknown}; available: {sorted(self.peft_config)}")
+        for name in names:
+            check_adapter_name(name)  # a name is a directory name here: never a path out of save_directory
         if path_initial_model_for_weight_conversion is not None:
             raise NotImplementedError("path_initial_model_for_weight_conversion is not supported yet")
         plans = []
@@ -403,11 +404,13 @@ class PeftModel(nn.Module):
             plans.append((out, state, config, extra))
         if not is_main_process:
             return
-        for out, state, config, extra in plans:
-            os.makedirs(out, exist_ok=True)
-            save_weights(state, out, safe_serialization=safe_serialization)
-            config.save_pretrained(out, extra=extra)
-        self.create_or_update_model_card(save_directory)
+        weights_name, other_format = weights_file_names(safe_serialization)
+        with io.locked(save_directory, exclusive=True):
+            for out, state, config, extra in plans:
+                with io.staged(out, remove=[other_format]) as stage:
+                    write_weights(state, os.path.join(stage, weights_name), safe_serialization=safe_serialization)
+                    config.write_json(os.path.join(stage, CONFIG_NAME), extra=extra)
+            self.create_or_update_model_card(save_directory)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write (or update) ``README.md`` with the metadata HF PEFT gives an adapter: library
@@ -454,24 +457,29 @@ class PeftModel(nn.Module):
                         low_cpu_mem_usage: bool = False, key_mapping: dict | None = None, **kwargs: Any):
         """Load a saved adapter (ours or HF PEFT's) onto ``model``, from a directory or a Hub repo
         id (``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ... as in
-        ``huggingface_hub.hf_hub_download``)."""
+        ``huggingface_hub.hf_hub_download``). If loading fails, ``model`` is left as it was."""
+        check_adapter_name(adapter_name)
         hub_kwargs, _ = split_hub_kwargs(kwargs)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
-        elif not isinstance(config, PeftConfig):
-            raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
-        # prompt encoders are built in the layout their checkpoint holds (inference mode); a
-        # trainable load unfreezes that afterwards (load_adapter)
-        config.inference_mode = not is_trainable or config.is_prompt_learning
-        target_cls = cls
-        if cls is PeftModel and config.task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
-            target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                low_cpu_mem_usage=low_cpu_mem_usage)
-        result = peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
-                                         autocast_adapter_dtype=autocast_adapter_dtype,
-                                         low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping,
-                                         _created=True, **kwargs)
+        with io.locked(_adapter_dir(model_id, hub_kwargs.get("subfolder"))):  # config and weights of one save
+            if config is None:
+                config = PeftConfig.from_pretrained(model_id, **hub_kwargs)
+            elif not isinstance(config, PeftConfig):
+                raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
+            # prompt encoders are built in the layout their checkpoint holds (inference mode); a
+            # trainable load unfreezes that afterwards (load_adapter)
+            config.inference_mode = not is_trainable or config.is_prompt_learning
+            target_cls = cls
+            if cls is PeftModel and config.task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
+                target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
+            weights = load_peft_weights(model_id, device=kwargs.get("torch_device"), key_mapping=key_mapping,
+                                        **hub_kwargs)
+        with undo_on_failure(model, adapter_name):
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
+            result = peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable,
+                                             autocast_adapter_dtype=autocast_adapter_dtype,
+                                             low_cpu_mem_usage=low_cpu_mem_usage, _created=True, _weights=weights,
+                                             **kwargs)
         missing = [k for k in result.missing_keys if adapter_name in k.split(".")]
         if missing:
             warnings.warn(f"Found missing adapter keys while loading the checkpoint: {missing}", PeftWarning,
@@ -490,11 +498,16 @@ class PeftModel(nn.Module):
         trainability alone (transformers' Trainer does that to resume from a checkpoint and to
         load the best one). Returns the load result (``missing_keys``, ``unexpected_keys``)."""
         created = kwargs.pop("_created", False)
+        weights = kwargs.pop("_weights", None)
         hub_kwargs, kwargs = split_hub_kwargs(kwargs)
-        weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
+        check_adapter_name(adapter_name)
         added = not created and adapter_name not in self.peft_config
+        with io.locked(_adapter_dir(model_id, hub_kwargs.get("subfolder"))):  # config and weights of one save
+            if weights is None:
+                weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
+            if added:
+                config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, **hub_kwargs)
         if added:
-            config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, **hub_kwargs)
             config.inference_mode = not is_trainable or config.is_prompt_learning
             self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
@@ -524,6 +537,10 @@ class PeftModel(nn.Module):
         """Task classes add their head to ``modules_to_save`` here."""
 
 
+def _adapter_dir(model_id, subfolder: str | None) -> str:
+    return os.path.join(model_id, subfolder) if subfolder else model_id
+
+
 def _batch_size(kwargs) -> int | None:
     for name in ("input_ids", "inputs_embeds", "x", "input"):
         value = kwargs.get(name)
@@ -533,10 +550,7 @@ def _batch_size(kwargs) -> int | None:
 
 
 def _check_adapter_name(adapter_name: str, config: PeftConfig) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
-    if "." in adapter_name:
-        raise ValueError(f"adapter name {adapter_name!r} must not contain '.'; it is used as a key segment")
+    check_adapter_name(adapter_name)
     try:
         prefix = manager().method(config.peft_type).prefix
     except ValueError:

@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, io
 from .auxiliary import ModulesToSaveWrapper
 from .errors import PeftWarning
-from .io import atomic_write
 from .layer import AdapterLayer, BufferDict
 from .plugins import manager
 
@@ -350,31 +349,28 @@ def load_peft_weights(model_id: str, device: str | None = None, key_mapping: dic
     ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ...).
 
     ``adapter_model.safetensors`` is preferred; ``adapter_model.bin`` is read only when no
-    safetensors file exists, and then with ``torch.load(weights_only=True)``.
+    safetensors file exists, and then with ``torch.load(weights_only=True)``. The files read
+    are those of the directory's last complete save (see :mod:`peft_kernel.io`).
     """
     from .hub import resolve_file, split_hub_kwargs
 
     device = device or "cpu"
-    try:
-        file = resolve_file(model_id, (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME), **split_hub_kwargs(hub_kwargs)[0])
-    except FileNotFoundError as exc:
-        raise ValueError(f"Can't load the adapter weights of {model_id!r}: {exc}") from None
-    if file.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+    hub, _ = split_hub_kwargs(hub_kwargs)
+    with io.locked(os.path.join(model_id, hub.get("subfolder") or "")):  # the files of one save
         try:
-            state = load_file(file, device=str(device))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise ValueError(
-                f"{file} is not a readable safetensors file ({exc}). It may be truncated or corrupt; "
-                "save the adapter again."
-            ) from None
-    else:
-        try:
-            state = torch.load(file, map_location=device, weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{file} could not be loaded safely (weights_only=True): {exc}") from None
+            file = resolve_file(model_id, (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME), **hub)
+        except FileNotFoundError as exc:
+            raise ValueError(f"Can't load the adapter weights of {model_id!r}: {exc}") from None
+        if file.endswith(".safetensors"):
+            state = _read_safetensors(file, device)
+        else:
+            try:
+                state = torch.load(file, map_location=device, weights_only=True)
+            except Exception as exc:
+                raise ValueError(f"{file} could not be loaded safely (weights_only=True): {exc}") from None
+            if not isinstance(state, dict) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+                raise ValueError(f"{file} does not hold a dict of named tensors; it is not an adapter checkpoint")
     if key_mapping:
         import re
 
@@ -390,9 +386,36 @@ def load_peft_weights(model_id: str, device: str | None = None, key_mapping: dic
     return state
 
 
+def _read_safetensors(path: str, device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({exc}). It may be truncated or corrupt; save the adapter "
+            "again."
+        ) from None
+
+
+def weights_file_names(safe_serialization: bool) -> tuple[str, str]:
+    """``(the weights file a save writes, the other format's file, which it removes)``."""
+    return (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME) if safe_serialization else (WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME)
+
+
 def save_weights(state_dict: dict[str, torch.Tensor], directory: str, safe_serialization: bool = True) -> str:
-    """Write adapter tensors atomically; returns the file path."""
-    os.makedirs(directory, exist_ok=True)
+    """Write adapter tensors into ``directory`` as one crash-consistent save; returns the file path.
+
+    A weights file of the other format is removed with it (it would shadow the new one)."""
+    name, other = weights_file_names(safe_serialization)
+    with io.staged(directory, remove=[other]) as stage:
+        write_weights(state_dict, os.path.join(stage, name), safe_serialization)
+    return os.path.join(directory, name)
+
+
+def write_weights(state_dict: dict[str, torch.Tensor], path: str, safe_serialization: bool = True) -> None:
+    """Write adapter tensors to the file ``path`` (safetensors, or a weights-only torch pickle)."""
     if safe_serialization:
         from safetensors.torch import save_file
 
@@ -406,10 +429,6 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: str, safe_seria
             elif ptr is not None:
                 seen[ptr] = key
             clean[key] = tensor.contiguous().cpu()
-        path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-        atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
+        save_file(clean, path, metadata={"format": "pt"})
     else:
-        path = os.path.join(directory, WEIGHTS_NAME)
-        clean = {k: v.detach().cpu() for k, v in state_dict.items()}
-        atomic_write(path, lambda tmp: torch.save(clean, tmp))
-    return path
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)

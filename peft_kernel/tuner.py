@@ -21,8 +21,27 @@ from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
 from .dispatch import user_mappings
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
-from .layer import AdapterLayer, ParameterLayer
+from .layer import BASE_ADAPTER, AdapterLayer, ParameterLayer
 from .plugins import manager
+
+
+def check_adapter_name(adapter_name: object) -> None:
+    """Refuse a name that cannot be both a state-dict key segment and one path component.
+
+    Adapters other than ``default`` are saved in ``<save_directory>/<name>/``, so a name is a
+    directory name: it must not climb out (``..``), be absolute or hold a separator.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter name must be a non-empty string, got {adapter_name!r}")
+    bad = sorted({c for c in adapter_name if c in "./\\:" or ord(c) < 32})
+    if bad:
+        raise ValueError(
+            f"adapter name {adapter_name!r} contains {''.join(bad)!r}: a name becomes a key segment and, on save, a "
+            "directory name, so it must not contain '.', path separators, ':' or control characters. "
+            "Use letters, digits, '-' and '_'."
+        )
+    if adapter_name == BASE_ADAPTER:
+        raise ValueError(f"adapter name {BASE_ADAPTER!r} is reserved: in adapter_names it means 'no adapter'")
 
 
 def iter_modules_with_parent(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None, str]]:
@@ -89,6 +108,7 @@ class BaseTuner(nn.Module):
     def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, state_dict: dict | None = None,
                  autocast_adapter_dtype: bool = True) -> None:
+        check_adapter_name(adapter_name)
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
@@ -100,9 +120,10 @@ class BaseTuner(nn.Module):
         else:
             self.peft_config[adapter_name] = peft_config
         self.active_adapter: str | list[str] = adapter_name
-        self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
-        self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
-                            state_dict=state_dict, autocast_adapter_dtype=autocast_adapter_dtype)
+        with self._undo_on_failure(adapter_name):
+            self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+            self.inject_adapter(self.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                state_dict=state_dict, autocast_adapter_dtype=autocast_adapter_dtype)
         self.model.peft_config = self.peft_config
 
     # -- forwarding -------------------------------------------------------------------
@@ -180,6 +201,7 @@ class BaseTuner(nn.Module):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> None:
+        check_adapter_name(adapter_name)
         with _gc_paused():
             self._inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
 
@@ -478,11 +500,23 @@ class BaseTuner(nn.Module):
                             "unmerged, or unload() them."
                         )
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._check_merge_allowed()
+    def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
+        """Every layer's merged weight is finite (checked on copies, one layer at a time), so a
+        refused safe merge changes no layer."""
         for _, module in adapter_modules(self.model):
             if isinstance(module, AdapterLayer):
-                module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                names = module.active_adapters if adapter_names is None else adapter_names
+                module.check_safe_merge([names] if isinstance(names, str) else list(names))
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights. With ``safe_merge``
+        every layer is checked for NaN/inf results first, and a refused merge changes nothing."""
+        self._check_merge_allowed()
+        if safe_merge:
+            self._check_safe_merge(adapter_names)
+        for _, module in adapter_modules(self.model):
+            if isinstance(module, AdapterLayer):
+                module.merge(adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:
         merged_any = False
@@ -497,7 +531,10 @@ class BaseTuner(nn.Module):
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Fold the adapters into the base weights and return the plain model."""
         self._check_merge_allowed()
-        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        if safe_merge:
+            self._check_safe_merge(adapter_names)
+        # checked above, for every layer before any changed
+        return self._unload(merge=True, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain model."""
@@ -584,8 +621,7 @@ class BaseTuner(nn.Module):
         if isinstance(adapters, str) or not isinstance(adapter_name, str):
             raise ValueError("adapters must be a list of adapter names and adapter_name a string")
         adapters = list(adapters)
-        if not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(
                 f"Adapter {adapter_name!r} already exists; delete_adapter() it first or choose another name"
@@ -636,10 +672,8 @@ class BaseTuner(nn.Module):
             config._custom_modules = custom or None
 
         grads = {p: p.requires_grad for p in self.model.parameters()}
-        targeted = list(self.targeted_module_names)
-        wrapped_before = {id(m) for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))}
-        self.peft_config[adapter_name] = config
-        try:
+        with self._undo_on_failure(adapter_name):
+            self.peft_config[adapter_name] = config
             self.inject_adapter(self.model, adapter_name)
             for _, wrapper in adapter_modules(self.model):
                 if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
@@ -661,15 +695,6 @@ class BaseTuner(nn.Module):
                         continue
                     self._combine_layer(module, adapter_name, [adapters[i] for i in present],
                                         [weights[i] for i in present], combination_type, combination, **options)
-        except BaseException:
-            self.peft_config.pop(adapter_name, None)
-            for _, module in list(adapter_modules(self.model)):
-                module.delete_adapter(adapter_name)
-            self._unwrap_new_modules(wrapped_before)
-            self.targeted_module_names = targeted
-            for param, flag in grads.items():
-                param.requires_grad_(flag)
-            raise
         if missed:
             warnings.warn(
                 f"The combined adapter {adapter_name!r} does not cover {missed}, where some sources do: its config is "
@@ -679,17 +704,15 @@ class BaseTuner(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(grads.get(param, False))  # the new adapter is frozen; the rest as it was
 
-    def _unwrap_new_modules(self, wrapped_before: set[int]) -> None:
-        """Put back the plain modules where a failed call had wrapped new ones."""
-        for _, module, parent, attr in list(iter_modules_with_parent(self.model)):
-            if parent is None or id(module) in wrapped_before:
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                setattr(parent, attr, module.original_module)
-            elif isinstance(module, AdapterLayer) and not module._all_available_adapter_names():
-                base = module.get_base_layer()
-                _unload_nested(base, False, False, None)
-                setattr(parent, attr, base)
+    @contextmanager
+    def _undo_on_failure(self, adapter_name: str) -> Iterator[None]:
+        targeted = list(self.targeted_module_names)
+        try:
+            with undo_on_failure(self.model, adapter_name, self.peft_config):
+                yield
+        except BaseException:
+            self.targeted_module_names = targeted
+            raise
 
     def _combined_config(self, adapters: list[str], combination_type: str, combination, svd_rank: int | None):
         """Validate the sources for ``combination_type`` and return the new adapter's config.
@@ -723,6 +746,53 @@ class BaseTuner(nn.Module):
             f"{peft_type} does not support add_weighted_adapter: its plugin implements no combination hooks "
             f"({type(self).__name__}._combined_config / _combine_layer)."
         )
+
+
+_UNSET = object()
+
+
+@contextmanager
+def undo_on_failure(model: nn.Module, adapter_name: str, configs: dict | None = None) -> Iterator[None]:
+    """Adding ``adapter_name`` to ``model`` inside the block is all or nothing: on an error,
+    its entry in ``configs``, its tensors in every layer, the layers and ``modules_to_save``
+    wrappers created for it, the model's ``peft_config`` attribute and every parameter's
+    ``requires_grad`` are put back as they were. (Initialisations that rewrite base weights
+    in place are not undone.)"""
+    modules = list(adapter_modules(model))
+    wrapped_before = {id(m) for _, m in modules}
+    had_it = {id(m) for _, m in modules if adapter_name in m._all_available_adapter_names()}
+    had_config = configs is not None and adapter_name in configs
+    grads = {p: p.requires_grad for p in model.parameters()}
+    model_configs = model.__dict__.get("peft_config", _UNSET)
+    try:
+        yield
+    except BaseException:
+        if configs is not None and not had_config:
+            configs.pop(adapter_name, None)
+        for _, module in list(adapter_modules(model)):
+            if id(module) not in had_it:
+                module.delete_adapter(adapter_name)
+        _unwrap_new_modules(model, wrapped_before)
+        for param, flag in grads.items():
+            param.requires_grad_(flag)
+        if model_configs is _UNSET:
+            model.__dict__.pop("peft_config", None)
+        else:
+            model.__dict__["peft_config"] = model_configs
+        raise
+
+
+def _unwrap_new_modules(model: nn.Module, wrapped_before: set[int]) -> None:
+    """Put back the plain modules where a failed call had wrapped new ones."""
+    for _, module, parent, attr in list(iter_modules_with_parent(model)):
+        if parent is None or id(module) in wrapped_before:
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            setattr(parent, attr, module.original_module)
+        elif isinstance(module, AdapterLayer) and not module._all_available_adapter_names():
+            base = module.get_base_layer()
+            _unload_nested(base, False, False, None)
+            setattr(parent, attr, base)
 
 
 def combine_target_modules(values: list, field_name: str = "target_modules"):

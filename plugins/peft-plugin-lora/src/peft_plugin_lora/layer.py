@@ -867,6 +867,14 @@ class MultiheadAttention(LoraLayer):
     def merge_blocker(self):
         return None
 
+    def check_safe_merge(self, adapter_names) -> None:
+        weight = self.get_base_layer().in_proj_weight.detach()
+        for name in adapter_names:
+            if name in self.lora_A and name not in self.merged_adapters:
+                weight = weight + self.delta_weight(name).to(weight.dtype)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; nothing was merged")
+
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         names = self.adapters_to_merge(adapter_names)
         base = self.get_base_layer()
