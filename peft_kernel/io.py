@@ -142,8 +142,7 @@ def _commit(directory: str, stage: str, remove: Iterable[str], replace_all: bool
     pending = os.path.join(stage, JOURNAL_NAME)
     with open(pending, "w", encoding="utf-8") as fh:
         json.dump(journal, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    _fsync(pending)
     os.replace(pending, os.path.join(directory, JOURNAL_NAME))  # the commit point
     _fsync(directory)
     _roll_forward(directory, journal)
@@ -165,9 +164,8 @@ def _roll_forward(directory: str, journal: dict) -> None:
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
             os.replace(source, target)
-    _fsync(directory)
+    # not synced: after a power loss the journal, if it is back, is rolled forward again
     os.unlink(os.path.join(directory, JOURNAL_NAME))
-    _fsync(directory)
     _remove(stage)
 
 
@@ -177,17 +175,18 @@ def recover(directory: str) -> None:
     if journal is not None:
         _roll_forward(directory, journal)
     for entry in os.listdir(directory):
-        if entry.startswith(STAGE_PREFIX) or _is_legacy_tmp(entry):
+        if is_staging_debris(entry):
             _remove(os.path.join(directory, entry))
+
+
+def is_staging_debris(entry: str) -> bool:
+    """Whether a directory entry is what an unfinished, uncommitted save left (removed by the next save)."""
+    return entry.startswith(STAGE_PREFIX) or entry.startswith(_LEGACY_TMP_PREFIX) and entry.endswith(
+        ("-adapter_model.safetensors", "-adapter_model.bin", "-adapter_config.json", "-README.md"))
 
 
 def _is_ours(entry: str) -> bool:
     return entry.startswith(STAGE_PREFIX) or entry == JOURNAL_NAME
-
-
-def _is_legacy_tmp(entry: str) -> bool:
-    return entry.startswith(_LEGACY_TMP_PREFIX) and entry.endswith(
-        ("-adapter_model.safetensors", "-adapter_model.bin", "-adapter_config.json", "-README.md"))
 
 
 def _remove(path: str) -> None:
@@ -198,7 +197,10 @@ def _remove(path: str) -> None:
 
 
 def _fsync(path: str) -> None:
-    """Flush a file or directory to disk (a no-op where directories cannot be opened)."""
+    """Flush a file or directory to disk (a no-op where directories cannot be opened, and
+    with ``PEFT_KERNEL_FSYNC=0``: saves then survive killed processes, not power losses)."""
+    if os.environ.get("PEFT_KERNEL_FSYNC") == "0":
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 ENV_DEBUG = "PEFT_KERNEL_DEBUG"
@@ -40,55 +38,21 @@ def check_output_dir(path: str, *, overwrite: bool, allow_existing: bool = False
     """
     if os.path.isfile(path):
         raise CLIError(f"output path {path!r} is a file; give a directory")
-    if os.path.isdir(path) and os.listdir(path) and not (overwrite or allow_existing):
-        raise CLIError(f"output directory {path!r} already exists; pass --overwrite to replace it")
+    from .. import io
+
+    if os.path.isdir(path) and not (overwrite or allow_existing):
+        if any(not io.is_staging_debris(entry) for entry in os.listdir(path)):
+            raise CLIError(f"output directory {path!r} already exists; pass --overwrite to replace it")
 
 
-class StagedDir:
-    """Write a directory next to its final place and move it there only when complete.
+def staged_output(final: str):
+    """``with staged_output(final) as tmp: ... write into tmp ...``: on success the files in
+    ``tmp`` become the whole content of ``final``, crash-consistently (:func:`peft_kernel.io.staged`):
+    at every instant ``final`` holds the complete old output or the complete new one, and
+    never goes missing. On an error ``final`` is untouched. Concurrent writers take turns."""
+    from .. import io
 
-    ``with StagedDir(final) as tmp: ...; write into tmp ...`` — on success the old
-    directory (if any) is replaced by ``tmp`` with two renames; on any error ``tmp`` is
-    removed and ``final`` is untouched. Readers never see a half-written directory.
-    """
-
-    def __init__(self, final: str) -> None:
-        self.final = os.path.abspath(final)
-        self.tmp: str | None = None
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.final)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.tmp-", dir=parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        os.chmod(self.tmp, 0o777 & ~_umask())
-        old = None
-        if os.path.lexists(self.final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.final)}.old-", dir=os.path.dirname(self.final))
-            os.rmdir(old)
-            os.rename(self.final, old)
-        try:
-            os.rename(self.tmp, self.final)
-        except BaseException:
-            if old is not None:
-                os.rename(old, self.final)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return io.staged(final, replace_all=True)
 
 
 # -- methods and their options ----------------------------------------------------------

@@ -153,6 +153,9 @@ def load_texts(path: str | None) -> list[str]:
     Blank lines are skipped. A malformed line is an error that names its line number.
     """
     path = path or default_data_path()
+    if os.path.isdir(path):
+        raise CLIError(f"--data {path!r} is a directory; give one JSONL file (a \"text\" field per line) or a "
+                       "text file (one example per line)")
     if not os.path.isfile(path):
         raise CLIError(f"data file {path!r} not found")
     is_jsonl = path.lower().endswith((".jsonl", ".json", ".ndjson"))

@@ -19,12 +19,12 @@ import time
 
 from ._common import (
     CLIError,
-    StagedDir,
     build_method_config,
     check_output_dir,
     default_method_name,
     require,
     resolve_method,
+    staged_output,
 )
 from ._models import DEFAULT_MODEL, check_model_arg, load_model, load_texts, load_tokenizer
 
@@ -94,6 +94,11 @@ def add_parser(sub) -> None:
 
 
 def _read_state(output: str) -> dict:
+    from .. import io
+
+    if os.path.isdir(output):
+        with io.locked(output, exclusive=True):
+            io.recover(output)  # a save that was killed after it committed is completed first
     path = os.path.join(output, STATE_FILE)
     if not os.path.isfile(path):
         raise CLIError(f"nothing to resume: {path!r} not found (was {output!r} written by peft-kernel finetune?)")
@@ -270,7 +275,7 @@ def run(args) -> int:
     def save(step: int, loss: float | None) -> None:
         accelerator.wait_for_everyone()
         if main:
-            with StagedDir(args.output) as tmp:
+            with staged_output(args.output) as tmp:
                 accelerator.unwrap_model(model).save_pretrained(tmp)
                 torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()},
                            os.path.join(tmp, OPTIMIZER_FILE))

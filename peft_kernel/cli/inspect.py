@@ -34,22 +34,49 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+#: bytes per element of the safetensors dtypes whose data size inspect checks
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
 def read_safetensors_header(path: str) -> dict[str, dict]:
-    """``{name: {"dtype": ..., "shape": [...]}}`` from a safetensors file's header only."""
+    """``{name: {"dtype": ..., "shape": [...]}}`` from a safetensors file's header only.
+
+    The header is checked against the file: every tensor's byte range must lie inside the
+    data and hold exactly ``numel × itemsize`` bytes, so a header that lies is an error."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as fh:
             raw = fh.read(8)
             if len(raw) != 8:
                 raise ValueError("file too short")
             (length,) = struct.unpack("<Q", raw)
-            if length > os.path.getsize(path) - 8:
+            if length > size - 8:
                 raise ValueError("header length beyond end of file")
             header = json.loads(fh.read(length))
-    except (ValueError, OSError) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        tensors = {name: _checked_entry(name, info, size - 8 - length) for name, info in header.items()}
+    except (ValueError, OSError, RecursionError) as exc:
         raise CLIError(f"{path!r} is not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
-    return {name: {"dtype": ST_DTYPES.get(info["dtype"], info["dtype"].lower()), "shape": list(info["shape"])}
-            for name, info in header.items()}
+    return tensors
+
+
+def _checked_entry(name: str, info, data_size: int) -> dict:
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise ValueError(f"tensor {name!r} has no dtype")
+    dtype = info["dtype"]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise ValueError(f"tensor {name!r} has byte offsets {offsets!r} outside the data ({data_size} bytes)")
+    if dtype in ST_ITEMSIZE and offsets[1] - offsets[0] != _prod(shape) * ST_ITEMSIZE[dtype]:
+        raise ValueError(f"tensor {name!r}: shape {shape} of {dtype} does not match its "
+                         f"{offsets[1] - offsets[0]} bytes of data")
+    return {"dtype": ST_DTYPES.get(dtype, dtype.lower()), "shape": shape}
 
 
 def _read_bin(path: str) -> dict[str, dict]:
@@ -59,7 +86,9 @@ def _read_bin(path: str) -> dict[str, dict]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 — any unpickling problem is a bad file
         raise CLIError(f"{path!r} is not a readable torch weights file ({type(exc).__name__})") from None
-    return {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in state.items()}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"{path!r} does not hold a dict of named tensors; it is not an adapter checkpoint")
+    return {str(k): {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)} for k, v in state.items()}
 
 
 def _adapted_modules(names, prefix: str) -> tuple[list[str], list[str]]:
@@ -81,7 +110,19 @@ def _adapted_modules(names, prefix: str) -> tuple[list[str], list[str]]:
 def describe(path: str) -> dict:
     if not os.path.isdir(path):
         raise CLIError(f"adapter directory {path!r} not found")
-    config_path = os.path.join(path, CONFIG_NAME)
+    from .. import io
+
+    try:
+        with io.locked(path):  # config and weights of one save
+            return _describe(path)
+    except ValueError as exc:  # an unreadable save journal
+        raise CLIError(str(exc)) from None
+
+
+def _describe(path: str) -> dict:
+    from .. import io
+
+    config_path = io.committed_path(path, CONFIG_NAME) or os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
         hint = f"; it holds adapters in subdirectories: {', '.join(subs)}" if subs else ""
@@ -100,10 +141,11 @@ def describe(path: str) -> dict:
     spec = manager().methods().get(peft_type)
     prefix = spec.prefix if spec is not None else peft_type.lower() + "_"
 
-    weights_file = next((f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))), None)
+    weight_paths = {f: io.committed_path(path, f) for f in WEIGHT_FILES}
+    weights_file = next((f for f, p in weight_paths.items() if p and os.path.isfile(p)), None)
     tensors: dict[str, dict] = {}
     if weights_file is not None:
-        full = os.path.join(path, weights_file)
+        full = weight_paths[weights_file]
         tensors = read_safetensors_header(full) if weights_file.endswith(".safetensors") else _read_bin(full)
     numel = {name: _prod(info["shape"]) for name, info in tensors.items()}
     dtypes = Counter()
@@ -142,7 +184,7 @@ def describe(path: str) -> dict:
         "tensors": len(tensors),
         "dtypes": dict(sorted(dtypes.items())),
         "weights_file": weights_file,
-        "file_size": os.path.getsize(os.path.join(path, weights_file)) if weights_file else 0,
+        "file_size": os.path.getsize(weight_paths[weights_file]) if weights_file else 0,
         "total_size": total_size,
         "plugin": _providing_distribution(spec) if spec is not None else distribution_for(peft_type),
         "plugin_installed": spec is not None,

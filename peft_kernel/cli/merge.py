@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from ._common import CLIError, StagedDir, check_output_dir, parse_option, require
+from ._common import CLIError, check_output_dir, parse_option, require, staged_output
 from ._models import DEFAULT_MODEL, check_model_arg, has_tokenizer_files, load_model
 from .inspect import CONFIG_NAME
 
@@ -115,7 +115,7 @@ def run(args) -> int:
     except MergeNotSupportedError as exc:
         raise CLIError(f"{spec.peft_type} adapters cannot be merged here: {exc}") from None
     _say(f"saving to {args.output}", began)
-    with StagedDir(args.output) as tmp:
+    with staged_output(args.output) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         if args.base != DEFAULT_MODEL and has_tokenizer_files(args.base):
             from transformers import AutoTokenizer

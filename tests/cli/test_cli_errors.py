@@ -89,19 +89,19 @@ def test_existing_output_is_refused_then_replaced_atomically(tmp_path, trained):
     fails_cleanly(call_cli("finetune", "--method", "lora", "--output", trained / "adapter_config.json"), "is a file")
 
 
-def test_staged_dir_never_leaves_half_written_output(tmp_path):
-    from peft_kernel.cli._common import StagedDir
+def test_staged_output_never_leaves_half_written_output(tmp_path):
+    from peft_kernel.cli._common import staged_output
 
     final = tmp_path / "final"
     final.mkdir()
     (final / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with StagedDir(str(final)) as tmp:
+        with staged_output(str(final)) as tmp:
             (tmp_path / tmp / "new.txt").write_text("half")
             raise RuntimeError("crash while writing")
     assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
-    with StagedDir(str(final)) as tmp:
+    with staged_output(str(final)) as tmp:
         (tmp_path / tmp / "new.txt").write_text("complete")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
