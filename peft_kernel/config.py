@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import sys
 import warnings
@@ -209,6 +210,8 @@ def check_field_types(config: PeftConfig) -> None:
         value = getattr(config, f.name)
         if value is None and f.default is None:
             continue
+        if any(isinstance(v, float) and not math.isfinite(v) for v in _leaves(value)):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be finite, got {value!r}")
         if not _conforms(value, hints[f.name]):
             import typing
 
@@ -218,6 +221,16 @@ def check_field_types(config: PeftConfig) -> None:
                 f"{type(config).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r} "
                 f"({type(value).__name__})"
             )
+
+
+def _leaves(value: Any):
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -354,6 +367,39 @@ class TunerConfig(PeftConfig):
             )
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform; set both or neither.")
+        self._check_patterns()
+        self._check_dropouts()
+
+    def _check_dropouts(self) -> None:
+        """Fields named ``*_dropout`` (every method's dropout on its input) are probabilities."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_dropout") and isinstance(value, (int, float)) and not 0 <= value <= 1:
+                raise ValueError(f"{f.name} is a dropout probability and must be between 0 and 1, got {value!r}")
+
+    def _check_patterns(self) -> None:
+        """Every regex the matching rules will compile compiles: a string ``*_modules`` field
+        (a full-match regex), the keys of a ``*_pattern`` dict (suffix regexes) and
+        ``layers_pattern``."""
+        import re
+
+        patterns = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_modules") and isinstance(value, str):
+                patterns.append((f.name, value, value))
+            elif f.name.endswith("_pattern") and isinstance(value, dict):
+                patterns += [(f"{f.name} key", key, rf"(.*\.)?({key})$") for key in value if isinstance(key, str)]
+        layers = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
+        patterns += [("layers_pattern", p, rf"(?:^|\.){p}\.(\d+)\.") for p in layers if isinstance(p, str)]
+        for what, pattern, compiled in patterns:
+            try:
+                re.compile(compiled)
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise ValueError(
+                    f"{what} {pattern!r} is not a valid regular expression ({exc}); a string here is a regex, so "
+                    "escape special characters (re.escape) or give a list of module names"
+                ) from None
 
     def layer_kwargs(self, target_name: str) -> dict[str, Any]:
         """Per-layer keyword arguments for the method's layer constructor (patterns applied)."""

@@ -249,27 +249,40 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         _check_adapter_name(adapter_name, peft_config)
-        if self._is_prompt_learning:
-            self._prepare_task_config(peft_config)
-            self.peft_config[adapter_name] = peft_config
-            try:
-                self.prompt_learning.add(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
-            except BaseException:
-                del self.peft_config[adapter_name]
-                raise
-            return
         self._prepare_task_config(peft_config)
-        tuner = self.base_model
-        active = tuner.active_adapter
-        try:
-            with tuner._undo_on_failure(adapter_name):
-                tuner.peft_config[adapter_name] = peft_config
-                tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-        except BaseException:
-            self._restore_active(active)
-            raise
+        with self._all_or_nothing(adapter_name):
+            if self._is_prompt_learning:
+                self.peft_config[adapter_name] = peft_config
+                self.prompt_learning.add(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+                return
+            tuner = self.base_model
+            active = tuner.active_adapter
+            tuner.peft_config[adapter_name] = peft_config
+            tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
         if self._active_frozen(active) != peft_config.inference_mode:  # else injection already left it so
             self._restore_active(active)
+
+    @contextmanager
+    def _all_or_nothing(self, adapter_name: str):
+        """Adding ``adapter_name`` inside the block either completes or leaves the model as it was."""
+        if self._is_prompt_learning:
+            try:
+                yield
+            except BaseException:
+                if adapter_name in self.peft_config:
+                    self.delete_adapter(adapter_name)
+                raise
+            return
+        active = self.base_model.active_adapter
+        grads = {p: p.requires_grad for p in self.parameters()}
+        try:
+            with self.base_model._undo_on_failure(adapter_name):
+                yield
+        except BaseException:
+            self._restore_active(active)
+            for param, flag in grads.items():
+                param.requires_grad_(flag)
+            raise
 
     def _active_frozen(self, active) -> bool:
         names = [active] if isinstance(active, str) else list(active)
@@ -507,17 +520,19 @@ class PeftModel(nn.Module):
                 weights = load_peft_weights(model_id, device=torch_device, key_mapping=key_mapping, **hub_kwargs)
             if added:
                 config = kwargs.get("config") or PeftConfig.from_pretrained(model_id, **hub_kwargs)
-        if added:
-            config.inference_mode = not is_trainable or config.is_prompt_learning
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
-        try:
+        if not added:  # from_pretrained's adapter (it undoes the whole model on failure) or one that was there
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
                                                ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False),
                                                low_cpu_mem_usage=low_cpu_mem_usage)
-        except BaseException:
-            if added:
-                self.delete_adapter(adapter_name)
-            raise
+        else:
+            if not isinstance(config, PeftConfig):
+                raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
+            config.inference_mode = not is_trainable or config.is_prompt_learning
+            with self._all_or_nothing(adapter_name):
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+                result = set_peft_model_state_dict(
+                    self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                    ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
         if created or added:  # an adapter that was there keeps its trainability
             if not is_trainable:
                 self.set_requires_grad_false(adapter_name)

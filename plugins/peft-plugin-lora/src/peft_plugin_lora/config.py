@@ -206,8 +206,16 @@ class LoraConfig(TunerConfig):
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in (pattern or {}).items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+                        name == "rank_pattern" and not float(value).is_integer()):
+                    kind = "a positive integer rank" if name == "rank_pattern" else "a positive number"
+                    raise ValueError(f"{name}[{key!r}] must be {kind}, got {value!r}")
+        self.rank_pattern = {k: int(v) for k, v in (self.rank_pattern or {}).items()} or self.rank_pattern
         init = self.init_lora_weights
-        if init not in _INITS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+        if init not in _INITS and not (isinstance(init, str) and init.startswith("pissa_niter_")
+                                       and init[len("pissa_niter_"):].isdigit()):
             raise ValueError(
                 f"init_lora_weights={init!r} is not supported by peft-plugin-lora; use one of {_INITS} "
                 "or 'pissa_niter_N'."
