@@ -285,7 +285,7 @@ def _conforms(value: Any, annotation: Any) -> bool:
         return all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
     if isinstance(annotation, type):
         if issubclass(annotation, enum.Enum):
-            return isinstance(value, annotation) or value in {m.value for m in annotation}
+            return isinstance(value, annotation) or any(value == m.value for m in annotation)
         return isinstance(value, annotation) or (dataclasses.is_dataclass(annotation) and isinstance(value, dict))
     return True  # anything else (type variables, callables, ...) is the method's to check
 

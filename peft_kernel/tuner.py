@@ -5,6 +5,7 @@ unloading, trainability. A method's tuner class is a near-empty subclass of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import math
@@ -220,7 +221,7 @@ class BaseTuner(nn.Module):
         names = [name for name, *_ in entries if name]
         is_layer = lambda m: isinstance(m, AdapterLayer)  # noqa: E731
 
-        targets = config.target_modules
+        targets = config_targets = config.target_modules
         if state_dict is not None:
             wanted = _targets_from_state_dict(state_dict, self.prefix)
             if isinstance(targets, (set, list)) and set(targets) != wanted or isinstance(targets, str):
@@ -232,6 +233,8 @@ class BaseTuner(nn.Module):
         if (state_dict is None and isinstance(targets, set) and self.compress_targets
                 and len(targets) >= targeting.MIN_TARGETS_FOR_COMPRESSION):
             config.target_modules = targets = targeting.compress_targets(targets, names)
+        if targets is not config_targets:
+            _check_resolved(config, config_targets)
 
         selected = self._select_targets(config, names)
         is_match = functools.partial(targeting.matches_target, config) if selected is None else selected.__contains__
@@ -924,6 +927,18 @@ def _replicate_config(config, layer_map) -> None:
     per_layer = getattr(config, "layer_types", None)
     if isinstance(per_layer, list) and len(per_layer) == old:
         config.layer_types = [per_layer[i] for i in indices]
+
+
+def _check_resolved(config, given) -> None:
+    """The config still passes its own checks now that its targets are names (a config whose
+    checks compare other fields with ``target_modules`` would save, but not load again)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataclasses.replace(config)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (target_modules {_describe_targets(given)} resolved to "
+                         f"{_describe_targets(config.target_modules)} in this model)") from None
 
 
 def _suffix_in(key: str, names: set[str]) -> bool:

@@ -26,8 +26,8 @@ import types
 import typing
 import warnings
 
-import pytest
 import hypothesis
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -245,7 +245,7 @@ def saved(tmp_path_factory):
     model = get_peft_model(tiny(), LoraConfig(target_modules=["lin0", "blocks.0.lin", "emb"], r=2,
                                               modules_to_save=["lin1"], init_lora_weights=False))
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param))
     directory = tmp_path_factory.mktemp("saved") / "adapter"
