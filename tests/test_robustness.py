@@ -187,6 +187,17 @@ def test_adapter_config_with_a_peft_type_that_is_no_name(tmp_path, peft_type):
         PeftConfig.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("content", [[torch.zeros(2)], {"w": [1, 2]}, {3: torch.zeros(2)}])
+def test_bin_weights_that_are_not_named_tensors(saved, tmp_path, content):
+    (tmp_path / "adapter_config.json").write_bytes((saved / "adapter_config.json").read_bytes())
+    torch.save(content, tmp_path / "adapter_model.bin")
+    base = fresh()
+    before = fingerprint(base)
+    with pytest.raises(ValueError, match="does not hold a dict of named tensors"):
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert_same(base, before)
+
+
 def test_save_after_deleting_every_adapter(tmp_path):
     model = get_peft_model(fresh(), config())
     model.delete_adapter("default")
