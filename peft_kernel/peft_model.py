@@ -269,8 +269,9 @@ class PeftModel(nn.Module):
             try:
                 yield
             except BaseException:
-                if adapter_name in self.peft_config:
+                if adapter_name in self.prompt_learning.encoders:
                     self.delete_adapter(adapter_name)
+                self.peft_config.pop(adapter_name, None)
                 raise
             return
         active = self.base_model.active_adapter
