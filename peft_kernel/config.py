@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import io
-from .errors import PeftWarning
+from .errors import ConfigTypeError, PeftWarning
 
 CONFIG_NAME = "adapter_config.json"
 #: checkpoint format we write; peft_version records it together with our own version
@@ -195,8 +195,9 @@ _FIELD_TYPES: dict[type, dict[str, Any]] = {}
 
 
 def check_field_types(config: PeftConfig) -> None:
-    """Raise ``TypeError`` (``ValueError`` for a ``Literal`` field) naming the first field whose
-    value does not fit its annotation.
+    """Raise :class:`~peft_kernel.errors.ConfigTypeError` (a ``TypeError`` and a ``ValueError``;
+    a plain ``ValueError`` for a ``Literal`` field) naming the first field whose value does not
+    fit its annotation.
 
     Numbers are interchangeable (an ``int`` field takes ``16.0``), lists, tuples and sets are
     interchangeable, a dict is accepted for a dataclass-typed field (it is converted later),
@@ -216,7 +217,7 @@ def check_field_types(config: PeftConfig) -> None:
             import typing
 
             # a value outside a fixed set of choices is a bad value; anything else a bad type
-            error = ValueError if typing.get_origin(hints[f.name]) is typing.Literal else TypeError
+            error = ValueError if typing.get_origin(hints[f.name]) is typing.Literal else ConfigTypeError
             raise error(
                 f"{type(config).__name__}.{f.name} must be {_describe(hints[f.name])}, got {value!r} "
                 f"({type(value).__name__})"

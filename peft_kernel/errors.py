@@ -15,3 +15,11 @@ class MergeNotSupportedError(ValueError, NotImplementedError):
     It is both a ``ValueError`` and a ``NotImplementedError`` so code written against
     either convention catches it.
     """
+
+
+class ConfigTypeError(TypeError, ValueError):
+    """A config field holds a value of the wrong type; raised when the config is built.
+
+    It is both a ``TypeError`` (what it is) and a ``ValueError`` (what bad config values
+    raise otherwise), so code written against either convention catches it.
+    """

@@ -110,7 +110,7 @@ def test_attention_it_cannot_reproduce_is_refused():
 @pytest.mark.parametrize("fields, message", [
     (dict(adapter_len=0), "adapter_len must be a positive integer, got 0"),
     (dict(adapter_layers=None), "adapter_layers must be a positive integer, got None"),
-    (dict(adapter_len=True), "adapter_len must be a positive integer"),
+    (dict(adapter_len=True), "adapter_len must be"),  # the kernel's field type check: a bool is no number
     (dict(target_modules=["self_attn", "attn"]), "one attribute name"),
 ])
 def test_bad_config_is_refused(fields, message):

@@ -24,7 +24,7 @@ class AdaptionPromptConfig(TunerConfig):
     ``None``, it comes from a table per transformers model type.
     """
 
-    target_modules: str | None = field(
+    target_modules: str | list[str] | None = field(  # a one-name list is accepted and stored as the name
         default=None,
         metadata={"help": "Attribute name of the attention modules to adapt, e.g. 'self_attn'. None: the model "
                           "type's default."},
