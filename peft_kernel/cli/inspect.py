@@ -171,7 +171,7 @@ def _describe(path: str) -> dict:
         "task_type": config.get("task_type"),
         "base_model_name_or_path": config.get("base_model_name_or_path"),
         "peft_version": config.get("peft_version"),
-        "target_modules": sorted(target_modules) if isinstance(target_modules, list) else target_modules,
+        "target_modules": sorted(target_modules, key=str) if isinstance(target_modules, list) else target_modules,
         "adapted_modules": modules,
         "num_adapted_modules": len(modules),
         "other_tensors": other,
@@ -213,7 +213,7 @@ def run(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     targets = info["target_modules"]
-    targets = ", ".join(targets) if isinstance(targets, list) else (targets if targets is not None else "-")
+    targets = ", ".join(map(str, targets)) if isinstance(targets, list) else (targets if targets is not None else "-")
     rank = info["r"] if info["r"] is not None else (", ".join(f"{k}={v}" for k, v in info["rank_fields"].items())
                                                      or "-")
     if info["rank_pattern"]:
