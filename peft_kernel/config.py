@@ -308,6 +308,8 @@ def _describe(annotation: Any) -> str:
         return f"a list of {_describe(args[0]).removeprefix('a ')}" if len(args) == 1 else "a list"
     if origin is dict or annotation is dict:
         return "a dict"
+    if dataclasses.is_dataclass(annotation):  # a dict is converted to it later
+        return f"a {annotation.__name__}, a dict"
     return getattr(annotation, "__name__", str(annotation))
 
 
