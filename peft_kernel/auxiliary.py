@@ -19,7 +19,7 @@ class ModulesToSaveWrapper(nn.Module):
     copy is active. Attribute reads fall through to the module in use.
     """
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_weight: nn.Parameter | None = None) -> None:
         super().__init__()
         if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList)):
             raise TypeError(
@@ -35,11 +35,14 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.update(adapter_name, tied_weight=tied_weight)
 
-    def update(self, adapter_name: str) -> None:
+    def update(self, adapter_name: str, tied_weight: nn.Parameter | None = None) -> None:
+        """Add ``adapter_name``'s copy; with ``tied_weight`` the copy's ``weight`` is that very
+        parameter (a module tied to the embeddings, ``ensure_weight_tying``)."""
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            memo = {} if tied_weight is None else {id(self.original_module.weight): tied_weight}
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module, memo)
         self.original_module.requires_grad_(False)
 
     def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:

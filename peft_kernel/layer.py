@@ -523,7 +523,7 @@ class AdapterLayer(nn.Module):
 
     def check_safe_merge(self, adapter_names: list[str]) -> None:
         """Raise ``ValueError`` if merging ``adapter_names`` (in order) would put NaN or inf
-        into the base weight. Works on a copy: nothing changes. ``merge_adapter(safe_merge=True)``
+        into the base weight or bias. Works on a copy: nothing changes. ``merge_adapter(safe_merge=True)``
         calls it for every layer before it merges any. Layers that override :meth:`merge`
         override this too."""
         weight = self._merge_target().detach().clone()
@@ -534,6 +534,26 @@ class AdapterLayer(nn.Module):
             if not torch.isfinite(weight).all():
                 raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; nothing was merged. Check the "
                                  "adapter's weights (e.g. a diverged training run) before merging.")
+        self._check_safe_bias([n for n in adapter_names if n not in self.merged_adapters])
+
+    def _check_safe_bias(self, adapter_names: list[str]) -> None:
+        """Raise ``ValueError`` if folding the adapters' bias contributions (``merge_bias``) would
+        put NaN or inf into the base bias. Tried on the live bias and undone: nothing changes."""
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return
+        saved = bias.detach().clone()
+        try:
+            for name in adapter_names:
+                if not self.has_adapter(name):
+                    continue
+                self.merge_bias(name, +1)
+                if not torch.isfinite(bias).all():
+                    raise ValueError(f"NaNs or infs detected in the bias when merging adapter {name!r}; the base was "
+                                     "left unchanged. Check the adapter's weights before merging.")
+        finally:
+            with torch.no_grad():
+                bias.copy_(saved)
 
     def unmerge(self) -> None:
         """Undo all merges, most recent first."""

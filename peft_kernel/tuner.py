@@ -24,6 +24,7 @@ from .dispatch import user_mappings
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .layer import BASE_ADAPTER, AdapterLayer, ParameterLayer
 from .plugins import manager
+from .tying import plan as tying_plan
 
 
 def check_adapter_name(adapter_name: object) -> None:
@@ -238,6 +239,9 @@ class BaseTuner(nn.Module):
 
         selected = self._select_targets(config, names)
         is_match = functools.partial(targeting.matches_target, config) if selected is None else selected.__contains__
+        tying = tying_plan(config, model, is_match)
+        if tying is not None and not tying.via_modules_to_save and type(self)._tie_layer is BaseTuner._tie_layer:
+            raise NotImplementedError(self._no_tying_message(tying))
 
         if isinstance(targets, str) and targets == targeting.DUMMY_TARGET:
             matched_any = True
@@ -255,6 +259,8 @@ class BaseTuner(nn.Module):
             inside = None
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 inside = key + "."
+            if tying is not None and tying.skips(key):
+                continue  # tied to the input embeddings once they are adapted, below
             if modules_to_save and _suffix_in(key, modules_to_save):
                 self._wrap_module_to_save(parent, attr, module, adapter_name)
                 wrapped_saves.add(key)
@@ -273,6 +279,9 @@ class BaseTuner(nn.Module):
         if modules_to_save and not wrapped_saves:
             missing = sorted(modules_to_save)
             raise ValueError(f"modules_to_save {missing} matched no module of the model; check the names")
+        if tying is not None:
+            self._tie_to_input_embeddings(tying, model, config, adapter_name, low_cpu_mem_usage,
+                                          autocast_adapter_dtype)
         if parameter_keys:
             self._inject_parameters(config, adapter_name, model, set(parameter_keys), low_cpu_mem_usage,
                                     autocast_adapter_dtype)
@@ -289,6 +298,45 @@ class BaseTuner(nn.Module):
             for name, param in model.named_parameters():
                 if adapter_name in name.split("."):
                     param.requires_grad_(False)
+
+    def _tie_to_input_embeddings(self, tying, model, config, adapter_name, low_cpu_mem_usage,
+                                 autocast_adapter_dtype) -> None:
+        """Give the modules tied to the input embeddings the embeddings' adapter tensors."""
+        source = model.get_submodule(tying.source)
+        for key in tying.tied:
+            parent_name, _, attr = key.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            module = getattr(parent, attr)
+            if tying.via_modules_to_save:
+                weight = source.modules_to_save[adapter_name].weight
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.update(adapter_name, tied_weight=weight)
+                else:
+                    setattr(parent, attr, ModulesToSaveWrapper(module, adapter_name, tied_weight=weight))
+                continue
+            if not (isinstance(source, AdapterLayer) and source.has_adapter(adapter_name)):
+                raise ValueError(f"ensure_weight_tying: the input embeddings {tying.source!r} got no adapter, so "
+                                 f"{key!r} has nothing to be tied to; check exclude_modules and layers_to_transform")
+            self._create_and_replace(config, adapter_name, module, key, parent, attr, low_cpu_mem_usage,
+                                     autocast_adapter_dtype)
+            self._tie_layer(getattr(parent, attr), source, adapter_name)
+            if key not in self.targeted_module_names:
+                self.targeted_module_names.append(key)
+
+    def _tie_layer(self, layer: AdapterLayer, source: AdapterLayer, adapter_name: str) -> None:
+        """Make ``layer``'s adapter ``adapter_name`` use the tensors of ``source``'s.
+
+        Method hook for ``ensure_weight_tying=True`` with the input embeddings among the
+        targets: ``source`` is the adapter layer of the input embeddings, ``layer`` the one just
+        created for a module sharing their weight (e.g. the output head), so that both apply the
+        same trained update. The default refuses (before the model changes)."""
+        raise NotImplementedError(self._no_tying_message(None))
+
+    def _no_tying_message(self, tying) -> str:
+        peft_type = next((c.peft_type for c in self.peft_config.values()), type(self).__name__)
+        where = f" ({tying.tied} share the weight of {tying.source!r})" if tying is not None else ""
+        return (f"{peft_type} cannot tie the adapters of layers that share a weight{where}: its tuner has no "
+                "_tie_layer. Use modules_to_save for the embeddings instead, or set ensure_weight_tying=False.")
 
     def _wrap_module_to_save(self, parent, attr, module, adapter_name) -> None:
         if isinstance(module, ModulesToSaveWrapper):
@@ -461,6 +509,11 @@ class BaseTuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        merged = [n for n, m in adapter_modules(self.model)
+                  if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters]
+        if merged:  # its delta would stay in the base weights with nothing left to unmerge it
+            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged (in {merged[:3]}); "
+                             "call unmerge_adapter() first")
         del self.peft_config[adapter_name]
         for _, module in adapter_modules(self.model):
             module.delete_adapter(adapter_name)

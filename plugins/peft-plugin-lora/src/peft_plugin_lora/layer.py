@@ -84,7 +84,7 @@ class LoraLayer(AdapterLayer):
     subclass this too."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "alora", "arrow_config")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "lora_bias", "alora", "arrow_config")
     #: whether this layer type supports the aLoRA and Arrow variants
     supports_routing_variants = False
 
@@ -335,13 +335,11 @@ class LoraLayer(AdapterLayer):
 
     _unorient = _orient  # a transpose is its own inverse
 
-    def _merged_plain_deltas(self, oriented: torch.Tensor) -> torch.Tensor:
-        """Sum of the (oriented) deltas of plain adapters merged so far (0 when none)."""
-        total = torch.zeros_like(oriented)
-        for name in self.merged_adapters:
-            if not self.use_dora.get(name):
-                total = total + self._orient(self.delta_weight(name)).to(oriented.dtype)
-        return total
+    def _weight_before_merges(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with every adapter merged so far taken out again (most recent first)."""
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerged(weight, name)
+        return weight
 
     def _dora_scale(self, adapter_name: str, norm: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         scale = self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm
@@ -350,20 +348,26 @@ class LoraLayer(AdapterLayer):
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not self.use_dora.get(adapter_name):
             return weight + self.delta_weight(adapter_name).to(weight.dtype)
-        # W' = m / ||W0 + sBA|| * (W + sBA): the norm uses the base W0 without the plain adapters
-        # merged before, the scale applies to all of W, exactly as the unmerged forward does
+        # W' = m / ||W0 + sBA|| * (W + sBA): the norm uses the base W0 without any adapter merged
+        # before (plain or DoRA), the scale applies to all of W, exactly as the unmerged forward does
         oriented = self._orient(weight)
         lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
-        norm = self.dora_weight_norm(adapter_name, oriented - self._merged_plain_deltas(oriented), lora).detach()
+        base = self._orient(self._weight_before_merges(weight)) if self.merged_adapters else oriented
+        norm = self.dora_weight_norm(adapter_name, base, lora).detach()
         self._dora_norm[adapter_name] = norm
         scale = self._dora_scale(adapter_name, norm, oriented)
         return self._unorient(scale * (oriented + self.scaling[adapter_name] * lora))
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        unmerged = self._unmerged(weight, adapter_name)
+        self._dora_norm.pop(adapter_name, None)
+        return unmerged
+
+    def _unmerged(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not self.use_dora.get(adapter_name):
             return weight - self.delta_weight(adapter_name).to(weight.dtype)
         oriented = self._orient(weight)
-        scale = self._dora_scale(adapter_name, self._dora_norm.pop(adapter_name), oriented)
+        scale = self._dora_scale(adapter_name, self._dora_norm[adapter_name], oriented)
         lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
         return self._unorient(oriented / scale - self.scaling[adapter_name] * lora)
 
