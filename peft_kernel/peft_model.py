@@ -89,6 +89,14 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapters
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether a forward now applies an adapter: one is active and adapters are not
+        disabled (``disable_adapter()``, ``disable_adapter_layers()``)."""
+        if self._is_prompt_learning:
+            return not self.prompt_learning._disabled
+        return any(not m.disable_adapters and m.active_adapters for _, m in adapter_modules(self.base_model.model))
+
+    @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
 
@@ -408,8 +416,6 @@ class PeftModel(nn.Module):
             raise ValueError(f"Cannot save unknown adapters {unknown}; available: {sorted(self.peft_config)}")
         for name in names:
             check_adapter_name(name)  # a name is a directory name here: never a path out of save_directory
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion is not supported yet")
         plans = []
         for name in names:
             state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name,
@@ -418,6 +424,9 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
             config.inference_mode = True
+            if path_initial_model_for_weight_conversion is not None:
+                state, config = self._check_tuner("path_initial_model_for_weight_conversion").save_relative_to_initial(
+                    self, name, config, state, path_initial_model_for_weight_conversion)
             extra = {}
             if config.task_type is None:
                 base_cls = type(self.get_base_model())

@@ -21,7 +21,7 @@ from . import distributed, targeting
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
 from .dispatch import user_mappings
-from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
+from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning, UnsupportedFeatureError
 from .layer import BASE_ADAPTER, AdapterLayer, ParameterLayer
 from .plugins import manager
 from .tying import plan as tying_plan
@@ -241,7 +241,7 @@ class BaseTuner(nn.Module):
         is_match = functools.partial(targeting.matches_target, config) if selected is None else selected.__contains__
         tying = tying_plan(config, model, is_match)
         if tying is not None and not tying.via_modules_to_save and type(self)._tie_layer is BaseTuner._tie_layer:
-            raise NotImplementedError(self._no_tying_message(tying))
+            raise UnsupportedFeatureError(self._no_tying_message(tying))
 
         if isinstance(targets, str) and targets == targeting.DUMMY_TARGET:
             matched_any = True
@@ -292,6 +292,7 @@ class BaseTuner(nn.Module):
                 f"Target modules {_describe_targets(config.target_modules)} not found in the base model{hint}. "
                 "Check target_modules against model.named_modules()."
             )
+        _warn_unmatched_patterns(config, self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
@@ -323,6 +324,16 @@ class BaseTuner(nn.Module):
             if key not in self.targeted_module_names:
                 self.targeted_module_names.append(key)
 
+    def save_relative_to_initial(self, peft_model, adapter_name: str, config, state_dict: dict,
+                                 initial_path: str) -> tuple[dict, PeftConfig]:
+        """The checkpoint of ``adapter_name`` rewritten to apply to the base weights as they were
+        before its initialisation changed them (PiSSA, OLoRA, ...), given the adapter as saved
+        right after that initialisation in ``initial_path``: ``save_pretrained(...,
+        path_initial_model_for_weight_conversion=initial_path)``. Returns the new tensors and
+        config. The default refuses: only methods whose initialisation changes the base implement it."""
+        raise ValueError(f"path_initial_model_for_weight_conversion is not supported for {config.peft_type}: its "
+                         "initialisation does not change the base weights, so the adapter applies to them as saved.")
+
     def _tie_layer(self, layer: AdapterLayer, source: AdapterLayer, adapter_name: str) -> None:
         """Make ``layer``'s adapter ``adapter_name`` use the tensors of ``source``'s.
 
@@ -330,7 +341,7 @@ class BaseTuner(nn.Module):
         targets: ``source`` is the adapter layer of the input embeddings, ``layer`` the one just
         created for a module sharing their weight (e.g. the output head), so that both apply the
         same trained update. The default refuses (before the model changes)."""
-        raise NotImplementedError(self._no_tying_message(None))
+        raise UnsupportedFeatureError(self._no_tying_message(None))
 
     def _no_tying_message(self, tying) -> str:
         peft_type = next((c.peft_type for c in self.peft_config.values()), type(self).__name__)
@@ -379,8 +390,8 @@ class BaseTuner(nn.Module):
     def _check_parameter_config(self, config, adapter_name, state_dict) -> None:
         wanted = set(config.target_parameters)
         if self.parameter_layer_cls is None:
-            raise ValueError(f"{config.peft_type} cannot adapt bare parameters: its tuner has no parameter layer. "
-                             "Leave target_parameters unset and use target_modules.")
+            raise UnsupportedFeatureError(f"{config.peft_type} cannot adapt bare parameters: its tuner has no "
+                                          "parameter layer. Leave target_parameters unset and use target_modules.")
         if state_dict is not None:
             raise ValueError("Injecting from a state_dict cannot target parameters (target_parameters); inject "
                              "the adapter without state_dict and load the weights afterwards")
@@ -992,6 +1003,24 @@ def _check_resolved(config, given) -> None:
     except ValueError as exc:
         raise ValueError(f"{exc} (target_modules {_describe_targets(given)} resolved to "
                          f"{_describe_targets(config.target_modules)} in this model)") from None
+
+
+#: per-module override fields of method configs (``{module name or regex: value}``)
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+def _warn_unmatched_patterns(config, targeted: list[str]) -> None:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that no adapted module matches is most likely
+    a typo: say so (HF PEFT warns too)."""
+    for field in PATTERN_FIELDS:
+        patterns = getattr(config, field, None)
+        if not isinstance(patterns, dict):
+            continue
+        unmatched = [key for key in patterns if not any(targeting.get_pattern_key([key], name) == key
+                                                         for name in targeted)]
+        if unmatched:
+            warnings.warn(f"These {field} keys match no adapted module and were ignored: {unmatched}. Check them "
+                          "against the adapted module names.", PeftWarning, stacklevel=4)
 
 
 def _suffix_in(key: str, names: set[str]) -> bool:

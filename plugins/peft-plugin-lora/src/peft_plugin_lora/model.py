@@ -13,6 +13,7 @@ from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
 
 from . import alora
+from .config import init_name
 from .layer import Embedding, Linear, LoraLayer, ParamWrapper
 
 #: default targets per transformers model type, used when target_modules is None
@@ -62,6 +63,12 @@ class LoraModel(BaseTuner):
         elif done != ranges:
             raise ValueError(f"The model's layers were already replicated as {done}; an adapter asking for {ranges} "
                              "cannot be added. Use the same layer_replication (or none) for every adapter.")
+
+    def save_relative_to_initial(self, peft_model, adapter_name, config, state_dict, initial_path):
+        """PiSSA / OLoRA saved as a LoRA of twice the rank for the original base (``conversion.py``)."""
+        from .conversion import relative_to_initial
+
+        return relative_to_initial(peft_model, adapter_name, config, state_dict, initial_path)
 
     def _tie_layer(self, layer, source, adapter_name) -> None:
         """``ensure_weight_tying``: a linear layer tied to the embeddings gets the embedding
@@ -138,7 +145,7 @@ class LoraModel(BaseTuner):
                 self._check_combinable_layer(name, layer, adapters, combination_type, svd, factor_wise)
         first = configs[0]
         init = first.init_lora_weights
-        if init not in (True, False, "gaussian"):
+        if init_name(init) not in (True, False, "gaussian"):
             init = True  # the factors are overwritten; never re-run an init that rewrites the base weights
         return dataclasses.replace(
             first, r=new_rank, lora_alpha=new_rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=init,
