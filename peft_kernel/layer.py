@@ -187,6 +187,10 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         base = unwrap_base_layer(base_layer)
         in_features, out_features = quant.layer_shape(base) or _infer_features(base)
+        if in_features is None and out_features is None and not isinstance(self, ParameterLayer):
+            warnings.warn(f"Unsupported layer type {type(base).__qualname__}: its input and output sizes are unknown "
+                          "(no in_features / out_features); the custom layer must not rely on them.", PeftWarning,
+                          stacklevel=3)
         self.set_plain_attributes(
             _active_adapter=[] if adapter_name is None else [adapter_name], merged_adapters=[],
             _disable_adapters=False, kwargs=kwargs, in_features=in_features, out_features=out_features,

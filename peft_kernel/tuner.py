@@ -209,6 +209,10 @@ class BaseTuner(nn.Module):
 
     def _inject_adapter(self, model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict) -> None:
         config = self.peft_config[adapter_name]
+        biased = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") not in ("none", None)]
+        if len(biased) > 1:  # each would train (and save) the same base biases
+            raise ValueError(f"Only one adapter can train biases; {biased} set `bias`. Set bias='none' for all "
+                             "adapters but one.")
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, _model_config(model))
         self.peft_config[adapter_name] = config
