@@ -373,8 +373,10 @@ class AdapterLayer(nn.Module):
                     container[adapter_name] = item.to(device)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast: bool = True) -> None:
-        """Keep adapters in fp32 on half-precision bases (HF PEFT's autocast_adapter_dtype)."""
-        if not autocast:
+        """Keep adapters in fp32 on half-precision bases (HF PEFT's autocast_adapter_dtype); with
+        ``autocast=False`` they take the base layer's dtype instead."""
+        dtype = None if autocast else base_layer_dtype(self)
+        if not autocast and (dtype is None or not dtype.is_floating_point):
             return
         for attr in self.adapter_layer_names:
             container = self._container(attr)
@@ -383,8 +385,12 @@ class AdapterLayer(nn.Module):
             item = container[adapter_name]
             tensors = _tensors_of(item)
             for tensor in tensors:
-                if tensor.dtype in (torch.float16, torch.bfloat16):
+                if not tensor.is_floating_point():
+                    continue
+                if autocast and tensor.dtype in (torch.float16, torch.bfloat16):
                     tensor.data = tensor.data.float()
+                elif not autocast and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
 
     # -- forward ----------------------------------------------------------------------
 
