@@ -10,28 +10,11 @@ import json
 
 import pytest
 import torch
+from _dropin import LIBS, X, hf_bug_and_ours, lora, perturb
 from _models import HF, OURS, VOCAB, assert_close, build_base, max_abs_diff, trainable_names
 from torch import nn
 
 from peft_kernel import MergeNotSupportedError
-
-LIBS = pytest.mark.parametrize("lib", [HF, OURS], ids=["hf", "ours"])
-X = torch.randn(5, 10, generator=torch.Generator().manual_seed(3))
-
-
-def _lora(lib, **kwargs):
-    kwargs.setdefault("target_modules", ["lin0", "lin1"])
-    return lib.LoraConfig(**kwargs)
-
-
-def _perturb_lora(model, seed=1):
-    """Random LoRA factors (and magnitudes, biases) for every adapter, trained-looking."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "lora_" in name:
-                param.add_(torch.randn(param.shape, generator=g) * 0.3)
-
 
 # -- HF PEFT's adapter-injection guide, as written there ---------------------------------
 
@@ -52,7 +35,7 @@ def test_injection_guide_flow(lib):
     config = lib.LoraConfig(lora_alpha=16, lora_dropout=0.1, r=64, bias="none", target_modules=["linear"])
     torch.manual_seed(0)
     model = lib.kernel.inject_adapter_in_model(config, DummyModel())
-    _perturb_lora(model)
+    perturb(model)
     model.eval()
     ids = torch.LongTensor([[0, 1, 2, 3, 4, 5, 6, 7]])
     expected = model(ids)
@@ -86,13 +69,13 @@ def test_injection_guide_flow(lib):
 
 @LIBS
 def test_loading_for_inference_turns_dropout_off(lib, tmp_path):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, lora_dropout=0.5, init_lora_weights=False))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, lora_dropout=0.5, init_lora_weights=False))
     model.save_pretrained(tmp_path)
     loaded = lib.PeftModel.from_pretrained(build_base("mlp").train(), tmp_path)
     assert not loaded.training and not any(m.training for m in loaded.modules())
     assert torch.equal(loaded(X), loaded(X))  # no dropout
 
-    other = lib.get_peft_model(build_base("mlp"), _lora(lib)).train()
+    other = lib.get_peft_model(build_base("mlp"), lora(lib)).train()
     other.load_adapter(tmp_path, "inference")
     assert not other.training
     other.train()
@@ -101,7 +84,7 @@ def test_loading_for_inference_turns_dropout_off(lib, tmp_path):
 
 
 def test_loaded_outputs_match_hf(tmp_path):
-    hf = HF.get_peft_model(build_base("mlp"), _lora(HF, lora_dropout=0.5, init_lora_weights=False))
+    hf = HF.get_peft_model(build_base("mlp"), lora(HF, lora_dropout=0.5, init_lora_weights=False))
     hf.save_pretrained(tmp_path)
     expected = HF.PeftModel.from_pretrained(build_base("mlp").train(), tmp_path)(X)
     ours = OURS.PeftModel.from_pretrained(build_base("mlp").train(), tmp_path)(X)
@@ -110,13 +93,13 @@ def test_loaded_outputs_match_hf(tmp_path):
 
 @LIBS
 def test_load_adapter_trainability(lib, tmp_path):
-    lib.get_peft_model(build_base("mlp"), _lora(lib, target_modules=["lin0"])).save_pretrained(tmp_path)
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, target_modules=["lin0"]))
+    lib.get_peft_model(build_base("mlp"), lora(lib, target_modules=["lin0"])).save_pretrained(tmp_path)
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, target_modules=["lin0"]))
     model.load_adapter(tmp_path, "trained", is_trainable=True)
     assert {n for n in trainable_names(model) if ".trained." in n} == {
         "base_model.model.lin0.lora_A.trained.weight", "base_model.model.lin0.lora_B.trained.weight"}
 
-    model.add_adapter("mine", _lora(lib, target_modules=["lin0"]))
+    model.add_adapter("mine", lora(lib, target_modules=["lin0"]))
     model.set_requires_grad("mine", True)  # the user's choice: kept by later loads
     model.set_requires_grad("default", False)
     before = trainable_names(model)
@@ -162,8 +145,8 @@ def test_checkpoint_conversion_mapping(lib, tmp_path):
 
 @LIBS
 def test_deleting_a_merged_adapter_is_refused(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights=False))
-    model.add_adapter("b", _lora(lib, init_lora_weights=False))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights=False))
+    model.add_adapter("b", lora(lib, init_lora_weights=False))
     model.base_model.set_adapter(["default", "b"])
     weight = model.base_model.model.lin0.base_layer.weight.detach().clone()
     model.merge_adapter(["b"])
@@ -176,8 +159,8 @@ def test_deleting_a_merged_adapter_is_refused(lib):
 
 @LIBS
 def test_delete_adapter_forgets_every_per_layer_setting(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib))
-    model.add_adapter("b", _lora(lib, use_dora=True))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib))
+    model.add_adapter("b", lora(lib, use_dora=True))
     model.delete_adapter("b")
     layer = model.base_model.model.lin0
     for attr in ("r", "lora_alpha", "scaling", "use_dora", "lora_bias", "lora_A", "lora_B", "lora_magnitude_vector"):
@@ -190,7 +173,7 @@ def _enabled(model):
 
 @LIBS
 def test_disable_adapter_restores_the_previous_state(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights=False)).eval()
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights=False)).eval()
     adapted, base = model(X), build_base("mlp")(X)
     with model.disable_adapter():
         with model.disable_adapter():
@@ -204,20 +187,11 @@ def test_disable_adapter_restores_the_previous_state(lib):
     assert not any(_enabled(model)), "leaving the block enabled adapters that were disabled before"
 
 
-def test_disable_adapter_keeps_an_inference_adapter_frozen(tmp_path):
-    """Ours restores the trainability flags too; HF PEFT makes a frozen adapter trainable."""
-    OURS.get_peft_model(build_base("mlp"), _lora(OURS)).save_pretrained(tmp_path)
-    model = OURS.PeftModel.from_pretrained(build_base("mlp"), tmp_path)
-    with model.disable_adapter():
-        pass
-    assert trainable_names(model) == []
-
-
-@pytest.mark.xfail(strict=True, reason="HF PEFT leaves disable_adapter() with the active adapter trainable, even when "
-                   "it was loaded for inference (is_trainable=False)")
-def test_hf_disable_adapter_keeps_an_inference_adapter_frozen(tmp_path):
-    HF.get_peft_model(build_base("mlp"), _lora(HF)).save_pretrained(tmp_path)
-    model = HF.PeftModel.from_pretrained(build_base("mlp"), tmp_path)
+@hf_bug_and_ours("HF PEFT leaves disable_adapter() with the active adapter trainable, even when it was loaded "
+                 "for inference (is_trainable=False)")
+def test_disable_adapter_keeps_an_inference_adapter_frozen(lib, tmp_path):
+    lib.get_peft_model(build_base("mlp"), lora(lib)).save_pretrained(tmp_path)
+    model = lib.PeftModel.from_pretrained(build_base("mlp"), tmp_path)
     with model.disable_adapter():
         pass
     assert trainable_names(model) == []
@@ -231,10 +205,10 @@ def test_several_dora_adapters_merge_exactly(kinds):
     outputs = {}
     for lib in (HF, OURS):
         torch.manual_seed(0)
-        model = lib.get_peft_model(build_base("mlp"), _lora(lib, use_dora=kinds[0] == "dora"))
-        model.add_adapter("b", _lora(lib, use_dora=kinds[1] == "dora"))
+        model = lib.get_peft_model(build_base("mlp"), lora(lib, use_dora=kinds[0] == "dora"))
+        model.add_adapter("b", lora(lib, use_dora=kinds[1] == "dora"))
         model.base_model.set_adapter(["default", "b"])
-        _perturb_lora(model)
+        perturb(model)
         model.eval()
         with torch.no_grad():
             unmerged = model(X)
@@ -249,7 +223,7 @@ def test_several_dora_adapters_merge_exactly(kinds):
 
 @LIBS
 def test_safe_merge_checks_the_lora_bias(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, lora_bias=True, init_lora_weights=False))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, lora_bias=True, init_lora_weights=False))
     layer = model.base_model.model.lin0
     with torch.no_grad():
         layer.lora_B["default"].bias[0] = float("nan")
@@ -332,7 +306,7 @@ def test_merging_tied_lora_adapters_is_refused():
 
 
 @pytest.mark.xfail(strict=True, reason="HF PEFT merges the tied embedding and head adapters both into the one shared "
-                   "weight, so the merged model adds the update twice")
+                   "weight, so the merged model adds the update twice (ours refuses to merge, test above)")
 def test_hf_merging_tied_lora_adapters_keeps_the_outputs():
     unmerged, merged = _merge_tied_lora(HF)
     assert torch.allclose(merged, unmerged, atol=1e-4)

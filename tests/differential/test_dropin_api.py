@@ -10,24 +10,9 @@ import json
 
 import pytest
 import torch
+from _dropin import LIBS, X, hf_bug_and_ours, lora, perturb
 from _models import HF, OURS, assert_close, build_base, trainable_names
 from torch import nn
-
-LIBS = pytest.mark.parametrize("lib", [HF, OURS], ids=["hf", "ours"])
-X = torch.randn(5, 10, generator=torch.Generator().manual_seed(3))
-
-
-def _lora(lib, **kwargs):
-    kwargs.setdefault("target_modules", ["lin0", "lin1"])
-    return lib.LoraConfig(**kwargs)
-
-
-def _perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "lora_" in name or "vera_lambda" in name:
-                param.add_(torch.randn(param.shape, generator=g) * 0.3)
 
 
 def _vera(lib):
@@ -51,9 +36,9 @@ def _conversion(lib):
 
 @LIBS
 def test_add_adapter_autocast_and_set_adapter_inference_mode(lib):
-    model = lib.get_peft_model(build_base("mlp").to(torch.bfloat16), _lora(lib))
-    model.add_adapter("kept", _lora(lib), autocast_adapter_dtype=False)
-    model.add_adapter("upcast", _lora(lib))
+    model = lib.get_peft_model(build_base("mlp").to(torch.bfloat16), lora(lib))
+    model.add_adapter("kept", lora(lib), autocast_adapter_dtype=False)
+    model.add_adapter("upcast", lora(lib))
     layer = model.base_model.model.lin0
     assert layer.lora_A["kept"].weight.dtype == torch.bfloat16
     assert layer.lora_A["upcast"].weight.dtype == torch.float32
@@ -79,7 +64,7 @@ def test_enum_spelling_of_peft_and_task_types(lib):
 def test_prepare_and_cast_for_mixed_precision(lib):
     model = lib.kernel.prepare_model_for_kbit_training(build_base("mlp"), use_gradient_checkpointing=False,
                                                        auto_clear_cache=False)
-    peft_model = lib.get_peft_model(model, _lora(lib))
+    peft_model = lib.get_peft_model(model, lora(lib))
     lib.kernel.cast_mixed_precision_params(peft_model, torch.bfloat16)
     dtypes = {name: p.dtype for name, p in peft_model.named_parameters()}
     assert dtypes["base_model.model.lin0.base_layer.weight"] == torch.bfloat16
@@ -89,7 +74,7 @@ def test_prepare_and_cast_for_mixed_precision(lib):
 @LIBS
 def test_base_model_state_dict(lib):
     plain = build_base("mlp")
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, modules_to_save=["lin2"]))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, modules_to_save=["lin2"]))
     state = lib.kernel.get_base_model_state_dict(model)
     assert state.keys() == plain.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
@@ -103,16 +88,16 @@ def test_base_model_state_dict(lib):
 
 def test_delta_weight_alias_matches_hf():
     torch.manual_seed(0)
-    hf = HF.get_peft_model(build_base("mlp"), _lora(HF, init_lora_weights=False))
+    hf = HF.get_peft_model(build_base("mlp"), lora(HF, init_lora_weights=False))
     torch.manual_seed(0)
-    ours = OURS.get_peft_model(build_base("mlp"), _lora(OURS, init_lora_weights=False))
+    ours = OURS.get_peft_model(build_base("mlp"), lora(OURS, init_lora_weights=False))
     assert_close(ours.base_model.model.lin0.get_delta_weight("default"),
                  hf.base_model.model.lin0.get_delta_weight("default"), "get_delta_weight")
 
 
 @LIBS
 def test_has_active_enabled_adapter(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib))
     assert model.has_active_enabled_adapter
     with model.disable_adapter():
         assert not model.has_active_enabled_adapter
@@ -135,11 +120,11 @@ def test_multihead_attention_wrapper_attributes(lib):
 
 @LIBS
 def test_modules_to_save_wrapper(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, modules_to_save=["lin2"]))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, modules_to_save=["lin2"]))
     wrapper = model.base_model.model.lin2
     x = torch.randn(2, 20)
     assert torch.equal(wrapper(input=x), wrapper.modules_to_save["default"](x))
-    model.add_adapter("other", _lora(lib))
+    model.add_adapter("other", lora(lib))
     model.set_adapter("other")
     assert wrapper.active_adapters == []
     assert torch.equal(wrapper(x), wrapper.original_module(x))
@@ -176,7 +161,7 @@ def test_convert_to_lora_matches_hf(tmp_path):
 
 def test_convert_to_lora_refuses_what_is_not_a_weight_delta():
     convert_to_lora, _ = _conversion(OURS)
-    model = OURS.get_peft_model(build_base("mlp"), _lora(OURS, use_dora=True))
+    model = OURS.get_peft_model(build_base("mlp"), lora(OURS, use_dora=True))
     with pytest.raises(TypeError, match="weight delta"):
         convert_to_lora(model, 4)
 
@@ -186,10 +171,10 @@ def test_save_relative_to_the_initial_weights(tmp_path, init):
     outputs = {}
     for lib in (HF, OURS):
         torch.manual_seed(0)
-        model = lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights=init, r=4))
+        model = lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights=init, r=4))
         initial = tmp_path / lib.name / "initial"
         model.save_pretrained(initial)
-        _perturb(model)
+        perturb(model)
         model.eval()
         trained = model(X)
         model.save_pretrained(tmp_path / lib.name / "lora", path_initial_model_for_weight_conversion=str(initial))
@@ -206,10 +191,10 @@ def _pissa_with_a_trained_head(lib, tmp_path):
     """A PiSSA adapter with a modules_to_save head, trained, saved relative to its initial weights;
     returns its outputs and the outputs of the conversion loaded onto the original base."""
     torch.manual_seed(0)
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights="pissa", r=4,
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights="pissa", r=4,
                                                         modules_to_save=["lin2"]))
     model.save_pretrained(tmp_path / "initial")
-    _perturb(model)
+    perturb(model)
     with torch.no_grad():
         model.base_model.model.lin2.modules_to_save["default"].weight.add_(1.0)
     model.eval()
@@ -217,15 +202,10 @@ def _pissa_with_a_trained_head(lib, tmp_path):
     return model(X), lib.PeftModel.from_pretrained(build_base("mlp"), tmp_path / "lora")(X)
 
 
-def test_save_relative_to_the_initial_weights_keeps_modules_to_save(tmp_path):
-    trained, converted = _pissa_with_a_trained_head(OURS, tmp_path)
-    assert torch.allclose(converted, trained, atol=1e-5)
-
-
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="HF PEFT leaves the modules_to_save copies out of a "
-                   "PiSSA/OLoRA adapter converted on save, and then cannot load the converted adapter (KeyError)")
-def test_hf_save_relative_to_the_initial_weights_keeps_modules_to_save(tmp_path):
-    trained, converted = _pissa_with_a_trained_head(HF, tmp_path)
+@hf_bug_and_ours("HF PEFT leaves the modules_to_save copies out of a PiSSA/OLoRA adapter converted on save, and "
+                 "then cannot load the converted adapter (KeyError)", raises=KeyError)
+def test_save_relative_to_the_initial_weights_keeps_modules_to_save(lib, tmp_path):
+    trained, converted = _pissa_with_a_trained_head(lib, tmp_path)
     assert torch.allclose(converted, trained, atol=1e-5)
 
 
@@ -245,14 +225,14 @@ def test_lora_bias_on_embeddings_and_biasless_layers(lib):
     with pytest.raises(ValueError, match="lora_bias"):
         lib.get_peft_model(build_base("emb"), lib.LoraConfig(target_modules=["emb"], lora_bias=True))
     with pytest.warns(UserWarning, match="lora_bias"):
-        lib.get_peft_model(build_base("mlp_nobias"), _lora(lib, lora_bias=True))
+        lib.get_peft_model(build_base("mlp_nobias"), lora(lib, lora_bias=True))
 
 
 @LIBS
 def test_only_one_adapter_trains_biases(lib):
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, bias="all"))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, bias="all"))
     with pytest.raises(ValueError, match="bias"):
-        model.add_adapter("b", _lora(lib, bias="lora_only"))
+        model.add_adapter("b", lora(lib, bias="lora_only"))
     assert sorted(model.peft_config) == ["default"]
 
 
@@ -283,20 +263,20 @@ def test_a_json_that_is_no_adapter_config_is_refused(lib, tmp_path, data):
 
 @LIBS
 def test_init_names_are_matched_as_in_hf(lib):
-    lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights="OLoRA"))
-    lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights="Gaussian"))
+    lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights="OLoRA"))
+    lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights="Gaussian"))
     with pytest.raises(ValueError, match="PiSSA"):
-        lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights="PiSSA"))
+        lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights="PiSSA"))
 
 
 @LIBS
 def test_warnings_hf_gives(lib):
     with pytest.warns(Warning, match="rank_pattern"):
-        lib.get_peft_model(build_base("mlp"), _lora(lib, rank_pattern={"lin9": 2}))
+        lib.get_peft_model(build_base("mlp"), lora(lib, rank_pattern={"lin9": 2}))
     model = build_base("mlp")
     model.name_or_path = "model-a"
     with pytest.warns(Warning, match="model-a"):
-        lib.get_peft_model(model, _lora(lib, base_model_name_or_path="model-b"))
+        lib.get_peft_model(model, lora(lib, base_model_name_or_path="model-b"))
 
 
 class _Custom(nn.Module):
@@ -344,18 +324,18 @@ def test_vera_adapters_share_one_projection(lib):
 
 @LIBS
 def test_runtime_errors_where_hf_raises_them(lib):
-    small = lib.get_peft_model(build_base("mlp"), _lora(lib, r=4))
-    large = lib.get_peft_model(build_base("mlp"), _lora(lib, r=8))
+    small = lib.get_peft_model(build_base("mlp"), lora(lib, r=4))
+    large = lib.get_peft_model(build_base("mlp"), lora(lib, r=8))
     with pytest.raises(RuntimeError, match="(?i)size mismatch"):
         lib.set_peft_model_state_dict(large, lib.get_peft_model_state_dict(small))
 
-    model = lib.get_peft_model(build_base("mlp"), _lora(lib, init_lora_weights=False))
-    model.add_adapter("b", _lora(lib, init_lora_weights=False))
+    model = lib.get_peft_model(build_base("mlp"), lora(lib, init_lora_weights=False))
+    model.add_adapter("b", lora(lib, init_lora_weights=False))
     with pytest.raises(RuntimeError, match="foo"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "c", combination_type="ties", density=0.5,
                                    majority_sign_method="foo")
 
-    unmergeable = lib.get_peft_model(build_base("mlp_nobias"), _lora(lib, lora_bias=True))
+    unmergeable = lib.get_peft_model(build_base("mlp_nobias"), lora(lib, lora_bias=True))
     with pytest.raises(RuntimeError, match="bias"):
         unmergeable.merge_adapter()
 
@@ -404,19 +384,11 @@ def test_grouped_conv_dora_starts_as_the_base(lib):
     assert torch.allclose(model(X_CONV), base, atol=1e-6)
 
 
-def test_grouped_conv_dora_follows_the_math():
-    model = _dora_conv(OURS, False)
-    _perturb(model)
-    layer = model.base_model.model.conv
-    with torch.no_grad():
-        assert torch.allclose(layer(X_CONV), _grouped_dora_reference(layer, X_CONV), atol=1e-5)
-
-
-@pytest.mark.xfail(strict=True, reason="HF PEFT reshapes the grouped lora_B weight as if it were dense when it "
-                   "computes DoRA's weight norm, so trained grouped-conv DoRA adapters get a wrong norm")
-def test_hf_grouped_conv_dora_follows_the_math():
-    model = _dora_conv(HF, False)
-    _perturb(model)
+@hf_bug_and_ours("HF PEFT reshapes the grouped lora_B weight as if it were dense when it computes DoRA's weight "
+                 "norm, so trained grouped-conv DoRA adapters get a wrong norm")
+def test_grouped_conv_dora_follows_the_math(lib):
+    model = _dora_conv(lib, False)
+    perturb(model)
     layer = model.base_model.model.conv
     with torch.no_grad():
         assert torch.allclose(layer(X_CONV), _grouped_dora_reference(layer, X_CONV), atol=1e-5)
@@ -424,9 +396,9 @@ def test_hf_grouped_conv_dora_follows_the_math():
 
 def test_dora_in_a_mixed_batch_equals_each_adapter_alone():
     """HF PEFT refuses DoRA adapters in a mixed batch; ours routes them like any adapter."""
-    model = OURS.get_peft_model(build_base("mlp"), _lora(OURS, use_dora=True))
-    model.add_adapter("b", _lora(OURS, use_dora=True, r=4))
-    _perturb(model)
+    model = OURS.get_peft_model(build_base("mlp"), lora(OURS, use_dora=True))
+    model.add_adapter("b", lora(OURS, use_dora=True, r=4))
+    perturb(model)
     model.eval()
     names = ["default", "b", "__base__", "b", "default"]
     with torch.no_grad():
