@@ -21,9 +21,9 @@ from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 
 if TYPE_CHECKING:
     from .arrow import create_arrow_model
+    from .conversion import convert_to_lora, save_as_lora
     from .corda import preprocess_corda
     from .eva import get_eva_state_dict, initialize_lora_eva_weights
-    from .conversion import convert_to_lora, save_as_lora
     from .hotswap import (
         check_hotswap_configs_compatible,
         hotswap_adapter,
