@@ -500,13 +500,6 @@ class AdapterLayer(nn.Module):
         """HF PEFT's name for :meth:`delta_weight`."""
         return self.delta_weight(adapter_name)
 
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """Whether the adapter is exactly a weight delta (``merge_weight`` adds
-        :meth:`delta_weight`), which a low-rank factorisation can approximate (HF PEFT's
-        ``convert_to_lora``). Layers whose update is not additive override it."""
-        additive = type(self).merge_weight is AdapterLayer.merge_weight
-        return additive and type(self).delta_weight is not AdapterLayer.delta_weight
-
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return weight + self.delta_weight(adapter_name).to(weight.dtype)
 

@@ -331,7 +331,8 @@ class BaseTuner(nn.Module):
     def save_relative_to_initial(self, peft_model, adapter_name: str, config, state_dict: dict,
                                  initial_path: str) -> tuple[dict, PeftConfig]:
         """The checkpoint of ``adapter_name`` rewritten to apply to the base weights as they were
-        before its initialisation changed them (PiSSA, OLoRA, ...), given the adapter as saved
+        before its initialisation changed them (inits that move part of the base weight into the
+        adapter), given the adapter as saved
         right after that initialisation in ``initial_path``: ``save_pretrained(...,
         path_initial_model_for_weight_conversion=initial_path)``. Returns the new tensors and
         config. The default refuses: only methods whose initialisation changes the base implement it."""

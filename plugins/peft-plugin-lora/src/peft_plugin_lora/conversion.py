@@ -1,7 +1,7 @@
 """Converting adapters to plain LoRA.
 
 * :func:`convert_to_lora` / :func:`save_as_lora` — any adapter whose update is a weight delta
-  ΔW on linear layers (VeRA, LoRA itself, a third-party method's layers, ...) becomes a LoRA
+  ΔW on linear layers (VeRA, LoHa, LoRA itself, a third-party method's layers, ...) becomes a LoRA
   adapter by a truncated SVD of ΔW: B = U_k·S_k, A = V_kᵀ, with ``r = lora_alpha = k`` so the
   scaling is 1. A fixed rank (int) or an energy threshold (float in (0, 1]: the smallest k
   whose singular values hold that share of Σσ²) chooses k per layer.
@@ -20,12 +20,26 @@ import warnings
 import torch
 from torch import nn
 
-from peft_kernel import AdapterLayer, ModulesToSaveWrapper, PeftWarning, get_peft_model_state_dict
+from peft_kernel import AdapterLayer, ModulesToSaveWrapper, PeftWarning, WeightDeltaLayer, get_peft_model_state_dict
 from peft_kernel.dispatch import is_linear_like, stores_weight_transposed
 
 from .config import LoraConfig
 
 _PEFT_PREFIX = "base_model.model."
+
+
+def supports_lora_conversion(layer: AdapterLayer, adapter_name: str) -> bool:
+    """Whether ``layer``'s adapter is exactly a weight delta. A layer answers itself through a
+    ``supports_lora_conversion(adapter_name)`` method (HF PEFT's name); otherwise an additive
+    ``WeightDeltaLayer`` is, and so is a layer whose ``merge_weight`` is the kernel's additive
+    default and that implements ``delta_weight``."""
+    own = getattr(layer, "supports_lora_conversion", None)
+    if callable(own):
+        return bool(own(adapter_name))
+    if isinstance(layer, WeightDeltaLayer):
+        return not layer.transforms_weight
+    additive = type(layer).merge_weight is AdapterLayer.merge_weight
+    return additive and type(layer).delta_weight is not AdapterLayer.delta_weight
 
 
 def _rank_for(singular_values: torch.Tensor, rank: int | float) -> int:
@@ -64,7 +78,7 @@ def convert_to_lora(model: nn.Module, rank: int | float, adapter_name: str = "de
         raise ValueError(f"rank must be positive, got {rank}")
     layers = [(name, module) for name, module in model.named_modules()
               if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name)]
-    unsupported = sorted({type(m).__qualname__ for _, m in layers if not m.supports_lora_conversion(adapter_name)})
+    unsupported = sorted({type(m).__qualname__ for _, m in layers if not supports_lora_conversion(m, adapter_name)})
     if unsupported:
         raise TypeError(f"Some layers cannot be converted to LoRA (their update is not a weight delta): "
                         f"{', '.join(unsupported)}")
