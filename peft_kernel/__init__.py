@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from .config import PeftConfig, PeftType, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
-from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
+from .errors import (
+    MergeNotSupportedError,
+    NoMatchingPeftModuleError,
+    PeftWarning,
+    StateDictMismatchError,
+    UnsupportedFeatureError,
+    UnsupportedOptionError,
+)
 from .lazy import lazy_attributes
 from .plugins import hookimpl, register_peft_method
 
@@ -44,9 +51,15 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
         PeftModelForSequenceClassification,
         PeftModelForTokenClassification,
     )
-    from .state_dict import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+    from .state_dict import (
+        get_base_model_state_dict,
+        get_peft_model_state_dict,
+        load_peft_weights,
+        set_base_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
-    from .training import prepare_model_for_kbit_training
+    from .training import cast_mixed_precision_params, prepare_model_for_kbit_training
     from .tuner import BaseTuner
 
 __all__ = [
@@ -56,11 +69,13 @@ __all__ = [
     "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType",
+    "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftType", "PeftWarning", "PromptLearningConfig",
+    "StateDictMismatchError", "TaskType", "UnsupportedFeatureError", "UnsupportedOptionError",
     "TunerConfig", "TunerLayerStatus", "TunerModelStatus",
     "fsdp_auto_wrap_policy", "fully_shard_model", "get_layer_status",
-    "get_model_status", "get_peft_config", "get_peft_model", "get_peft_model_state_dict", "hookimpl",
-    "prepare_model_for_kbit_training",
+    "get_base_model_state_dict", "get_model_status", "get_peft_config", "get_peft_model",
+    "get_peft_model_state_dict", "hookimpl", "set_base_model_state_dict",
+    "cast_mixed_precision_params", "prepare_model_for_kbit_training",
     "inject_adapter_in_model", "load_peft_weights", "register_layer_mapping", "register_peft_method",
     "set_peft_model_state_dict", "unregister_layer_mapping", "WeightDeltaLayer",
 ]
@@ -88,13 +103,16 @@ _LAZY = {
     "PeftModelForSeq2SeqLM": ".peft_model",
     "PeftModelForSequenceClassification": ".peft_model",
     "PeftModelForTokenClassification": ".peft_model",
+    "get_base_model_state_dict": ".state_dict",
     "get_peft_model_state_dict": ".state_dict",
     "load_peft_weights": ".state_dict",
+    "set_base_model_state_dict": ".state_dict",
     "set_peft_model_state_dict": ".state_dict",
     "TunerLayerStatus": ".status",
     "TunerModelStatus": ".status",
     "get_layer_status": ".status",
     "get_model_status": ".status",
+    "cast_mixed_precision_params": ".training",
     "prepare_model_for_kbit_training": ".training",
     "BaseTuner": ".tuner",
 }

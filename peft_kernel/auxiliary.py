@@ -19,11 +19,12 @@ class ModulesToSaveWrapper(nn.Module):
     copy is active. Attribute reads fall through to the module in use.
     """
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_weight: nn.Parameter | None = None) -> None:
         super().__init__()
-        if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList)):
+        if isinstance(module_to_save, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
             raise TypeError(
-                f"modules_to_save cannot hold a {type(module_to_save).__name__}; name its submodules instead"
+                f"modules_to_save cannot hold a {type(module_to_save).__name__} (a container without a forward); "
+                "name its submodules, or the module that uses it, instead"
             )
         if isinstance(module_to_save, AdapterLayer):
             cls = type(module_to_save)
@@ -35,11 +36,14 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.update(adapter_name, tied_weight=tied_weight)
 
-    def update(self, adapter_name: str) -> None:
+    def update(self, adapter_name: str, tied_weight: nn.Parameter | None = None) -> None:
+        """Add ``adapter_name``'s copy; with ``tied_weight`` the copy's ``weight`` is that very
+        parameter (a module tied to the embeddings, ``ensure_weight_tying``)."""
         if adapter_name not in self.modules_to_save:
-            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+            memo = {} if tied_weight is None else {id(self.original_module.weight): tied_weight}
+            self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module, memo)
         self.original_module.requires_grad_(False)
 
     def adapter_state_dict_load_map(self, adapter_name: str) -> dict[str, str]:
@@ -50,7 +54,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
+        """The active adapters that have a copy here (at most one)."""
+        return [name for name in self._active_adapter if name in self.modules_to_save]
 
     @property
     def batch_adapter_names(self) -> list[str] | None:
@@ -59,7 +64,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
 
     @property
     def disable_adapters(self) -> bool:
@@ -117,13 +123,18 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name in self._active_adapter:
             self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         names = kwargs.pop("adapter_names", None) or batch_adapter_names_of(self)
         if names is None or self._disable_adapters:
-            return self._active_copy()(x, *args, **kwargs)
-        return self._mixed_batch_forward(x, names, *args, **kwargs)
+            return self._active_copy()(*args, **kwargs)
+        if not args:  # the batch is the first keyword input
+            key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+            x = kwargs.pop(key)
+            return self._mixed_batch_forward(x, names=names, key=key, **kwargs)
+        return self._mixed_batch_forward(*args, names=names, **kwargs)
 
-    def _mixed_batch_forward(self, x, names, *args, **kwargs):
+    def _mixed_batch_forward(self, x, *args, names, key: str | None = None, **kwargs):
+        """Each sample through its adapter's copy; ``key`` names ``x`` when it came by keyword."""
         names = list(names)
         if x.shape[0] != len(names):
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples")
@@ -134,7 +145,8 @@ class ModulesToSaveWrapper(nn.Module):
         order = []
         for name, idx in groups.items():
             module = self.original_module if name == BASE_ADAPTER else self.modules_to_save[name]
-            outputs.append(module(x[idx], *args, **kwargs))
+            rows = x[idx]
+            outputs.append(module(rows, *args, **kwargs) if key is None else module(*args, **{key: rows}, **kwargs))
             order.extend(idx)
         result = torch.cat(outputs, dim=0)
         inverse = torch.empty(len(order), dtype=torch.long, device=result.device)

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from .errors import PeftWarning
+from .errors import PeftWarning, UnsupportedOptionError
 
 __all__ = [
     "prune",
@@ -97,7 +97,7 @@ def _check_density(density, *, what: str = "density") -> bool:
 
 def _check_sign_method(method) -> None:
     if method not in _SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {list(_SIGN_METHODS)}, got {method!r}")
+        raise UnsupportedOptionError(f"majority_sign_method must be one of {list(_SIGN_METHODS)}, got {method!r}")
 
 
 def _as_stack(task_tensors, *, what: str = "task_tensors") -> torch.Tensor:

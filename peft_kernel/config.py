@@ -52,6 +52,17 @@ class _PeftTypeMeta(type):
             return cls(name)
         raise AttributeError(name)
 
+    def __iter__(cls):
+        """The registered method ids (as iterating HF PEFT's enum lists its methods)."""
+        from .plugins import manager
+
+        return iter([cls(name) for name in sorted(manager().methods())])
+
+    def __contains__(cls, value: object) -> bool:
+        from .plugins import manager
+
+        return isinstance(value, str) and str.__str__(value) in manager().methods()
+
 
 class PeftType(str, metaclass=_PeftTypeMeta):
     """A method id (``peft_type``): a plain string that also answers to the spelling of HF
@@ -62,6 +73,11 @@ class PeftType(str, metaclass=_PeftTypeMeta):
 
     @property
     def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        """The member name of HF PEFT's enum, which is the id itself."""
         return str.__str__(self)
 
 
@@ -90,12 +106,12 @@ class PeftConfig:
         check_field_types(self)
         if self.peft_version is None:
             self.peft_version = f"{PEFT_FORMAT_VERSION}+peftkernel.{_kernel_version()}"
-        if isinstance(self.task_type, TaskType):
-            self.task_type = self.task_type.value
         if self.task_type is not None and self.task_type not in TaskType.__members__:
             raise ValueError(
                 f"Invalid task_type {self.task_type!r}; expected one of {', '.join(TaskType.__members__)}."
             )
+        if self.task_type is not None:
+            self.task_type = TaskType(self.task_type)  # a str that also has HF's .value / .name
 
     # -- serialisation ----------------------------------------------------------------
 
@@ -129,7 +145,8 @@ class PeftConfig:
     def from_peft_type(cls, **kwargs) -> PeftConfig:
         """Build the config class registered for ``kwargs["peft_type"]``."""
         if "peft_type" not in kwargs:
-            raise ValueError("adapter config has no 'peft_type'; it is required to know which method to load")
+            raise ValueError("adapter config has no 'peft_type' naming its method, so it is not a PEFT adapter config; "
+                             "point to the adapter's directory, not the model's")
         if not isinstance(kwargs["peft_type"], str):
             raise ValueError(f"peft_type must be a method name such as 'LORA', got {kwargs['peft_type']!r}")
         from .plugins import manager

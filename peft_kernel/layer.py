@@ -187,6 +187,10 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         base = unwrap_base_layer(base_layer)
         in_features, out_features = quant.layer_shape(base) or _infer_features(base)
+        if in_features is None and out_features is None and not isinstance(self, ParameterLayer):
+            warnings.warn(f"Unsupported layer type {type(base).__qualname__}: its input and output sizes are unknown "
+                          "(no in_features / out_features); the custom layer must not rely on them.", PeftWarning,
+                          stacklevel=3)
         self.set_plain_attributes(
             _active_adapter=[] if adapter_name is None else [adapter_name], merged_adapters=[],
             _disable_adapters=False, kwargs=kwargs, in_features=in_features, out_features=out_features,
@@ -369,8 +373,10 @@ class AdapterLayer(nn.Module):
                     container[adapter_name] = item.to(device)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast: bool = True) -> None:
-        """Keep adapters in fp32 on half-precision bases (HF PEFT's autocast_adapter_dtype)."""
-        if not autocast:
+        """Keep adapters in fp32 on half-precision bases (HF PEFT's autocast_adapter_dtype); with
+        ``autocast=False`` they take the base layer's dtype instead."""
+        dtype = None if autocast else base_layer_dtype(self)
+        if not autocast and (dtype is None or not dtype.is_floating_point):
             return
         for attr in self.adapter_layer_names:
             container = self._container(attr)
@@ -379,8 +385,12 @@ class AdapterLayer(nn.Module):
             item = container[adapter_name]
             tensors = _tensors_of(item)
             for tensor in tensors:
-                if tensor.dtype in (torch.float16, torch.bfloat16):
+                if not tensor.is_floating_point():
+                    continue
+                if autocast and tensor.dtype in (torch.float16, torch.bfloat16):
                     tensor.data = tensor.data.float()
+                elif not autocast and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
 
     # -- forward ----------------------------------------------------------------------
 
@@ -486,6 +496,10 @@ class AdapterLayer(nn.Module):
         """The additive change to the base weight, in the base weight's layout."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """HF PEFT's name for :meth:`delta_weight`."""
+        return self.delta_weight(adapter_name)
+
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return weight + self.delta_weight(adapter_name).to(weight.dtype)
 
@@ -523,7 +537,7 @@ class AdapterLayer(nn.Module):
 
     def check_safe_merge(self, adapter_names: list[str]) -> None:
         """Raise ``ValueError`` if merging ``adapter_names`` (in order) would put NaN or inf
-        into the base weight. Works on a copy: nothing changes. ``merge_adapter(safe_merge=True)``
+        into the base weight or bias. Works on a copy: nothing changes. ``merge_adapter(safe_merge=True)``
         calls it for every layer before it merges any. Layers that override :meth:`merge`
         override this too."""
         weight = self._merge_target().detach().clone()
@@ -534,6 +548,26 @@ class AdapterLayer(nn.Module):
             if not torch.isfinite(weight).all():
                 raise ValueError(f"NaNs or infs detected when merging adapter {name!r}; nothing was merged. Check the "
                                  "adapter's weights (e.g. a diverged training run) before merging.")
+        self._check_safe_bias([n for n in adapter_names if n not in self.merged_adapters])
+
+    def _check_safe_bias(self, adapter_names: list[str]) -> None:
+        """Raise ``ValueError`` if folding the adapters' bias contributions (``merge_bias``) would
+        put NaN or inf into the base bias. Tried on the live bias and undone: nothing changes."""
+        bias = getattr(self.get_base_layer(), "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return
+        saved = bias.detach().clone()
+        try:
+            for name in adapter_names:
+                if not self.has_adapter(name):
+                    continue
+                self.merge_bias(name, +1)
+                if not torch.isfinite(bias).all():
+                    raise ValueError(f"NaNs or infs detected in the bias when merging adapter {name!r}; the base was "
+                                     "left unchanged. Check the adapter's weights before merging.")
+        finally:
+            with torch.no_grad():
+                bias.copy_(saved)
 
     def unmerge(self) -> None:
         """Undo all merges, most recent first."""

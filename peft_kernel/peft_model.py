@@ -89,6 +89,14 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapters
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether a forward now applies an adapter: one is active and adapters are not
+        disabled (``disable_adapter()``, ``disable_adapter_layers()``)."""
+        if self._is_prompt_learning:
+            return not self.prompt_learning._disabled
+        return any(not m.disable_adapters and m.active_adapters for _, m in adapter_modules(self.base_model.model))
+
+    @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapter if isinstance(self.active_adapter, str) else self.active_adapter[0]]
 
@@ -222,25 +230,31 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model: all adapters are off inside the ``with`` block."""
+        """Run the base model: all adapters are off inside the ``with`` block. On exit every
+        layer is enabled or disabled as before the block, with the same trainability flags,
+        so the context nests and leaves a model whose adapters were already off as it was."""
         if self._is_prompt_learning:
             with self.prompt_learning.disabled():
                 yield
             return
-        states = [m.disable_adapters for _, m in adapter_modules(self.base_model.model)]
-        if states and len(set(states)) > 1:
-            warnings.warn("Adapter layers were in irregular enabled states; all are enabled on exit.",
-                          PeftWarning, stacklevel=3)
+        states = [(m, m.disable_adapters) for _, m in adapter_modules(self.base_model.model)]
+        flags = [(p, p.requires_grad) for p in self.parameters()]
         self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            for module, was_disabled in states:
+                if module.disable_adapters != was_disabled:
+                    module.enable_adapters(not was_disabled)
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
     # -- adapter management -----------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a new (inactive) adapter of the same method; rolled back on failure."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new (inactive, frozen) adapter of the same method; rolled back on failure. The
+        trainability of everything else is left as it was."""
         if peft_config.peft_type != self.peft_type:
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; a PeftModel holds one "
@@ -250,17 +264,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         _check_adapter_name(adapter_name, peft_config)
         self._prepare_task_config(peft_config)
+        flags = {p: p.requires_grad for p in self.parameters()}
         with self._all_or_nothing(adapter_name):
             if self._is_prompt_learning:
                 self.peft_config[adapter_name] = peft_config
                 self.prompt_learning.add(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
                 return
             tuner = self.base_model
-            active = tuner.active_adapter
             tuner.peft_config[adapter_name] = peft_config
-            tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-        if self._active_frozen(active) != peft_config.inference_mode:  # else injection already left it so
-            self._restore_active(active)
+            tuner.inject_adapter(tuner.model, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                 autocast_adapter_dtype=autocast_adapter_dtype)
+        _restore_flags(self, flags)  # injection re-activates the active adapters; keep the user's flags
 
     @contextmanager
     def _all_or_nothing(self, adapter_name: str):
@@ -292,8 +306,9 @@ class PeftModel(nn.Module):
     def _restore_active(self, active) -> None:
         self.base_model.set_adapter(active, inference_mode=self._active_frozen(active))
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Activate exactly one adapter and make it trainable (unless inference mode)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate exactly one adapter and make it trainable (unless ``inference_mode`` or its
+        config's inference mode)."""
         if not isinstance(adapter_name, str):
             raise ValueError(
                 "PeftModel.set_adapter takes one adapter name; use base_model.set_adapter([...]) for several"
@@ -304,7 +319,8 @@ class PeftModel(nn.Module):
         if self._is_prompt_learning:
             self.prompt_learning.set_adapter(adapter_name)
         else:
-            self.base_model.set_adapter(adapter_name, inference_mode=self.peft_config[adapter_name].inference_mode)
+            frozen = inference_mode or self.peft_config[adapter_name].inference_mode
+            self.base_model.set_adapter(adapter_name, inference_mode=frozen)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -400,8 +416,6 @@ class PeftModel(nn.Module):
             raise ValueError(f"Cannot save unknown adapters {unknown}; available: {sorted(self.peft_config)}")
         for name in names:
             check_adapter_name(name)  # a name is a directory name here: never a path out of save_directory
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion is not supported yet")
         plans = []
         for name in names:
             state = get_peft_model_state_dict(self, state_dict=kwargs.get("state_dict"), adapter_name=name,
@@ -410,6 +424,9 @@ class PeftModel(nn.Module):
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
             config.inference_mode = True
+            if path_initial_model_for_weight_conversion is not None:
+                state, config = self._check_tuner("path_initial_model_for_weight_conversion").save_relative_to_initial(
+                    self, name, config, state, path_initial_model_for_weight_conversion)
             extra = {}
             if config.task_type is None:
                 base_cls = type(self.get_base_model())
@@ -482,6 +499,10 @@ class PeftModel(nn.Module):
             # prompt encoders are built in the layout their checkpoint holds (inference mode); a
             # trainable load unfreezes that afterwards (load_adapter)
             config.inference_mode = not is_trainable or config.is_prompt_learning
+            if key_mapping is None and not config.is_prompt_learning:
+                # transformers renames the keys of checkpoints saved before an architecture changed
+                # (``_checkpoint_conversion_mapping``); adapters saved then need the same renames
+                key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
             target_cls = cls
             if cls is PeftModel and config.task_type in MODEL_TYPE_TO_PEFT_MODEL_MAPPING:
                 target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[config.task_type]
@@ -530,7 +551,10 @@ class PeftModel(nn.Module):
                 raise ValueError(f"config must be a PeftConfig, got {type(config).__name__}")
             config.inference_mode = not is_trainable or config.is_prompt_learning
             with self._all_or_nothing(adapter_name):
-                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage,
+                                 autocast_adapter_dtype=autocast_adapter_dtype)
+                if is_trainable and not self._is_prompt_learning:
+                    self.set_requires_grad(adapter_name)  # add_adapter leaves a new adapter frozen
                 result = set_peft_model_state_dict(
                     self, weights, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
                     ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
@@ -539,6 +563,8 @@ class PeftModel(nn.Module):
                 self.set_requires_grad_false(adapter_name)
             elif self._is_prompt_learning:
                 self.prompt_learning.unfreeze(adapter_name)
+        if not is_trainable:
+            self.eval()  # an adapter loaded for inference runs without dropout, as in HF PEFT
         return result
 
     def set_requires_grad_false(self, adapter_name: str) -> None:
@@ -555,6 +581,12 @@ class PeftModel(nn.Module):
 
 def _adapter_dir(model_id, subfolder: str | None) -> str:
     return os.path.join(model_id, subfolder) if subfolder else model_id
+
+
+def _restore_flags(model: nn.Module, flags: dict[nn.Parameter, bool]) -> None:
+    """Put back the ``requires_grad`` flags of ``flags``; parameters not in it are frozen."""
+    for param in model.parameters():
+        param.requires_grad_(flags.get(param, False))
 
 
 def _batch_size(kwargs) -> int | None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import distributed, io
 from .auxiliary import ModulesToSaveWrapper
-from .errors import PeftWarning
+from .errors import PeftWarning, StateDictMismatchError
 from .layer import AdapterLayer, BufferDict
 from .plugins import manager
 
@@ -289,7 +289,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     if mismatched:
         lines = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched)
         if not ignore_mismatched_sizes:
-            raise ValueError(
+            raise StateDictMismatchError(
                 f"Size mismatch while loading adapter {adapter_name!r}: {lines}. The adapter was saved for a "
                 "different model or config; nothing was loaded. Pass ignore_mismatched_sizes=True to skip them."
             )
@@ -338,6 +338,54 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor, assign: bool) -> No
             module._buffers[name] = new
     else:
         current.copy_(value.to(device=current.device, dtype=current.dtype))
+
+
+# -- the base model's own state dict ----------------------------------------------------
+
+
+def _base_key_map(module: nn.Module, peft_prefix: str = "", prefix: str = "") -> dict[str, str]:
+    """``{key in the adapted model's state dict: key the base model had}`` for every tensor of
+    the base model: adapter tensors are left out, the ``base_layer`` / ``original_module``
+    segments of adapter layers and ``modules_to_save`` wrappers are taken out of the keys."""
+    if isinstance(module, AdapterLayer):
+        return _base_key_map(module.base_layer, f"{peft_prefix}base_layer.", prefix)
+    if isinstance(module, ModulesToSaveWrapper):
+        return _base_key_map(module.original_module, f"{peft_prefix}original_module.", prefix)
+    mapping = {f"{peft_prefix}{name}": f"{prefix}{name}" for name, t in module._parameters.items() if t is not None}
+    mapping.update({f"{peft_prefix}{name}": f"{prefix}{name}" for name, t in module._buffers.items()
+                    if t is not None and name not in module._non_persistent_buffers_set})
+    for name, child in module._modules.items():
+        if child is not None:
+            mapping.update(_base_key_map(child, f"{peft_prefix}{name}.", f"{prefix}{name}."))
+    return mapping
+
+
+def _base_model(model) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def get_base_model_state_dict(model) -> dict[str, torch.Tensor]:
+    """The base model's state dict under the keys it had before adapters were added (no
+    adapter tensors, no ``base_layer`` / ``original_module`` segments): e.g. to save or
+    shard the base weights of an adapted model."""
+    base = _base_model(model)
+    state = base.state_dict()
+    return {original: state[key] for key, original in _base_key_map(base).items() if key in state}
+
+
+def set_base_model_state_dict(model, state_dict: dict[str, torch.Tensor], strict: bool = True):
+    """Load a state dict with the base model's own keys into an adapted model (the inverse of
+    :func:`get_base_model_state_dict`); adapters are left alone. Returns ``(missing_keys,
+    unexpected_keys)``; with ``strict`` either raises ``RuntimeError`` and nothing is loaded."""
+    base = _base_model(model)
+    keys = {original: key for key, original in _base_key_map(base).items()}
+    unexpected = [k for k in state_dict if k not in keys]
+    missing = [k for k in keys if k not in state_dict]
+    if strict and (missing or unexpected):
+        raise StateDictMismatchError(f"Error(s) in loading the base model's state_dict: missing keys {missing}, "
+                                     f"unexpected keys {unexpected}. Pass strict=False to load the matching ones.")
+    base.load_state_dict({keys[k]: v for k, v in state_dict.items() if k in keys}, strict=False)
+    return _LoadResult(missing, unexpected)
 
 
 # -- files ------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from . import distributed, targeting
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
 from .dispatch import user_mappings
-from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
+from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning, UnsupportedFeatureError
 from .layer import BASE_ADAPTER, AdapterLayer, ParameterLayer
 from .plugins import manager
+from .tying import plan as tying_plan
 
 
 def check_adapter_name(adapter_name: object) -> None:
@@ -208,6 +209,10 @@ class BaseTuner(nn.Module):
 
     def _inject_adapter(self, model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict) -> None:
         config = self.peft_config[adapter_name]
+        biased = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") not in ("none", None)]
+        if len(biased) > 1:  # each would train (and save) the same base biases
+            raise ValueError(f"Only one adapter can train biases; {biased} set `bias`. Set bias='none' for all "
+                             "adapters but one.")
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, _model_config(model))
         self.peft_config[adapter_name] = config
@@ -238,6 +243,9 @@ class BaseTuner(nn.Module):
 
         selected = self._select_targets(config, names)
         is_match = functools.partial(targeting.matches_target, config) if selected is None else selected.__contains__
+        tying = tying_plan(config, model, is_match)
+        if tying is not None and not tying.via_modules_to_save and type(self)._tie_layer is BaseTuner._tie_layer:
+            raise UnsupportedFeatureError(self._no_tying_message(tying))
 
         if isinstance(targets, str) and targets == targeting.DUMMY_TARGET:
             matched_any = True
@@ -255,6 +263,8 @@ class BaseTuner(nn.Module):
             inside = None
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 inside = key + "."
+            if tying is not None and tying.skips(key):
+                continue  # tied to the input embeddings once they are adapted, below
             if modules_to_save and _suffix_in(key, modules_to_save):
                 self._wrap_module_to_save(parent, attr, module, adapter_name)
                 wrapped_saves.add(key)
@@ -273,6 +283,9 @@ class BaseTuner(nn.Module):
         if modules_to_save and not wrapped_saves:
             missing = sorted(modules_to_save)
             raise ValueError(f"modules_to_save {missing} matched no module of the model; check the names")
+        if tying is not None:
+            self._tie_to_input_embeddings(tying, model, config, adapter_name, low_cpu_mem_usage,
+                                          autocast_adapter_dtype)
         if parameter_keys:
             self._inject_parameters(config, adapter_name, model, set(parameter_keys), low_cpu_mem_usage,
                                     autocast_adapter_dtype)
@@ -283,12 +296,63 @@ class BaseTuner(nn.Module):
                 f"Target modules {_describe_targets(config.target_modules)} not found in the base model{hint}. "
                 "Check target_modules against model.named_modules()."
             )
+        _warn_unmatched_patterns(config, self.targeted_module_names)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
             for name, param in model.named_parameters():
                 if adapter_name in name.split("."):
                     param.requires_grad_(False)
+
+    def _tie_to_input_embeddings(self, tying, model, config, adapter_name, low_cpu_mem_usage,
+                                 autocast_adapter_dtype) -> None:
+        """Give the modules tied to the input embeddings the embeddings' adapter tensors."""
+        source = model.get_submodule(tying.source)
+        for key in tying.tied:
+            parent_name, _, attr = key.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            module = getattr(parent, attr)
+            if tying.via_modules_to_save:
+                weight = source.modules_to_save[adapter_name].weight
+                if isinstance(module, ModulesToSaveWrapper):
+                    module.update(adapter_name, tied_weight=weight)
+                else:
+                    setattr(parent, attr, ModulesToSaveWrapper(module, adapter_name, tied_weight=weight))
+                continue
+            if not (isinstance(source, AdapterLayer) and source.has_adapter(adapter_name)):
+                raise ValueError(f"ensure_weight_tying: the input embeddings {tying.source!r} got no adapter, so "
+                                 f"{key!r} has nothing to be tied to; check exclude_modules and layers_to_transform")
+            self._create_and_replace(config, adapter_name, module, key, parent, attr, low_cpu_mem_usage,
+                                     autocast_adapter_dtype)
+            self._tie_layer(getattr(parent, attr), source, adapter_name)
+            if key not in self.targeted_module_names:
+                self.targeted_module_names.append(key)
+
+    def save_relative_to_initial(self, peft_model, adapter_name: str, config, state_dict: dict,
+                                 initial_path: str) -> tuple[dict, PeftConfig]:
+        """The checkpoint of ``adapter_name`` rewritten to apply to the base weights as they were
+        before its initialisation changed them (inits that move part of the base weight into the
+        adapter), given the adapter as saved
+        right after that initialisation in ``initial_path``: ``save_pretrained(...,
+        path_initial_model_for_weight_conversion=initial_path)``. Returns the new tensors and
+        config. The default refuses: only methods whose initialisation changes the base implement it."""
+        raise ValueError(f"path_initial_model_for_weight_conversion is not supported for {config.peft_type}: its "
+                         "initialisation does not change the base weights, so the adapter applies to them as saved.")
+
+    def _tie_layer(self, layer: AdapterLayer, source: AdapterLayer, adapter_name: str) -> None:
+        """Make ``layer``'s adapter ``adapter_name`` use the tensors of ``source``'s.
+
+        Method hook for ``ensure_weight_tying=True`` with the input embeddings among the
+        targets: ``source`` is the adapter layer of the input embeddings, ``layer`` the one just
+        created for a module sharing their weight (e.g. the output head), so that both apply the
+        same trained update. The default refuses (before the model changes)."""
+        raise UnsupportedFeatureError(self._no_tying_message(None))
+
+    def _no_tying_message(self, tying) -> str:
+        peft_type = next((c.peft_type for c in self.peft_config.values()), type(self).__name__)
+        where = f" ({tying.tied} share the weight of {tying.source!r})" if tying is not None else ""
+        return (f"{peft_type} cannot tie the adapters of layers that share a weight{where}: its tuner has no "
+                "_tie_layer. Use modules_to_save for the embeddings instead, or set ensure_weight_tying=False.")
 
     def _wrap_module_to_save(self, parent, attr, module, adapter_name) -> None:
         if isinstance(module, ModulesToSaveWrapper):
@@ -331,8 +395,8 @@ class BaseTuner(nn.Module):
     def _check_parameter_config(self, config, adapter_name, state_dict) -> None:
         wanted = set(config.target_parameters)
         if self.parameter_layer_cls is None:
-            raise ValueError(f"{config.peft_type} cannot adapt bare parameters: its tuner has no parameter layer. "
-                             "Leave target_parameters unset and use target_modules.")
+            raise UnsupportedFeatureError(f"{config.peft_type} cannot adapt bare parameters: its tuner has no "
+                                          "parameter layer. Leave target_parameters unset and use target_modules.")
         if state_dict is not None:
             raise ValueError("Injecting from a state_dict cannot target parameters (target_parameters); inject "
                              "the adapter without state_dict and load the weights afterwards")
@@ -461,6 +525,11 @@ class BaseTuner(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        merged = [n for n, m in adapter_modules(self.model)
+                  if isinstance(m, AdapterLayer) and adapter_name in m.merged_adapters]
+        if merged:  # its delta would stay in the base weights with nothing left to unmerge it
+            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged (in {merged[:3]}); "
+                             "call unmerge_adapter() first")
         del self.peft_config[adapter_name]
         for _, module in adapter_modules(self.model):
             module.delete_adapter(adapter_name)
@@ -939,6 +1008,24 @@ def _check_resolved(config, given) -> None:
     except ValueError as exc:
         raise ValueError(f"{exc} (target_modules {_describe_targets(given)} resolved to "
                          f"{_describe_targets(config.target_modules)} in this model)") from None
+
+
+#: per-module override fields of method configs (``{module name or regex: value}``)
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+def _warn_unmatched_patterns(config, targeted: list[str]) -> None:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that no adapted module matches is most likely
+    a typo: say so (HF PEFT warns too)."""
+    for field in PATTERN_FIELDS:
+        patterns = getattr(config, field, None)
+        if not isinstance(patterns, dict):
+            continue
+        unmatched = [key for key in patterns if not any(targeting.get_pattern_key([key], name) == key
+                                                         for name in targeted)]
+        if unmatched:
+            warnings.warn(f"These {field} keys match no adapted module and were ignored: {unmatched}. Check them "
+                          "against the adapted module names.", PeftWarning, stacklevel=4)
 
 
 def _suffix_in(key: str, names: set[str]) -> bool:

@@ -274,11 +274,18 @@ class MethodConformance:
             _assert_close(_run(model, inputs), base_out, case.atol, "disable_adapter did not give base outputs")
         _assert_close(_run(model, inputs), adapted, case.atol, "adapter not restored after disable_adapter")
 
+    def _second_config(self, case: Case):
+        """The case's config for a second adapter: only one adapter may train biases."""
+        config = case.config_fn()
+        if getattr(config, "bias", "none") not in ("none", None):
+            config.bias = "none"
+        return config
+
     def test_two_adapters(self, case: Case):
         _, model = self._peft(case, seed=1)
         inputs = case.input_fn()
         first = _run(model, inputs)
-        model.add_adapter(self.adapter_name_2, case.config_fn())
+        model.add_adapter(self.adapter_name_2, self._second_config(case))
         assert model.active_adapter == "default", "a new adapter must not become active"
         _assert_close(_run(model, inputs), first, case.atol, "adding an adapter changed outputs")
         model.set_adapter(self.adapter_name_2)
@@ -296,7 +303,7 @@ class MethodConformance:
         _, model = self._peft(case)
         inputs = case.input_fn()
         first = _run(model, inputs)
-        model.add_adapter(self.adapter_name_2, case.config_fn())
+        model.add_adapter(self.adapter_name_2, self._second_config(case))
         model.set_adapter(self.adapter_name_2)
         model.delete_adapter(self.adapter_name_2)
         assert self.adapter_name_2 not in model.peft_config
@@ -334,7 +341,7 @@ class MethodConformance:
         batch = _batch_size(inputs)
         if batch is None:
             return
-        model.add_adapter(self.adapter_name_2, case.config_fn())
+        model.add_adapter(self.adapter_name_2, self._second_config(case))
         model.set_adapter(self.adapter_name_2)
         perturb(model, seed=2)
         model.set_adapter("default")
@@ -367,9 +374,9 @@ class MethodConformance:
         """
         _, model = self._peft(case)
         other = self.adapter_name_2
-        model.add_adapter(other, case.config_fn())
+        model.add_adapter(other, self._second_config(case))
         fresh = get_peft_model(self._fresh(case), case.config_fn())
-        fresh.add_adapter(other, case.config_fn())
+        fresh.add_adapter(other, self._second_config(case))
         inputs = case.input_fn()
         before = _run(model, inputs)  # the first call builds whatever a layer caches
         _run(model, inputs)
@@ -386,7 +393,7 @@ class MethodConformance:
         _run(model, inputs)
         model.set_adapter("default")
         model.delete_adapter(other)
-        model.add_adapter(other, case.config_fn())
+        model.add_adapter(other, self._second_config(case))
         model.set_adapter(other)
         perturb(model, seed=5)
         new = _run(model, inputs)

@@ -21,6 +21,7 @@ from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 
 if TYPE_CHECKING:
     from .arrow import create_arrow_model
+    from .conversion import convert_to_lora, save_as_lora
     from .corda import preprocess_corda
     from .eva import get_eva_state_dict, initialize_lora_eva_weights
     from .hotswap import (
@@ -39,7 +40,8 @@ __all__ = ["ArrowConfig", "LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraL
            "check_hotswap_configs_compatible", "hotswap_adapter", "hotswap_adapter_from_state_dict",
            "prepare_model_for_compiled_hotswap", "LoftQConfig", "EvaConfig", "CordaConfig",
            "replace_lora_weights_loftq", "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_corda",
-           "create_loraplus_optimizer", "create_lorafa_optimizer", "LoraFAOptimizer"]
+           "create_loraplus_optimizer", "create_lorafa_optimizer", "LoraFAOptimizer", "convert_to_lora",
+           "save_as_lora"]
 
 #: public name -> defining submodule, imported on first access (they need torch)
 _LAZY = {
@@ -53,6 +55,8 @@ _LAZY = {
     "MultiheadAttention": ".layer",
     "ParamWrapper": ".layer",
     "create_arrow_model": ".arrow",
+    "convert_to_lora": ".conversion",
+    "save_as_lora": ".conversion",
     "check_hotswap_configs_compatible": ".hotswap",
     "hotswap_adapter": ".hotswap",
     "hotswap_adapter_from_state_dict": ".hotswap",

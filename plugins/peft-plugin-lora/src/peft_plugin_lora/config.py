@@ -92,6 +92,14 @@ def _sub_config(value, cls, name: str):
     raise TypeError(f"LoraConfig.{name} must be a {cls.__name__}, a dict or None, got {type(value).__name__}")
 
 
+def init_name(init: bool | str) -> bool | str:
+    """``init_lora_weights`` as the layers compare it: HF PEFT accepts ``"olora"`` and
+    ``"gaussian"`` in any case (the other names are case-sensitive); the config keeps the spelling."""
+    if isinstance(init, str) and init.lower() in ("olora", "gaussian"):
+        return init.lower()
+    return init
+
+
 @dataclass
 class ArrowConfig:
     """Arrow: route every token to the ``top_k`` task LoRAs (experts) whose prototype (the top
@@ -213,13 +221,15 @@ class LoraConfig(TunerConfig):
                     kind = "a positive integer rank" if name == "rank_pattern" else "a positive number"
                     raise ValueError(f"{name}[{key!r}] must be {kind}, got {value!r}")
         self.rank_pattern = {k: int(v) for k, v in (self.rank_pattern or {}).items()} or self.rank_pattern
-        init = self.init_lora_weights
+        init = init_name(self.init_lora_weights)
         if init not in _INITS and not (isinstance(init, str) and init.startswith("pissa_niter_")
                                        and init[len("pissa_niter_"):].isdigit()):
             raise ValueError(
                 f"init_lora_weights={init!r} is not supported by peft-plugin-lora; use one of {_INITS} "
-                "or 'pissa_niter_N'."
+                "or 'pissa_niter_N' (as in HF PEFT, only 'olora' and 'gaussian' may be written in any case)."
             )
+        if self.lora_bias and self.use_dora:
+            raise ValueError("lora_bias=True cannot be combined with DoRA (use_dora=True); set one of them to False")
         for name in _NOT_YET:
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
@@ -240,7 +250,7 @@ class LoraConfig(TunerConfig):
 
     def _check_structural_fields(self) -> None:
         """aLoRA, Arrow, target_parameters and layer_replication."""
-        init = self.init_lora_weights
+        init = init_name(self.init_lora_weights)
         if isinstance(self.arrow_config, dict):
             self.arrow_config = ArrowConfig.from_dict(self.arrow_config)
         if self.alora_invocation_tokens is not None:

@@ -26,6 +26,7 @@ from peft_kernel import AdapterLayer, PeftWarning, quant
 from peft_kernel.layer import ParameterLayer, bare_module, empty_module, plain_call
 
 from . import alora, arrow
+from .config import init_name
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -84,7 +85,8 @@ class LoraLayer(AdapterLayer):
     subclass this too."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "alora", "arrow_config")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "use_dora", "lora_bias", "alora",
+                         "arrow_config")
     #: whether this layer type supports the aLoRA and Arrow variants
     supports_routing_variants = False
 
@@ -110,7 +112,7 @@ class LoraLayer(AdapterLayer):
         use_rslora = getattr(config, "use_rslora", kwargs.get("use_rslora", False))
         use_dora = getattr(config, "use_dora", kwargs.get("use_dora", False))
         lora_bias = getattr(config, "lora_bias", kwargs.get("lora_bias", False))
-        init = getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True))
+        init = init_name(getattr(config, "init_lora_weights", kwargs.get("init_lora_weights", True)))
         routed = {"alora_invocation_tokens": getattr(config, "alora_invocation_tokens", None),
                   "arrow_config": getattr(config, "arrow_config", None)}
         used = [name for name, value in routed.items() if value is not None]
@@ -128,6 +130,9 @@ class LoraLayer(AdapterLayer):
         )
         self.use_rslora[adapter_name] = use_rslora
         self.scaling[adapter_name] = self.initial_scaling(adapter_name)
+        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(f"lora_bias=True on a {type(self.get_base_layer()).__name__} without a bias: the adapter "
+                          "works, but it cannot be merged into this layer.", PeftWarning, stacklevel=3)
         self.lora_bias[adapter_name] = lora_bias
         self.make_factors(adapter_name, r, lora_bias)
         if not self._is_meta(adapter_name):
@@ -335,13 +340,11 @@ class LoraLayer(AdapterLayer):
 
     _unorient = _orient  # a transpose is its own inverse
 
-    def _merged_plain_deltas(self, oriented: torch.Tensor) -> torch.Tensor:
-        """Sum of the (oriented) deltas of plain adapters merged so far (0 when none)."""
-        total = torch.zeros_like(oriented)
-        for name in self.merged_adapters:
-            if not self.use_dora.get(name):
-                total = total + self._orient(self.delta_weight(name)).to(oriented.dtype)
-        return total
+    def _weight_before_merges(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with every adapter merged so far taken out again (most recent first)."""
+        for name in reversed(self.merged_adapters):
+            weight = self._unmerged(weight, name)
+        return weight
 
     def _dora_scale(self, adapter_name: str, norm: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         scale = self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm
@@ -350,22 +353,33 @@ class LoraLayer(AdapterLayer):
     def merge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not self.use_dora.get(adapter_name):
             return weight + self.delta_weight(adapter_name).to(weight.dtype)
-        # W' = m / ||W0 + sBA|| * (W + sBA): the norm uses the base W0 without the plain adapters
-        # merged before, the scale applies to all of W, exactly as the unmerged forward does
+        # W' = m / ||W0 + sBA|| * (W + sBA): the norm uses the base W0 without any adapter merged
+        # before (plain or DoRA), the scale applies to all of W, exactly as the unmerged forward does
         oriented = self._orient(weight)
         lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
-        norm = self.dora_weight_norm(adapter_name, oriented - self._merged_plain_deltas(oriented), lora).detach()
+        base = self._orient(self._weight_before_merges(weight)) if self.merged_adapters else oriented
+        norm = self.dora_weight_norm(adapter_name, base, lora).detach()
         self._dora_norm[adapter_name] = norm
         scale = self._dora_scale(adapter_name, norm, oriented)
         return self._unorient(scale * (oriented + self.scaling[adapter_name] * lora))
 
     def unmerge_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        unmerged = self._unmerged(weight, adapter_name)
+        self._dora_norm.pop(adapter_name, None)
+        return unmerged
+
+    def _unmerged(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not self.use_dora.get(adapter_name):
             return weight - self.delta_weight(adapter_name).to(weight.dtype)
         oriented = self._orient(weight)
-        scale = self._dora_scale(adapter_name, self._dora_norm.pop(adapter_name), oriented)
+        scale = self._dora_scale(adapter_name, self._dora_norm[adapter_name], oriented)
         lora = self.lora_matrix(adapter_name).to(weight.dtype).reshape(oriented.shape)
         return self._unorient(oriented / scale - self.scaling[adapter_name] * lora)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Plain LoRA is a weight delta; DoRA, aLoRA and Arrow are not."""
+        return not (self.use_dora.get(adapter_name) or self.alora.get(adapter_name)
+                    or adapter_name in self.arrow_config)
 
     def merge_bias(self, adapter_name: str, sign: int) -> None:
         if not self.lora_bias.get(adapter_name) or adapter_name not in self.lora_B:
@@ -697,13 +711,12 @@ class Embedding(LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
-        if getattr(config, "lora_bias", False):
-            warnings.warn("lora_bias is not supported for Embedding layers and is ignored.", PeftWarning, stacklevel=2)
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config=None, **kwargs: Any) -> None:
-        if config is not None and config.lora_bias:
-            config = _without_lora_bias(config)
+        if getattr(config, "lora_bias", kwargs.get("lora_bias", False)):
+            raise ValueError("lora_bias=True is not supported for Embedding layers; set lora_bias=False or leave the "
+                             "embeddings out of target_modules")
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -785,6 +798,37 @@ class _ConvNd(LoraLayer):
     def _magnitude_shape(self):
         return (1, self.out_features) + (1,) * (self.get_base_layer().weight.dim() - 2)
 
+    # A grouped base conv (groups = g) has a block-diagonal weight: output group j reads input
+    # group j only. B (a grouped 1×…×1 conv) maps group j of A's r outputs to output group j,
+    # while A reads every input channel, so B·A is a dense (out, in·kernel) matrix. DoRA's
+    # per-channel norm is taken on the dense weight W + s·B·A, W's blocks in place.
+
+    def lora_matrix(self, adapter_name: str) -> torch.Tensor:
+        groups = self.get_base_layer().groups
+        if groups == 1:
+            return super().lora_matrix(adapter_name)
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        r = A.shape[0]
+        A = A.reshape(groups, r // groups, -1)  # (g, r/g, in·kernel)
+        B = B.reshape(groups, B.shape[0] // groups, r // groups)  # (g, out/g, r/g)
+        return (B @ A).reshape(-1, A.shape[-1])
+
+    def dora_weight_norm(self, adapter_name: str, weight: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        return super().dora_weight_norm(adapter_name, self._dense(weight), lora)
+
+    def _dense(self, weight: torch.Tensor) -> torch.Tensor:
+        """A grouped conv weight (out, in/g, …) as the equivalent dense one (out, in, …)."""
+        groups = self.get_base_layer().groups
+        if groups == 1:
+            return weight
+        out, in_per_group = weight.shape[:2]
+        dense = weight.new_zeros((out, in_per_group * groups) + tuple(weight.shape[2:]))
+        rows = out // groups
+        for group in range(groups):
+            block = slice(group * rows, (group + 1) * rows)
+            dense[block, group * in_per_group:(group + 1) * in_per_group] = weight[block]
+        return dense
+
     def merge_blocker(self) -> str | None:
         if self.get_base_layer().groups > 1:
             return "merging is not supported for conv layers with groups > 1"
@@ -830,6 +874,14 @@ class Conv3d(_ConvNd):
     pass
 
 
+#: nn.MultiheadAttention attributes the LoRA wrapper reads through from the module it wraps
+_MHA_ATTRIBUTES = frozenset({
+    "embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim",
+    "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj", "bias_k",
+    "bias_v", "add_zero_attn", "merge_masks",
+})
+
+
 class MultiheadAttention(LoraLayer):
     """LoRA on nn.MultiheadAttention (equal q/k/v dims): one adapter on the packed input
     projection and one on ``out_proj``. Forward runs the attention with the adapted
@@ -858,8 +910,13 @@ class MultiheadAttention(LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
 
-    def get_base_layer(self) -> nn.Module:
-        return super().get_base_layer()
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in _MHA_ATTRIBUTES:
+                raise
+        return getattr(self.get_base_layer(), name)  # code reading the attention's own attributes
 
     def delta_weight(self, adapter_name):
         return (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[adapter_name]
@@ -939,14 +996,6 @@ def _mha_forward(mha: nn.MultiheadAttention, in_proj_weight, out_proj_weight, qu
     if mha.batch_first:
         out = out.transpose(0, 1)
     return out, weights
-
-
-def _without_lora_bias(config):
-    import copy
-
-    config = copy.copy(config)
-    config.lora_bias = False
-    return config
 
 
 class ParamWrapper(LoraLayer, ParameterLayer):

@@ -13,7 +13,8 @@ from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
 
 from . import alora
-from .layer import LoraLayer, ParamWrapper
+from .config import init_name
+from .layer import Embedding, Linear, LoraLayer, ParamWrapper
 
 #: default targets per transformers model type, used when target_modules is None
 DEFAULT_TARGETS = {
@@ -62,6 +63,27 @@ class LoraModel(BaseTuner):
         elif done != ranges:
             raise ValueError(f"The model's layers were already replicated as {done}; an adapter asking for {ranges} "
                              "cannot be added. Use the same layer_replication (or none) for every adapter.")
+
+    def save_relative_to_initial(self, peft_model, adapter_name, config, state_dict, initial_path):
+        """PiSSA / OLoRA saved as a LoRA of twice the rank for the original base (``conversion.py``)."""
+        from .conversion import relative_to_initial
+
+        return relative_to_initial(peft_model, adapter_name, config, state_dict, initial_path)
+
+    def _tie_layer(self, layer, source, adapter_name) -> None:
+        """``ensure_weight_tying``: a linear layer tied to the embeddings gets the embedding
+        adapter's factors, transposed (A = B_emb^T, B = A_emb^T, so that its update is the
+        embedding update's transpose), as views of the same storage."""
+        if not (isinstance(layer, Linear) and isinstance(source, Embedding)):
+            raise ValueError(f"ensure_weight_tying ties a LoRA Linear to a LoRA Embedding, not {type(layer).__name__} "
+                             f"to {type(source).__name__}")
+        if layer.r[adapter_name] != source.r[adapter_name]:
+            raise ValueError("ensure_weight_tying needs the same rank for the embeddings and the layers tied to them; "
+                             "remove them from rank_pattern")
+        A, B = source.lora_embedding_A[adapter_name], source.lora_embedding_B[adapter_name]
+        layer.lora_A[adapter_name].weight = nn.Parameter(B.data.t(), requires_grad=B.requires_grad)
+        layer.lora_B[adapter_name].weight = nn.Parameter(A.data.t(), requires_grad=A.requires_grad)
+        layer.adapter_state_changed()
 
     def per_call_state(self, args, kwargs, *, generating):
         """aLoRA: where each row's invocation sequence starts, for the adapters that have one."""
@@ -123,7 +145,7 @@ class LoraModel(BaseTuner):
                 self._check_combinable_layer(name, layer, adapters, combination_type, svd, factor_wise)
         first = configs[0]
         init = first.init_lora_weights
-        if init not in (True, False, "gaussian"):
+        if init_name(init) not in (True, False, "gaussian"):
             init = True  # the factors are overwritten; never re-run an init that rewrites the base weights
         return dataclasses.replace(
             first, r=new_rank, lora_alpha=new_rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=init,

@@ -161,7 +161,7 @@ class VeraModel(BaseTuner):
                     f"VeRA adapter {adapter_name!r} does not fit the shared projections sized by the first adapter: "
                     + "; ".join(problems) + ". Add the adapter with the largest layers and r first."
                 )
-            A, B = A0.clone(), B0.clone()
+            A, B = A0, B0  # the same key gives the same projections: one copy in memory for all adapters
         self.vera_A[adapter_name] = A
         self.vera_B[adapter_name] = B
         return True
