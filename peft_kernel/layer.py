@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 from torch.nn.modules import module as _module_hooks
 
 from . import distributed, quant
 from .errors import MergeNotSupportedError, PeftWarning
 
 BASE_ADAPTER = "__base__"
+_UNSPECIALISED = object()  # no specialised forward asked for since the last state change
 #: what :attr:`AdapterLayer.call_state` is outside a call that routes per-call values
 NO_CALL_STATE: Mapping[str, Any] = MappingProxyType({})
 
@@ -242,14 +244,17 @@ class AdapterLayer(nn.Module):
         return container if container is not None else getattr(self, name, None)
 
     def has_adapter(self, adapter_name: str) -> bool:
-        present = self.__dict__.get("_present")
-        if present is None:  # cached: forward asks this for every layer on every call
+        # cached: forward asks this for every layer on every call (not while torch.compile
+        # traces: see forward)
+        present = None if is_dynamo_compiling() else self.__dict__.get("_present")
+        if present is None:
             present = set()
             for name in self.adapter_layer_names:
                 container = self._container(name)
                 if container is not None:
                     present.update(container.keys())
-            self.__dict__["_present"] = present
+            if not is_dynamo_compiling():
+                self.__dict__["_present"] = present
         return adapter_name in present
 
     def has_adapter_any(self, adapter_names: Iterable[str]) -> bool:
@@ -320,7 +325,7 @@ class AdapterLayer(nn.Module):
         that cache anything derived from their adapters (a specialised forward's plan, a
         normalisation) drop it here and call ``super()``. It is cheap: call it when in doubt.
         """
-        for cached in ("_present", "_specialised", "forward"):
+        for cached in ("_present", "_fast_forward"):
             self.__dict__.pop(cached, None)
 
     @property
@@ -390,13 +395,26 @@ class AdapterLayer(nn.Module):
         """Return ``result`` (the base layer's output for ``x``) with one adapter applied."""
         raise NotImplementedError
 
-    # forward() is the general path. Its first call after a state change may install a
-    # specialised forward for that state as an instance attribute, which nn.Module.__call__
-    # finds first: a direct call of the base layer when merged, else what
-    # specialised_forward() returns. Each re-checks its preconditions on every call and
-    # falls back to forward(); every state change drops it (adapter_state_changed).
+    # forward() dispatches; general_forward() is the general path. In eager mode the first call
+    # after a state change asks for a forward specialised to that state: a direct call of the
+    # base layer when merged, else what specialised_forward() returns (None: none). It is kept
+    # until the next state change (adapter_state_changed) and re-checks its preconditions on
+    # every call, falling back to general_forward(). Code that torch.compile traces always takes
+    # the general path and fills no cache: dynamo guards on what it reads, so a cache filled by an
+    # earlier call would make it compile every state twice.
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not is_dynamo_compiling():
+            fast = self.__dict__.get("_fast_forward", _UNSPECIALISED)
+            if fast is _UNSPECIALISED:
+                fast = self._specialise()
+            if fast is not None:
+                return fast(x, *args, **kwargs)
+        return self.general_forward(x, *args, **kwargs)
+
+    def general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The forward for any state: disabled, mixed batch, merged, or the active adapters
+        folded over the base result (what a specialised forward falls back to)."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             adapter_names = batch_adapter_names_of(self)
@@ -406,28 +424,29 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if "_specialised" not in self.__dict__:
-            self._specialise()
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         names = [name for name in self._active_adapter if self.has_adapter(name)]
         return self.forward_active(x, names, *args, **kwargs)
 
     def specialised_forward(self) -> Callable[..., Any] | None:
-        """A faster equivalent of :meth:`forward` for the current unmerged state (a bound
-        method, so that deep copies follow the copy), or ``None``. It must call
-        ``type(self).forward`` itself whenever its preconditions no longer hold."""
+        """A faster equivalent of :meth:`general_forward` for the current unmerged state (a
+        bound method, so that deep copies follow the copy), or ``None``. It must call
+        ``self.general_forward`` itself whenever its preconditions no longer hold. Eager
+        calls only: under torch.compile the general path is traced."""
         return None
 
-    def _specialise(self) -> None:
-        self.__dict__["_specialised"] = True
-        fn = self._forward_merged if self.merged_adapters else self.specialised_forward()
-        if fn is not None:
-            self.__dict__["forward"] = fn
+    def _specialise(self) -> Callable[..., Any] | None:
+        if self._disable_adapters:
+            fn = None
+        else:
+            fn = self._forward_merged if self.merged_adapters else self.specialised_forward()
+        self.__dict__["_fast_forward"] = fn
+        return fn
 
     def _forward_merged(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kwargs or not self.merged_adapters or self._disable_adapters or batch_adapter_names_of(self) is not None:
-            return type(self).forward(self, x, *args, **kwargs)
+            return self.general_forward(x, *args, **kwargs)
         base = self._modules["base_layer"]
         return base.forward(x, *args) if plain_call(base) else base(x, *args)
 
