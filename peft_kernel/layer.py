@@ -398,10 +398,12 @@ class AdapterLayer(nn.Module):
     # forward() dispatches; general_forward() is the general path. In eager mode the first call
     # after a state change asks for a forward specialised to that state: a direct call of the
     # base layer when merged, else what specialised_forward() returns (None: none). It is kept
-    # until the next state change (adapter_state_changed) and re-checks its preconditions on
-    # every call, falling back to general_forward(). Code that torch.compile traces always takes
-    # the general path and fills no cache: dynamo guards on what it reads, so a cache filled by an
-    # earlier call would make it compile every state twice.
+    # in _fast_forward until the next state change (adapter_state_changed) and re-checks its
+    # preconditions on every call, falling back to general_forward(). It is not installed as the
+    # instance's `forward`: torch.compile guards on an instance forward, so each state would
+    # compile twice (before and after the first eager call). Code that torch.compile traces takes
+    # the general path, so its graph depends on the adapter state only, and the eager tricks
+    # (in-place updates, values kept in Python between calls) stay out of it.
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not is_dynamo_compiling():
@@ -437,6 +439,8 @@ class AdapterLayer(nn.Module):
         return None
 
     def _specialise(self) -> Callable[..., Any] | None:
+        if self._batch_names is not None:  # a mixed batch routes every call: nothing to keep
+            return None
         if self._disable_adapters:
             fn = None
         else:
