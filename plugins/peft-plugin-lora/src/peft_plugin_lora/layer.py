@@ -740,8 +740,9 @@ class Linear(LoraLayer):
     def _forward_dora(self, x, *args, **kwargs):
         # DoRA on a plain nn.Linear, with scale = m / ‖W + sBA‖ (per output channel):
         #   out = scale · (xWᵀ + s·(xAᵀ)Bᵀ) + b + s·scale·b_B
-        # one addmm and one addcmul beyond the three matmuls (the general path, as HF PEFT,
-        # makes about six passes over the output); preconditions re-checked as in _forward_plain
+        # Beyond the base matmul: two rank-r matmuls (the second accumulated in place) and one
+        # pass over the output (HF PEFT's forward makes about six, and forms W + sBA). The norm
+        # is kept outside training (dora_norm). Preconditions re-checked as in _forward_plain.
         base, name, A, B, magnitude, no_dropout = self._plan
         modules = self._modules
         if (args or kwargs or self.batch_adapter_names is not None or modules["base_layer"] is not base
@@ -755,10 +756,10 @@ class Linear(LoraLayer):
         if not (x.dtype == weight.dtype == A_weight.dtype == B_weight.dtype):
             return self.general_forward(x, *args, **kwargs)
         scaling = self.scaling[name]
-        xa = F.linear(x, A_weight)
-        out = F.linear(x, weight)
-        flat, flat_xa = out.view(-1, out.shape[-1]), xa.view(-1, xa.shape[-1])
-        flat.addmm_(flat_xa, B_weight.t(), alpha=scaling)  # in place under autograd too: nothing saved xWᵀ
+        rows = x.reshape(-1, x.shape[-1])
+        out = F.linear(rows, weight)  # 2-D: added to in place below, which on a view would cost autograd a copy
+        out.addmm_(F.linear(rows, A_weight), B_weight.t(), alpha=scaling)  # nothing saved xWᵀ for backward
+        out = out.view(*x.shape[:-1], out.shape[-1])
         if torch.is_grad_enabled():
             scale = magnitude._parameters["weight"] / self.dora_norm(name, x.dtype)
             shift = _dora_shift(bias, B_bias, scaling, scale)
