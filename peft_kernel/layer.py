@@ -18,9 +18,10 @@ mixed-batch routing, device and dtype placement, quantized bases, and safe mergi
 from __future__ import annotations
 
 import collections
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
@@ -38,37 +39,71 @@ _UNSPECIALISED = object()  # no specialised forward asked for since the last sta
 #: what :attr:`AdapterLayer.call_state` is outside a call that routes per-call values
 NO_CALL_STATE: Mapping[str, Any] = MappingProxyType({})
 
-#: the running mixed batch of this thread / task: (ids of the modules it routes, per-sample names).
-#: Per call, never on the shared modules: concurrent calls each see their own.
-_MIXED_BATCH: ContextVar[tuple[frozenset[int], list[str]] | None] = ContextVar("peft_kernel_mixed_batch",
-                                                                               default=None)
+class PerCall:
+    """A value that belongs to the running call, never to the shared modules: a ``ContextVar``,
+    so threads and asyncio tasks running calls through one model each see their own.
+
+    torch.compile cannot trace a ``ContextVar``. In code it traces, a value bound there lives in
+    a plain slot instead (tracing is single-threaded, and the compiled graph keeps the value it
+    was traced with: its guards on the call's arguments, e.g. ``adapter_names``, tell calls
+    apart). A value bound by eager code around traced code (a compiled inner model called by an
+    eager ``PeftModel``) is read outside the graph (a graph break), never assumed absent."""
+
+    def __init__(self, name: str) -> None:
+        self._var: ContextVar[Any] = ContextVar(name, default=None)
+        self._traced: Any = None
+        self._eager_bindings = 0  # bindings eager code has made and not yet left, in any thread
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if not is_dynamo_compiling():
+            return self._var.get()
+        if self._traced is not None or not self._eager_bindings:
+            return self._traced
+        return _read_eagerly(self._var)
+
+    @contextmanager
+    def bound(self, value: Any) -> Iterator[None]:
+        """``get()`` returns ``value`` inside the block."""
+        if is_dynamo_compiling():
+            outer, self._traced = self._traced, value
+            try:
+                yield
+            finally:
+                self._traced = outer
+            return
+        token = self._var.set(value)
+        with self._lock:
+            self._eager_bindings += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._eager_bindings -= 1
+            self._var.reset(token)
 
 
-@contextmanager
-def mixed_batch(modules: Iterable[nn.Module], adapter_names: list[str]) -> Iterator[None]:
-    """Route ``adapter_names`` (one per sample) to ``modules`` for the calls inside the block."""
-    token = _MIXED_BATCH.set((frozenset(map(id, modules)), list(adapter_names)))
-    try:
-        yield
-    finally:
-        _MIXED_BATCH.reset(token)
+@torch.compiler.disable
+def _read_eagerly(var: ContextVar) -> Any:
+    return var.get()
 
 
+#: the running mixed batch: (ids of the modules it routes, per-sample names)
+_MIXED_BATCH = PerCall("peft_kernel_mixed_batch")
 #: (ids of the layers, read-only per-call values) of the running PeftModel call; see call_state
-_CALL_STATE: ContextVar[tuple[frozenset[int], Mapping[str, Any]] | None] = ContextVar("peft_kernel_call_state",
-                                                                                     default=None)
+_CALL_STATE = PerCall("peft_kernel_call_state")
 #: (id of the layer, row indices) while a layer's adapter_forward runs on a mixed-batch sub-batch
-_BATCH_ROWS: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("peft_kernel_batch_rows", default=None)
+_BATCH_ROWS = PerCall("peft_kernel_batch_rows")
 
 
-@contextmanager
-def with_call_state(layers: Iterable[nn.Module], state: Mapping[str, Any]) -> Iterator[None]:
+def mixed_batch(modules: Iterable[nn.Module], adapter_names: list[str]) -> AbstractContextManager:
+    """Route ``adapter_names`` (one per sample) to ``modules`` for the calls inside the block."""
+    return _MIXED_BATCH.bound((frozenset(map(id, modules)), list(adapter_names)))
+
+
+def with_call_state(layers: Iterable[nn.Module], state: Mapping[str, Any]) -> AbstractContextManager:
     """Show ``state`` to ``layers`` as their :attr:`AdapterLayer.call_state` inside the block."""
-    token = _CALL_STATE.set((frozenset(map(id, layers)), state))
-    try:
-        yield
-    finally:
-        _CALL_STATE.reset(token)
+    return _CALL_STATE.bound((frozenset(map(id, layers)), state))
 
 
 def batch_adapter_names_of(module: nn.Module) -> list[str] | None:
@@ -439,7 +474,7 @@ class AdapterLayer(nn.Module):
         return None
 
     def _specialise(self) -> Callable[..., Any] | None:
-        if self._batch_names is not None:  # a mixed batch routes every call: nothing to keep
+        if batch_adapter_names_of(self) is not None:  # a mixed batch is per call: ask again after it
             return None
         if self._disable_adapters:
             fn = None
@@ -481,11 +516,8 @@ class AdapterLayer(nn.Module):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             sub_x = x.index_select(self.batch_dim, index.to(x.device))
             sub_result = result.index_select(self.batch_dim, index)
-            token = _BATCH_ROWS.set((id(self), index))
-            try:
+            with _BATCH_ROWS.bound((id(self), index)):
                 updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
-            finally:
-                _BATCH_ROWS.reset(token)
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
 

@@ -88,6 +88,23 @@ def test_mixed_batch_compiles_once_per_batch_composition():
     assert counter.frame_count == 3
 
 
+def test_compiled_inner_model_under_an_eager_mixed_batch():
+    """The mixed batch is bound by eager code (PeftModel.forward) around a compiled inner
+    model: the layers must read it there (a graph break), never take it as absent."""
+    model = two_adapters().eval()
+    names = ["default", "other", "__base__"]
+    plain, mixed = model(X), model(X, adapter_names=names)
+    inner = model.base_model.model
+    counter = CompileCounterWithBackend("aot_eager")
+    inner.forward = torch.compile(inner.forward, backend=counter)
+    try:
+        same(model(X), plain)
+        same(model(X, adapter_names=names), mixed)
+    finally:
+        del inner.forward
+    assert counter.frame_count >= 1
+
+
 def test_dora_compiles_for_inference_and_training():
     model = two_adapters(use_dora=True)
     fast, counter = compiled(model)
