@@ -340,7 +340,15 @@ def worker(lib: str, out_path: str, quick: bool, dry_run: bool, threads: int) ->
     import resource
 
     info["ru_maxrss_kb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    info["torch"] = torch.__version__
+    info.update(_lib_info(lib, dry_run))
+    with open(out_path, "w") as f:
+        json.dump({"lib": lib, "info": info, "results": t.results}, f)
+
+
+def _lib_info(lib: str, dry_run: bool) -> dict:
+    import torch
+
+    info = {"torch": torch.__version__}
     if lib == "hf" or dry_run:
         import peft
 
@@ -355,8 +363,110 @@ def worker(lib: str, out_path: str, quick: bool, dry_run: bool, threads: int) ->
         except metadata.PackageNotFoundError:
             version = getattr(peft_kernel, "__version__", "?")
         info["lib_version"] = f"peft_kernel {version} ({os.path.dirname(peft_kernel.__file__)})"
+    return info
+
+
+#: the sections a worker of their own measures after the main one (--section)
+EXTRA_SECTIONS = ("dora", "compile")
+DORA_TARGETS = ["q", "k", "v", "o", "up", "down"]
+
+
+def section_worker(section: str, lib: str, out_path: str, quick: bool, dry_run: bool, threads: int) -> None:
+    """The DoRA or the torch.compile rows, in a fresh interpreter of their own."""
+    os.environ["BENCH_LIB"] = lib
+    import gc
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(threads)
+    get_peft_model, _, LoraConfig = _import_lib(lib, dry_run)
+    Deep, _ = _models()
+    t = Timer(repeats=3 if quick else 5, warmup=1)
+    gc.collect()
+    gc.freeze()
+    {"dora": _dora_rows, "compile": _compile_rows}[section](t, get_peft_model, LoraConfig, Deep, quick)
     with open(out_path, "w") as f:
-        json.dump({"lib": lib, "info": info, "results": t.results}, f)
+        json.dump({"lib": lib, "info": _lib_info(lib, dry_run), "results": t.results}, f)
+
+
+def _dora_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
+    """48 Linear(512) with DoRA (r=16), x = 8×64×512: inference next to the base model, and a training step."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    base = Deep(n_blocks=8).eval()
+
+    def dora_model():
+        torch.manual_seed(5)
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True)
+        return _randomize_lora(get_peft_model(copy.deepcopy(base), config))
+
+    x = torch.randn(8, 64, 512)
+    model = dora_model().eval()
+    with torch.no_grad():
+        t.measure_paired({"dora/forward/base": lambda: base(x), "dora/forward/dora": lambda m=model: m(x)},
+                         inner=1, repeats=5 if quick else 9)
+    del model
+
+    def setup():
+        model = dora_model().train()
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def steps(state):
+        model, optimizer = state
+        for _ in range(3):
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    t.measure("dora/train_step(x3)", steps, setup=setup, repeats=3 if quick else 5)
+    r = t.results["dora/train_step(x3)"]
+    if "samples" in r:  # report per step
+        t.results["dora/train_step"] = {"median": r["median"] / 3, "samples": [s / 3 for s in r["samples"]]}
+
+
+def _compile_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
+    """Eager next to ``torch.compile`` (inductor, default settings) for unmerged LoRA (3
+    adapters, one active), a mixed batch over the 3 and DoRA: 12 Linear(512), x = 6×64×512."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(0)
+    base = Deep(n_blocks=2).eval()
+    x = torch.randn(6, 64, 512)
+    names = ["default", "b", "c"] * 2
+
+    def adapted(**extra):
+        torch.manual_seed(6)
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=DORA_TARGETS, **extra)
+        model = get_peft_model(copy.deepcopy(base), config)
+        if not extra:
+            for name in ("b", "c"):
+                model.add_adapter(name, config)
+        return _randomize_lora(model).eval()
+
+    lora, dora = adapted(), adapted(use_dora=True)
+    calls = {"lora": (lora, lambda m: m(x)), "mixed": (lora, lambda m: m(x, adapter_names=names)),
+             "dora": (dora, lambda m: m(x))}
+    with torch.no_grad():
+        for key, (model, call) in calls.items():
+            try:
+                compiled = torch.compile(model)
+                start = time.perf_counter()
+                call(compiled)  # compiles (wall clock: inductor runs a C++ compiler in subprocesses)
+                t._store(f"compile/{key}/first_call", [time.perf_counter() - start])
+                t.measure_paired({f"compile/{key}/eager": lambda m=model, c=call: c(m),
+                                  f"compile/{key}/compiled": lambda m=compiled, c=call: c(m)},
+                                 inner=1, repeats=5 if quick else 9)
+            except Exception as exc:
+                t._fail(f"compile/{key}/compiled", exc)
 
 
 def _randomize_lora(pm):
@@ -628,6 +738,41 @@ def build_rows(data: dict) -> list[dict]:
     add("train step (fwd+bwd+AdamW), 144 targets, x=3×4×512", _med(hr, "train_step/deep144"),
         _med(orr, "train_step/deep144"))
 
+    # 5b. DoRA
+    def pct(v, _unused=None):
+        return f"{v:+.1f} %"
+
+    label = "48 × Linear(512), r=16, x=8×64×512"
+    hb, ob = _med(hr, "dora/forward/base"), _med(orr, "dora/forward/base")
+    h, o = _med(hr, "dora/forward/dora"), _med(orr, "dora/forward/dora")
+    add(f"forward base model, {label}", hb, ob)
+    add(f"forward DoRA (eval, no_grad), {label}", h, o)
+    if None not in (h, o, hb, ob):
+        h_pct, o_pct = 100 * (h - hb) / hb, 100 * (o - ob) / ob
+        ratio_ov = o_pct / h_pct if h_pct > 0 else None
+        add("  overhead over base: DoRA inference", h_pct, o_pct, fmt=pct, ratio=ratio_ov,
+            target="ours overhead ≤ 0.5× HF overhead (ratio = overhead/overhead)",
+            ok=ratio_ov is not None and ratio_ov <= 0.5)
+    ratio_target(f"train step DoRA (fwd+bwd+AdamW), {label}", _med(hr, "dora/train_step"),
+                 _med(orr, "dora/train_step"), 0.8)
+
+    # 5c. torch.compile (--compile)
+    def times(v, _unused=None):
+        return f"{v:.2f}×"
+
+    for key, what in (("lora", "unmerged LoRA (3 adapters, 1 active)"), ("mixed", "mixed batch, 3 adapters"),
+                      ("dora", "DoRA")):
+        he, oe = _med(hr, f"compile/{key}/eager"), _med(orr, f"compile/{key}/eager")
+        hc, oc = _med(hr, f"compile/{key}/compiled"), _med(orr, f"compile/{key}/compiled")
+        if None in (he, oe) and None in (hc, oc):
+            continue
+        add(f"forward {what}, 12 × Linear(512), x=6×64×512, eager", he, oe)
+        add("  same, torch.compile (inductor)", hc, oc)
+        if None not in (he, oe, hc, oc):
+            add("  compiled / eager", hc / he, oc / oe, fmt=times)
+        add("  first compiled call (compilation, wall)", _med(hr, f"compile/{key}/first_call"),
+            _med(orr, f"compile/{key}/first_call"))
+
     # 6. checkpoint + merge
     for key, label in (("deep144", "144 targets"),):
         add(f"save_pretrained, {label}", _med(hr, f"save_pretrained/{key}"), _med(orr, f"save_pretrained/{key}"))
@@ -701,15 +846,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run each library's worker this many times, alternating order, and pool the samples")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the workers")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: imports,workers,rss")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: imports,workers,dora,rss (workers: the main worker)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile against eager (inductor; several minutes of compilation)")
     # worker modes (used by the parent; not for direct use)
     ap.add_argument("--lib", choices=["hf", "ours", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--section", choices=EXTRA_SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--rss-workload", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.lib and args.rss_workload:
         rss_worker(args.lib, args.quick, args.dry_run_hf_only, args.threads)
+        return 0
+    if args.lib and args.section:
+        section_worker(args.section, args.lib, args.out, args.quick, args.dry_run_hf_only, args.threads)
         return 0
     if args.lib:
         worker(args.lib, args.out, args.quick, args.dry_run_hf_only, args.threads)
@@ -767,13 +919,17 @@ def main(argv=None) -> int:
     script = os.path.abspath(__file__)
     common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else []) + \
              (["--dry-run-hf-only"] if dry else [])
-    if "workers" not in skip:
-        for rnd in range(args.rounds):
-            for lib in ("hf", "ours") if rnd % 2 == 0 else ("ours", "hf"):
-                print(f"== worker {lib} (round {rnd + 1}/{args.rounds})", file=sys.stderr, flush=True)
+    sections = [[]] if "workers" not in skip else []
+    sections += [["--section", "dora"]] if "dora" not in skip else []
+    sections += [["--section", "compile"]] if args.compile else []
+    for rnd in range(args.rounds):
+        for lib in ("hf", "ours") if rnd % 2 == 0 else ("ours", "hf"):
+            for section in sections:
+                print(f"== worker {lib} {' '.join(section[1:]) or 'main'} (round {rnd + 1}/{args.rounds})",
+                      file=sys.stderr, flush=True)
                 with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                     out = f.name
-                rc, wall, rss, _ = _spawn([py, script, "--lib", lib, "--out", out] + common, env)
+                rc, wall, rss, _ = _spawn([py, script, "--lib", lib, "--out", out] + section + common, env)
                 try:
                     with open(out) as f:
                         got = json.load(f)
@@ -781,7 +937,8 @@ def main(argv=None) -> int:
                     got = {"error": f"worker exited with {rc}", "results": {}}
                 finally:
                     os.unlink(out)
-                got["wall_s"], got["rss_kb"] = wall, rss
+                if not section:
+                    got["wall_s"], got["rss_kb"] = wall, rss
                 _merge_worker(data["workers"], lib, got)
 
     # 7. peak RSS of a fixed workload, one fresh process each

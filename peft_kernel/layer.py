@@ -18,55 +18,92 @@ mixed-batch routing, device and dtype placement, quantized bases, and safe mergi
 from __future__ import annotations
 
 import collections
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 from torch.nn.modules import module as _module_hooks
 
 from . import distributed, quant
 from .errors import MergeNotSupportedError, PeftWarning
 
 BASE_ADAPTER = "__base__"
+_UNSPECIALISED = object()  # no specialised forward asked for since the last state change
 #: what :attr:`AdapterLayer.call_state` is outside a call that routes per-call values
 NO_CALL_STATE: Mapping[str, Any] = MappingProxyType({})
 
-#: the running mixed batch of this thread / task: (ids of the modules it routes, per-sample names).
-#: Per call, never on the shared modules: concurrent calls each see their own.
-_MIXED_BATCH: ContextVar[tuple[frozenset[int], list[str]] | None] = ContextVar("peft_kernel_mixed_batch",
-                                                                               default=None)
+class PerCall:
+    """A value that belongs to the running call, never to the shared modules: a ``ContextVar``,
+    so threads and asyncio tasks running calls through one model each see their own.
+
+    torch.compile cannot trace a ``ContextVar``. In code it traces, a value bound there lives in
+    a plain slot instead (tracing is single-threaded, and the compiled graph keeps the value it
+    was traced with: its guards on the call's arguments, e.g. ``adapter_names``, tell calls
+    apart). A value bound by eager code around traced code (a compiled inner model called by an
+    eager ``PeftModel``) is read outside the graph (a graph break), never assumed absent."""
+
+    def __init__(self, name: str) -> None:
+        self._var: ContextVar[Any] = ContextVar(name, default=None)
+        self._traced: Any = None
+        self._eager_bindings = 0  # bindings eager code has made and not yet left, in any thread
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if not is_dynamo_compiling():
+            return self._var.get()
+        if self._traced is not None or not self._eager_bindings:
+            return self._traced
+        return _read_eagerly(self._var)
+
+    @contextmanager
+    def bound(self, value: Any) -> Iterator[None]:
+        """``get()`` returns ``value`` inside the block."""
+        if is_dynamo_compiling():
+            outer, self._traced = self._traced, value
+            try:
+                yield
+            finally:
+                self._traced = outer
+            return
+        token = self._var.set(value)
+        with self._lock:
+            self._eager_bindings += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._eager_bindings -= 1
+            self._var.reset(token)
 
 
-@contextmanager
-def mixed_batch(modules: Iterable[nn.Module], adapter_names: list[str]) -> Iterator[None]:
-    """Route ``adapter_names`` (one per sample) to ``modules`` for the calls inside the block."""
-    token = _MIXED_BATCH.set((frozenset(map(id, modules)), list(adapter_names)))
-    try:
-        yield
-    finally:
-        _MIXED_BATCH.reset(token)
+@torch.compiler.disable
+def _read_eagerly(var: ContextVar) -> Any:
+    return var.get()
 
 
+#: the running mixed batch: (ids of the modules it routes, per-sample names)
+_MIXED_BATCH = PerCall("peft_kernel_mixed_batch")
 #: (ids of the layers, read-only per-call values) of the running PeftModel call; see call_state
-_CALL_STATE: ContextVar[tuple[frozenset[int], Mapping[str, Any]] | None] = ContextVar("peft_kernel_call_state",
-                                                                                     default=None)
+_CALL_STATE = PerCall("peft_kernel_call_state")
 #: (id of the layer, row indices) while a layer's adapter_forward runs on a mixed-batch sub-batch
-_BATCH_ROWS: ContextVar[tuple[int, torch.Tensor] | None] = ContextVar("peft_kernel_batch_rows", default=None)
+_BATCH_ROWS = PerCall("peft_kernel_batch_rows")
 
 
-@contextmanager
-def with_call_state(layers: Iterable[nn.Module], state: Mapping[str, Any]) -> Iterator[None]:
+def mixed_batch(modules: Iterable[nn.Module], adapter_names: list[str]) -> AbstractContextManager:
+    """Route ``adapter_names`` (one per sample) to ``modules`` for the calls inside the block."""
+    return _MIXED_BATCH.bound((frozenset(map(id, modules)), list(adapter_names)))
+
+
+def with_call_state(layers: Iterable[nn.Module], state: Mapping[str, Any]) -> AbstractContextManager:
     """Show ``state`` to ``layers`` as their :attr:`AdapterLayer.call_state` inside the block."""
-    token = _CALL_STATE.set((frozenset(map(id, layers)), state))
-    try:
-        yield
-    finally:
-        _CALL_STATE.reset(token)
+    return _CALL_STATE.bound((frozenset(map(id, layers)), state))
 
 
 def batch_adapter_names_of(module: nn.Module) -> list[str] | None:
@@ -246,14 +283,17 @@ class AdapterLayer(nn.Module):
         return container if container is not None else getattr(self, name, None)
 
     def has_adapter(self, adapter_name: str) -> bool:
-        present = self.__dict__.get("_present")
-        if present is None:  # cached: forward asks this for every layer on every call
+        # cached: forward asks this for every layer on every call (not while torch.compile
+        # traces: see forward)
+        present = None if is_dynamo_compiling() else self.__dict__.get("_present")
+        if present is None:
             present = set()
             for name in self.adapter_layer_names:
                 container = self._container(name)
                 if container is not None:
                     present.update(container.keys())
-            self.__dict__["_present"] = present
+            if not is_dynamo_compiling():
+                self.__dict__["_present"] = present
         return adapter_name in present
 
     def has_adapter_any(self, adapter_names: Iterable[str]) -> bool:
@@ -324,7 +364,7 @@ class AdapterLayer(nn.Module):
         that cache anything derived from their adapters (a specialised forward's plan, a
         normalisation) drop it here and call ``super()``. It is cheap: call it when in doubt.
         """
-        for cached in ("_present", "_specialised", "forward"):
+        for cached in ("_present", "_fast_forward"):
             self.__dict__.pop(cached, None)
 
     @property
@@ -400,13 +440,28 @@ class AdapterLayer(nn.Module):
         """Return ``result`` (the base layer's output for ``x``) with one adapter applied."""
         raise NotImplementedError
 
-    # forward() is the general path. Its first call after a state change may install a
-    # specialised forward for that state as an instance attribute, which nn.Module.__call__
-    # finds first: a direct call of the base layer when merged, else what
-    # specialised_forward() returns. Each re-checks its preconditions on every call and
-    # falls back to forward(); every state change drops it (adapter_state_changed).
+    # forward() dispatches; general_forward() is the general path. In eager mode the first call
+    # after a state change asks for a forward specialised to that state: a direct call of the
+    # base layer when merged, else what specialised_forward() returns (None: none). It is kept
+    # in _fast_forward until the next state change (adapter_state_changed) and re-checks its
+    # preconditions on every call, falling back to general_forward(). It is not installed as the
+    # instance's `forward`: torch.compile guards on an instance forward, so each state would
+    # compile twice (before and after the first eager call). Code that torch.compile traces takes
+    # the general path, so its graph depends on the adapter state only, and the eager tricks
+    # (in-place updates, values kept in Python between calls) stay out of it.
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not is_dynamo_compiling():
+            fast = self.__dict__.get("_fast_forward", _UNSPECIALISED)
+            if fast is _UNSPECIALISED:
+                fast = self._specialise()
+            if fast is not None:
+                return fast(x, *args, **kwargs)
+        return self.general_forward(x, *args, **kwargs)
+
+    def general_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The forward for any state: disabled, mixed batch, merged, or the active adapters
+        folded over the base result (what a specialised forward falls back to)."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             adapter_names = batch_adapter_names_of(self)
@@ -416,28 +471,31 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if "_specialised" not in self.__dict__:
-            self._specialise()
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         names = [name for name in self._active_adapter if self.has_adapter(name)]
         return self.forward_active(x, names, *args, **kwargs)
 
     def specialised_forward(self) -> Callable[..., Any] | None:
-        """A faster equivalent of :meth:`forward` for the current unmerged state (a bound
-        method, so that deep copies follow the copy), or ``None``. It must call
-        ``type(self).forward`` itself whenever its preconditions no longer hold."""
+        """A faster equivalent of :meth:`general_forward` for the current unmerged state (a
+        bound method, so that deep copies follow the copy), or ``None``. It must call
+        ``self.general_forward`` itself whenever its preconditions no longer hold. Eager
+        calls only: under torch.compile the general path is traced."""
         return None
 
-    def _specialise(self) -> None:
-        self.__dict__["_specialised"] = True
-        fn = self._forward_merged if self.merged_adapters else self.specialised_forward()
-        if fn is not None:
-            self.__dict__["forward"] = fn
+    def _specialise(self) -> Callable[..., Any] | None:
+        if batch_adapter_names_of(self) is not None:  # a mixed batch is per call: ask again after it
+            return None
+        if self._disable_adapters:
+            fn = None
+        else:
+            fn = self._forward_merged if self.merged_adapters else self.specialised_forward()
+        self.__dict__["_fast_forward"] = fn
+        return fn
 
     def _forward_merged(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if kwargs or not self.merged_adapters or self._disable_adapters or batch_adapter_names_of(self) is not None:
-            return type(self).forward(self, x, *args, **kwargs)
+            return self.general_forward(x, *args, **kwargs)
         base = self._modules["base_layer"]
         return base.forward(x, *args) if plain_call(base) else base(x, *args)
 
@@ -468,11 +526,8 @@ class AdapterLayer(nn.Module):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             sub_x = x.index_select(self.batch_dim, index.to(x.device))
             sub_result = result.index_select(self.batch_dim, index)
-            token = _BATCH_ROWS.set((id(self), index))
-            try:
+            with _BATCH_ROWS.bound((id(self), index)):
                 updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
-            finally:
-                _BATCH_ROWS.reset(token)
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
 

@@ -100,6 +100,8 @@ _warned: set[str] = set()
 
 def find_backend(module: nn.Module) -> QuantBackend | None:
     """The registered backend that recognises ``module``, or ``None`` for plain layers."""
+    if _is_plain_torch_layer(module):
+        return None
     for backend in _all():
         try:
             if backend.matches(module):
@@ -114,6 +116,23 @@ def find_backend(module: nn.Module) -> QuantBackend | None:
                 warnings.warn(f"quantization backend {backend.name!r} failed to inspect a layer and is skipped: "
                               f"{type(exc).__name__}: {exc}", PeftWarning, stacklevel=2)
     return None
+
+
+_plain_types: tuple[tuple[type, ...], type] | None = None
+
+
+def _is_plain_torch_layer(module: nn.Module) -> bool:
+    """A torch layer (exactly nn.Linear, nn.Embedding or nn.ConvNd) whose weight is an
+    ordinary parameter (no tensor subclass): no backend can hold quantized data there, so
+    none is asked. Asking would cost time on every forward, and torch.compile would guard on
+    what the backends inspect (``sys.modules``) and recompile whenever that changes."""
+    global _plain_types
+    if _plain_types is None:
+        from torch import nn
+
+        _plain_types = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d), nn.Parameter
+    layers, parameter = _plain_types
+    return type(module) in layers and type(module._parameters.get("weight")) is parameter
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -66,7 +66,7 @@ def expected(model, x=X):
 def test_plain_calls_use_the_specialised_forward(peft_model):
     layer = layer_of(peft_model)
     layer(X)
-    assert layer.__dict__["forward"].__func__.__name__ == "_forward_plain"
+    assert layer.__dict__["_fast_forward"].__func__.__name__ == "_forward_plain"
     torch.testing.assert_close(layer(X), expected(peft_model), rtol=0, atol=1e-6)
     torch.testing.assert_close(layer(X), reference(peft_model, layer, X), rtol=0, atol=0)
 
@@ -83,9 +83,9 @@ def test_merge_and_unmerge_are_seen(peft_model):
     layer = layer_of(peft_model)
     unmerged = layer(X)
     peft_model.merge_adapter()
-    assert layer.__dict__.get("forward") is None  # dropped by the state change
+    assert "_fast_forward" not in layer.__dict__  # dropped by the state change
     merged = layer(X)
-    assert layer.__dict__["forward"].__func__.__name__ == "_forward_merged"
+    assert layer.__dict__["_fast_forward"].__func__.__name__ == "_forward_merged"
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
     peft_model.unmerge_adapter()
     torch.testing.assert_close(layer(X), unmerged, rtol=0, atol=1e-5)
@@ -176,7 +176,7 @@ def test_deep_copy_follows_the_copy(peft_model):
     layer(X)
     clone = copy.deepcopy(peft_model)
     clone_layer = layer_of(clone)
-    assert clone_layer.__dict__["forward"].__self__ is clone_layer
+    assert clone_layer.__dict__["_fast_forward"].__self__ is clone_layer
     with torch.no_grad():
         clone_layer.lora_B["default"].weight.add_(1.0)
         clone_layer.base_layer.weight.add_(1.0)
@@ -200,14 +200,16 @@ def test_training_step_through_the_specialised_forward(peft_model):
     assert layer.base_layer.weight.grad is None
 
 
-def test_dropout_and_dora_are_not_specialised():
+def test_dropout_is_not_specialised_and_dora_has_its_own():
     torch.manual_seed(0)
-    for config in (LoraConfig(r=4, target_modules=["lin0"], lora_dropout=0.5),
-                   LoraConfig(r=4, target_modules=["lin0"], use_dora=True)):
-        model = get_peft_model(MLP(), config)
+    expected_forward = {0.5: None, 0.0: "_forward_dora"}
+    for dropout, name in expected_forward.items():
+        model = get_peft_model(MLP(), LoraConfig(r=4, target_modules=["lin0"], lora_dropout=dropout,
+                                                 use_dora=dropout == 0.0))
         layer = layer_of(model)
         layer(X)
-        assert "forward" not in layer.__dict__
+        fast = layer.__dict__["_fast_forward"]
+        assert (fast and fast.__func__.__name__) == name
 
 
 def test_global_hook_registered_after_specialising_runs(peft_model):

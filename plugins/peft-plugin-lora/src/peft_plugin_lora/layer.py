@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 
 from peft_kernel import AdapterLayer, PeftWarning, quant
 from peft_kernel.layer import ParameterLayer, bare_module, empty_module, plain_call
@@ -69,6 +70,34 @@ def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling
         raise ValueError(f"an SVD-based init needs a positive LoRA scaling (lora_alpha / r), got {scaling}")
     root = (S / scaling).sqrt()
     return root[:, None] * Vh, U * root[None, :]
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The parameters and buffers a module holds itself (not its submodules')."""
+    return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+
+
+def _versions(tensors: list[torch.Tensor]) -> tuple | None:
+    """Identity, storage and version counter of each tensor: the key changes when one is
+    replaced (``.data =``, ``.to()``, a new Parameter) or edited in place (``add_``, ``copy_``,
+    an optimizer step), which is what a value computed from them must be recomputed after.
+    (An edit through ``.data`` bypasses version counting; call ``adapter_state_changed()``
+    after one.) ``None`` when one is a tensor subclass (quantized, sharded), whose contents
+    can change behind an unchanged version."""
+    key = []
+    for tensor in tensors:
+        if type(tensor) is not nn.Parameter and type(tensor) is not torch.Tensor:
+            return None
+        key.append((id(tensor), tensor.data_ptr(), tensor._version))
+    return tuple(key)
+
+
+def _dora_shift(bias, lora_bias, scaling, scale):
+    """The additive term of a DoRA output, b + s·scale·b_B (``None`` without either bias)."""
+    if lora_bias is None:
+        return bias
+    shift = lora_bias * (scaling * scale)
+    return shift if bias is None else bias + shift
 
 
 class Magnitude(nn.Module):
@@ -308,6 +337,58 @@ class LoraLayer(AdapterLayer):
         weight = quant.base_weight(self.get_base_layer())
         return weight.T if self.fan_in_fan_out else weight
 
+    def dora_norm(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """‖W + sBA‖ per output channel as the forward uses it: flat, detached (DoRA treats the
+        norm as a constant in backward), in ``dtype`` (default: the base weight's).
+
+        Outside training it is kept until the layer's state changes or a tensor it is computed
+        from is replaced or edited in place (see :func:`_versions`); in training, and in a graph
+        that torch.compile traces, it is computed on every call."""
+        entry = self._dora_cache_entry(adapter_name, dtype)
+        if "norm" not in entry:
+            entry["norm"] = self.compute_dora_norm(adapter_name, dtype)
+        return entry["norm"]
+
+    def compute_dora_norm(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`dora_norm`, computed now."""
+        with torch.no_grad():
+            weight = self._base_out_in()
+            weight = weight if dtype is None else weight.to(dtype)
+            return self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name))
+
+    def _kept(self, slot: str | None, tensors: list[torch.Tensor], extra: Any, in_training: bool = False) -> dict:
+        """The dict that keeps values computed from ``tensors`` (and ``extra``) in ``slot``
+        while they stay as they are: a new, empty one when they changed, and a throw-away one
+        where nothing may be kept (training unless ``in_training``, torch.compile, tensor
+        subclasses). State changes drop them all."""
+        if (self.training and not in_training) or is_dynamo_compiling():
+            return {}
+        versions = _versions(tensors)
+        if versions is None:
+            return {}
+        key = (versions, extra)
+        kept = self.__dict__.setdefault("_dora_cache", {})
+        entry = kept.get(slot)
+        if entry is None or entry["key"] != key:
+            entry = kept[slot] = {"key": key}
+        return entry
+
+    def _dora_cache_entry(self, adapter_name: str, dtype: torch.dtype | None) -> dict:
+        """Where ``adapter_name``'s forward DoRA values are kept (see :meth:`_kept`)."""
+        if self.training or is_dynamo_compiling():
+            return {}
+        modules = self._modules
+        tensors = [*_own_tensors(self.get_base_layer()), modules["lora_magnitude_vector"][adapter_name].weight]
+        if adapter_name in modules["lora_A"]:
+            tensors += _own_tensors(modules["lora_A"][adapter_name]) + _own_tensors(modules["lora_B"][adapter_name])
+        else:
+            tensors += [modules["lora_embedding_A"][adapter_name], modules["lora_embedding_B"][adapter_name]]
+        scaling = self.scaling[adapter_name]
+        if isinstance(scaling, torch.Tensor):
+            tensors.append(scaling)
+            scaling = None
+        return self._kept(adapter_name, tensors, (dtype, scaling))
+
     def create_magnitude(self, adapter_name: str) -> None:
         if self._is_meta(adapter_name):
             shape = self._magnitude_shape()
@@ -395,6 +476,7 @@ class LoraLayer(AdapterLayer):
     def adapter_state_changed(self) -> None:
         super().adapter_state_changed()
         self.__dict__.pop("_plan", None)
+        self.__dict__.pop("_dora_cache", None)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -598,8 +680,12 @@ class Linear(LoraLayer):
 
     def specialised_forward(self):
         # plain adapters (no DoRA, no dropout, nn.Linear factors): F.linear on the factors,
-        # and on the base weight too when the base is a plain nn.Linear
+        # and on the base weight too when the base is a plain nn.Linear; one DoRA adapter on a
+        # plain nn.Linear: _forward_dora
         base = self._modules["base_layer"]
+        active = [name for name in self.active_adapters if name in self.lora_A._modules]
+        if len(active) == 1 and self.use_dora.get(active[0]):
+            return self._specialise_dora(base, active[0])
         plan = []
         for name in self.active_adapters:
             A, B = self.lora_A._modules.get(name), self.lora_B._modules.get(name)
@@ -621,13 +707,13 @@ class Linear(LoraLayer):
         base, plan, linear_base = self._plan
         modules = self._modules
         if args or kwargs or self.batch_adapter_names is not None or modules["base_layer"] is not base:
-            return type(self).forward(self, x, *args, **kwargs)
+            return self.general_forward(x, *args, **kwargs)
         factors_A, factors_B = modules["lora_A"]._modules, modules["lora_B"]._modules
         dtype = base._parameters["weight"].dtype if linear_base else None
         direct = linear_base and x.dtype == dtype and plain_call(base)
         for name, A, B, _ in plan:
             if factors_A.get(name) is not A or factors_B.get(name) is not B or not plain_call(A) or not plain_call(B):
-                return type(self).forward(self, x, *args, **kwargs)
+                return self.general_forward(x, *args, **kwargs)
             direct = direct and A._parameters["weight"].dtype == dtype and B._parameters["weight"].dtype == dtype
         if not direct:  # any base layer (called as a module), factors in their own dtype
             result = base(x)
@@ -655,6 +741,76 @@ class Linear(LoraLayer):
                 flat.add_(B_params["bias"], alpha=scaling)
         return result
 
+    def _specialise_dora(self, base: nn.Module, name: str):
+        A, B = self.lora_A._modules[name], self.lora_B._modules[name]
+        magnitude = self.lora_magnitude_vector._modules.get(name)
+        if (self.alora.get(name) or name in self.arrow_config or isinstance(self.scaling[name], torch.Tensor)
+                or magnitude is None or type(A) is not nn.Linear or type(B) is not nn.Linear
+                or type(base) is not nn.Linear or self.fan_in_fan_out):
+            return None
+        self.__dict__["_plan"] = (base, name, A, B, magnitude, type(self.lora_dropout[name]) is nn.Identity)
+        return self._forward_dora
+
+    def _forward_dora(self, x, *args, **kwargs):
+        # DoRA on a plain nn.Linear, with scale = m / ‖W + sBA‖ (per output channel):
+        #   out = scale · (xWᵀ + s·(xAᵀ)Bᵀ) + b + s·scale·b_B
+        # Beyond the base matmul: two rank-r matmuls (the second accumulated in place) and one
+        # pass over the output (HF PEFT's forward makes about six, and forms W + sBA). The norm
+        # is kept outside training (dora_norm). Preconditions re-checked as in _forward_plain.
+        base, name, A, B, magnitude, no_dropout = self._plan
+        modules = self._modules
+        if (args or kwargs or self.batch_adapter_names is not None or modules["base_layer"] is not base
+                or (self.training and not no_dropout) or modules["lora_A"]._modules.get(name) is not A
+                or modules["lora_B"]._modules.get(name) is not B
+                or modules["lora_magnitude_vector"]._modules.get(name) is not magnitude
+                or not (plain_call(base) and plain_call(A) and plain_call(B))):
+            return self.general_forward(x, *args, **kwargs)
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        A_weight, B_weight, B_bias = A._parameters["weight"], B._parameters["weight"], B._parameters["bias"]
+        if not (x.dtype == weight.dtype == A_weight.dtype == B_weight.dtype):
+            return self.general_forward(x, *args, **kwargs)
+        scaling = self.scaling[name]
+        rows = x.reshape(-1, x.shape[-1])
+        out = F.linear(rows, weight)  # 2-D: added to in place below, which on a view would cost autograd a copy
+        out.addmm_(F.linear(rows, A_weight), B_weight.t(), alpha=scaling)  # nothing saved xWᵀ for backward
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        if torch.is_grad_enabled():
+            scale = magnitude._parameters["weight"] / self.dora_norm(name, x.dtype)
+            shift = _dora_shift(bias, B_bias, scaling, scale)
+            return out * scale if shift is None else torch.addcmul(shift, out, scale)
+        scale, shift = self._dora_inference_terms(name, bias, B_bias, magnitude, x.dtype)
+        return out.mul_(scale) if shift is None else torch.addcmul(shift, out, scale, out=out)
+
+    def _dora_inference_terms(self, name, bias, B_bias, magnitude, dtype):
+        """``(scale, shift)`` of :meth:`_forward_dora` without gradients, kept with the norm."""
+        entry = self._dora_cache_entry(name, dtype)
+        if "terms" not in entry:
+            with torch.no_grad():
+                scale = magnitude.weight / self.dora_norm(name, dtype)
+                entry["terms"] = scale, _dora_shift(bias, B_bias, self.scaling[name], scale)
+        return entry["terms"]
+
+    def compute_dora_norm(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        weight = self._base_out_in()
+        dtype = weight.dtype if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64):  # half precision: W + sBA in that dtype, as HF PEFT
+            return super().compute_dora_norm(adapter_name, dtype)
+        # ‖W_i + s(BA)_i‖² = ‖W_i‖² + 2s·(WAᵀ)_i·B_i + s²·B_i(AAᵀ)B_iᵀ: no (out × in) matrix
+        # beyond W itself, and a pass over W less than forming W + sBA
+        with torch.no_grad():
+            weight = weight.to(dtype)
+            A, B = self.lora_A[adapter_name].weight.to(dtype), self.lora_B[adapter_name].weight.to(dtype)
+            scaling = self.scaling[adapter_name]
+            tensors = _own_tensors(self.get_base_layer())  # ‖W‖² is kept in training too while W is frozen
+            frozen = not any(t.requires_grad for t in tensors)
+            kept = self._kept(None, tensors, (dtype, self.fan_in_fan_out), in_training=frozen)
+            if "rows" not in kept:
+                kept["rows"] = torch.linalg.vector_norm(weight, dim=1).square()
+            squared = (kept["rows"]
+                       + (2 * scaling) * torch.linalg.vecdot(weight @ A.T, B)
+                       + (scaling * scaling) * torch.linalg.vecdot(B @ (A @ A.T), B))
+            return squared.clamp_min(0).sqrt()
+
     def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
         if adapter_name in self.arrow_config:
             return result + arrow.router_delta(self, adapter_name, x).to(result.dtype)
@@ -669,10 +825,10 @@ class Linear(LoraLayer):
                 x = dropout(x)
             out = B(A(x)) * scaling
             return result + (out if out.dtype == result.dtype else out.to(result.dtype))
-        reuse = isinstance(dropout, nn.Identity) or not self.training
-        if not reuse:
-            x = dropout(x)
-        return result + self._dora_output(x, result if reuse else None, adapter_name).to(result.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:  # the base result can be reused
+            return self._dora_result(x, result, adapter_name)
+        x = dropout(x)
+        return result + self._dora_output(x, None, adapter_name).to(result.dtype)
 
     def _alora_forward(self, x, result, adapter_name):
         """Add s·BA x to the tokens from the invocation on; the others keep the base output."""
@@ -689,15 +845,25 @@ class Linear(LoraLayer):
         out = B(A(chosen)) * self.scaling[adapter_name]
         return flat.index_add(0, index, out.to(flat.dtype)).reshape(result.shape)
 
+    def _dora_result(self, x, result, adapter_name):
+        """``result`` (the base output, plus the adapters before) with DoRA adapter
+        ``adapter_name``: scale·(result − b + s·B(A x)) + b, with scale = m / ‖W + sBA‖."""
+        if result.dtype != x.dtype:
+            return result + self._dora_output(x, result, adapter_name).to(result.dtype)
+        scaling = self.scaling[adapter_name]
+        lora = self.lora_B[adapter_name](self.lora_A[adapter_name](x))
+        scale = self.lora_magnitude_vector[adapter_name].weight / self.dora_norm(adapter_name, x.dtype)
+        adapted = result + lora * scaling  # no alpha=: inductor (torch 2.13) drops it after a matmul
+        bias = self.get_base_layer().bias
+        return adapted * scale if bias is None else torch.addcmul(bias - bias * scale, adapted, scale)
+
     def _dora_output(self, x, base_result, adapter_name):
+        """What DoRA adds to the output: (scale − 1)·(base result without bias) + scale·s·B(A x)."""
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         scaling = self.scaling[adapter_name]
-        weight = self._base_out_in().to(x.dtype)
-        lora = self.lora_matrix(adapter_name).to(x.dtype)
-        norm = self.dora_weight_norm(adapter_name, weight, lora.detach()).detach()
-        scale = (self.lora_magnitude_vector[adapter_name].weight / norm).view(1, -1)
+        scale = (self.lora_magnitude_vector[adapter_name].weight / self.dora_norm(adapter_name, x.dtype)).view(1, -1)
         if base_result is None:
-            base_result = F.linear(x, weight)
+            base_result = F.linear(x, self._base_out_in().to(x.dtype))
         else:
             bias = self.get_base_layer().bias
             base_result = base_result - bias if bias is not None else base_result
@@ -767,9 +933,7 @@ class Embedding(LoraLayer):
         after_A = self._embed(x, A.T)
         if not self.use_dora[adapter_name]:
             return result + (after_A @ B.T * scaling).to(result.dtype)
-        weight = self._base_out_in()
-        norm = self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name).detach()).detach()
-        scale = self.lora_magnitude_vector[adapter_name].weight / norm
+        scale = self.lora_magnitude_vector[adapter_name].weight / self.dora_norm(adapter_name)
         return (scale * result + scale * (after_A @ B.T) * scaling).to(result.dtype)
 
 
@@ -850,8 +1014,7 @@ class _ConvNd(LoraLayer):
             x = dropout(x)
         base = self.get_base_layer()
         weight = base.weight
-        norm = self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name).detach()).detach()
-        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / norm).view(
+        scale = (self.lora_magnitude_vector[adapter_name].weight.reshape(-1) / self.dora_norm(adapter_name)).view(
             (1, -1) + (1,) * (weight.dim() - 2))
         if reuse:
             base_result = result
