@@ -148,7 +148,9 @@ class PeftConfig:
             raise ValueError("adapter config has no 'peft_type' naming its method, so it is not a PEFT adapter config; "
                              "point to the adapter's directory, not the model's")
         if not isinstance(kwargs["peft_type"], str):
-            raise ValueError(f"peft_type must be a method name such as 'LORA', got {kwargs['peft_type']!r}")
+            raise ValueError(
+                f"adapter config's peft_type must be a method name such as 'LORA', got {kwargs['peft_type']!r}"
+            )
         from .plugins import manager
 
         config_cls = manager().method(kwargs["peft_type"]).config_cls

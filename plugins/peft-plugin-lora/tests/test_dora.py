@@ -61,9 +61,9 @@ def fast_forward(layer) -> str | None:
     return fast.__func__.__name__ if fast else None
 
 
-@pytest.mark.parametrize("bias, lora_bias", [(True, True), (False, False)])
-def test_every_path_computes_the_math(bias, lora_bias):
-    model = dora_model(bias, lora_bias=lora_bias)
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_path_computes_the_math(bias):
+    model = dora_model(bias)
     layer = layer_of(model)
     for training in (False, True):
         model.train(training)
