@@ -6,7 +6,8 @@
 With ``apply_GS`` the columns are orthonormalised first (Gram-Schmidt), which makes the product
 ``I - 2UUᵀ``. A convolution's weight is reflected over its flattened fan-in. The default
 initialisation repeats each random vector twice, so the reflections cancel in pairs and the
-layer starts as the identity (within rounding; r must be even). Linear layers (also Conv1D and
+layer starts as the identity (within rounding; r must be even, and not with Gram-Schmidt,
+whose product is never I: then the vectors start random). Linear layers (also Conv1D and
 quantized ones) reflect the input (``base(x·H_r ⋯ H₁)``), so the base layer runs as it is;
 convolutions use ``op(x, W·H)``.
 """
@@ -32,14 +33,17 @@ class HRALayer(WeightDeltaLayer):
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         vectors = self.hra_u[adapter_name] = nn.Parameter(torch.empty(math.prod(self.delta_shape[1:]), r))
-        if config.init_weights and r % 2 == 0:  # each vector twice: the reflections cancel in pairs
+        # Gram-Schmidt makes the product I - 2UUᵀ, never I, and cannot orthonormalise equal vectors
+        # (HF PEFT divides 0 by 0 there and outputs NaN): such layers start random, as for an odd r
+        why_not_identity = "with apply_GS" if config.apply_GS else f"with an odd r ({r})" if r % 2 else None
+        if config.init_weights and not why_not_identity:  # each vector twice: the reflections cancel in pairs
             half = torch.empty(len(vectors), r // 2, device=vectors.device)
             nn.init.kaiming_uniform_(half, a=math.sqrt(5))
             with torch.no_grad():
                 vectors.copy_(half.repeat_interleave(2, dim=1))
         else:
             if config.init_weights:
-                warnings.warn(f"HRA with an odd r ({r}) cannot start as the identity: its vectors are random",
+                warnings.warn(f"HRA {why_not_identity} cannot start as the identity: its vectors are random",
                               PeftWarning, stacklevel=3)
             nn.init.kaiming_uniform_(vectors, a=math.sqrt(5))
         self.hra_r[adapter_name], self.hra_apply_GS[adapter_name] = r, config.apply_GS
