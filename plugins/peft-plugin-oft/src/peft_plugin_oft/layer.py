@@ -45,10 +45,11 @@ class OFTLayer(WeightDeltaLayer):
         """The orthogonal blocks ``Qᵢ`` (r or 1, b, b); ``dropout``: the training-time ones."""
         config = self.oft_config[adapter_name]
         entries = (self.oft_R if adapter_name in self.oft_R else self.oft_embedding_R)[adapter_name]["weight"]
+        size = self.oft_block_size[adapter_name]
         if config.coft:
             with torch.no_grad():
-                entries.copy_(_within_ball(entries, config.eps / math.sqrt(len(entries))))
-        skew = skew_symmetric(entries, self.oft_block_size[adapter_name])
+                entries.copy_(_within_ball(entries, size, config.eps / torch.tensor(len(entries)).sqrt()))
+        skew = skew_symmetric(entries, size)
         blocks = _cayley_neumann(skew, config.num_cayley_neumann_terms) if config.use_cayley_neumann else cayley(skew)
         if dropout and config.module_dropout > 0 and len(blocks) > 1:
             blocks = drop_blocks(blocks, config.module_dropout)
@@ -110,11 +111,11 @@ def _nearest_divisor(n: int, k: int) -> int:
     return lower if k - lower <= higher - k else higher
 
 
-def _within_ball(entries: torch.Tensor, radius: float) -> torch.Tensor:
+def _within_ball(entries: torch.Tensor, size: int, radius: torch.Tensor) -> torch.Tensor:
     """Each row's skew matrix scaled back onto the Frobenius ball of ``radius`` when outside it
-    (the matrix holds every entry twice, hence √2)."""
-    norm = entries.norm(dim=-1, keepdim=True) * math.sqrt(2)
-    return torch.where(norm <= radius, entries, entries * (radius / norm))
+    (computed as HF PEFT does, so that projected checkpoints agree bit for bit)."""
+    norm = skew_symmetric(entries, size).norm(dim=(-2, -1))[:, None]
+    return torch.where(norm <= radius, entries, radius * (entries / norm))
 
 
 def _cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
