@@ -1,9 +1,5 @@
-"""OFT beyond the oracle: registration, bad input, layers HF PEFT's OFT does not adapt, and the
-``peft-kernel`` CLI (finetune trains: the loss falls; the plugin is listed)."""
-
-import contextlib
-import io
-import json
+"""OFT beyond the oracle: registration, bad input, and layers HF PEFT's OFT does not adapt. (Its
+``peft-kernel finetune`` run is in tests/cli/test_cli_finetune.py.)"""
 
 import _oft_models as M
 import pytest
@@ -53,27 +49,3 @@ def test_transformers_conv1d_rotates_the_input_of_the_linear_map():
         D.assert_differs(unmerged, D.run(model, x), "adapter")
     model.merge_adapter()
     D.assert_close(D.run(model, x), unmerged, "merged Conv1D", atol=1e-4)
-
-
-def peft_kernel_cli(*args) -> str:
-    """``peft-kernel`` run in this process (the shared CLI tests run every method in a subprocess)."""
-    from peft_kernel.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main([str(a) for a in args]) in (0, None)
-    return out.getvalue()
-
-
-def test_finetune_trains_oft_and_the_plugin_is_listed(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    out = tmp_path / "adapter"
-    peft_kernel_cli("finetune", "--method", "oft", "--option", "oft_block_size=8", "--steps", "16", "--batch-size", "4",
-                    "--seq-len", "32", "--lr", "0.02", "--log-every", "8", "--output", out)
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "OFT"
-    losses = [loss for _, loss in json.loads((out / "trainer_state.json").read_text())["loss_history"]]
-    assert len(losses) == 2 and losses[-1] < losses[0] - 0.5, losses
-    rows = {row["name"]: row for row in json.loads(peft_kernel_cli("plugins", "--json"))}
-    assert rows["oft"]["distribution"] == "peft-plugin-oft" and rows["oft"]["methods"] == ["OFT"]
-    assert rows["oft"]["error"] is None

@@ -15,6 +15,7 @@ class HRAConfig(TunerConfig):
     apply_GS: bool = field(
         default=False, metadata={"help": "Orthonormalise the reflection vectors (Gram-Schmidt) before use."}
     )
+    bias: str = field(default="none", metadata={"help": "Biases to train as well: 'none', 'all' or 'hra_only'."})
     init_weights: bool = field(
         default=True, metadata={"help": "Start as the identity (pairs of equal reflections). False: random."}
     )
