@@ -37,17 +37,21 @@ def cayley(skew: torch.Tensor, neumann_terms: int | None = None) -> torch.Tensor
 
     With ``neumann_terms = k`` the inverse is replaced by the first ``k`` terms of its Neumann
     series, ``I - S + S² - … + (-S)^(k-1)``: no linear solve, and orthogonal up to ``O(‖S‖^k)``
-    (the inverse of such a ``Q`` is then not quite ``Qᵀ``; invert it to undo it)."""
+    (the inverse of such a ``Q`` is then not quite ``Qᵀ``; invert it to undo it). The product is
+    computed expanded, ``I + 2(-S) + 2(-S)² + … + 2(-S)^(k-1) + (-S)^k``, one matrix product per
+    term."""
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
     if neumann_terms is None:
         return torch.linalg.solve(eye + skew, eye - skew, left=False)
     if neumann_terms < 1:
         raise ValueError(f"neumann_terms must be at least 1, got {neumann_terms}")
-    inverse, power = eye.expand_as(skew), eye
-    for _ in range(1, neumann_terms):
-        power = power @ -skew
-        inverse = inverse + power
-    return (eye - skew) @ inverse
+    minus = -skew
+    result, power = eye.expand_as(skew), minus
+    for k in range(1, neumann_terms + 1):
+        if k > 1:
+            power = power @ minus
+        result = result.add(power, alpha=2 if k < neumann_terms else 1)
+    return result
 
 
 def block_diagonal_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
