@@ -2,11 +2,11 @@
 convolutions (incl. those HF PEFT's BOFT cannot run: non-square kernels, grouped, dilated,
 reflect-padded, Conv1d), and on a quantized base (the kit's toy int8 backend)."""
 
-import _boft_models as M
 import pytest
 
 from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
+from peft_kernel.testing import tiny_nets as M
 from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
 from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_boft import BOFTConfig
@@ -16,9 +16,10 @@ class TestBOFTConformance(MethodConformance):
     cases = [
         Case("linear", M.MLP, lambda: BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=2,
                                                  boft_n_butterfly_factor=3), lambda: M.inputs("mlp")),
-        Case("conv", M.OddConvNet, lambda: BOFTConfig(target_modules=["conv0", "conv1", "conv2"], boft_block_size=2,
-                                                      boft_n_butterfly_factor=2, modules_to_save=["head"]),
-             lambda: M.inputs("odd-conv")),
+        Case("conv", lambda: M.build("odd-conv2"),
+             lambda: BOFTConfig(target_modules=["conv0", "conv1", "conv2"], boft_block_size=2,
+                                boft_n_butterfly_factor=2, modules_to_save=["head"]),
+             lambda: M.inputs("odd-conv2")),
     ]
 
 

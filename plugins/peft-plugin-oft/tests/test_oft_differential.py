@@ -6,12 +6,12 @@ tested against the math and the HF comparison is a strict xfail."""
 
 from __future__ import annotations
 
-import _oft_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_nets as M
 from peft_plugin_oft import OFTConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -42,8 +42,7 @@ CONV = {"target_modules": ["conv0", "conv1"], "oft_block_size": 6}
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
     """(hf, ours) on the same base under the same seed; HF's perturbed tensors copied into ours.
     (Rotations of realistic size: the Neumann series of a large skew matrix is all rounding.)"""
-    bases = iter((M.build(model), M.build(model)))  # built first: a first build reseeds
-    return D.make_pair(lambda: next(bases), hf_peft.OFTConfig(**kwargs), OFTConfig(**kwargs), perturb=perturb,
+    return D.make_pair(lambda: M.build(model), hf_peft.OFTConfig(**kwargs), OFTConfig(**kwargs), perturb=perturb,
                        scale=0.05)
 
 
@@ -53,9 +52,7 @@ def test_same_seed_same_initial_tensors(case):
     _, model, kwargs = case
     hf, ours = make_pair(model, {**kwargs, "init_weights": False}, perturb=False)
     D.assert_same_structure(hf, ours)
-    ours_state = ours.state_dict()
-    for key, value in hf.state_dict().items():
-        assert torch.equal(ours_state[key], value), key
+    D.assert_same_tensors(hf, ours)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -74,8 +71,8 @@ HF_CONV_BUG = ("HF PEFT 0.21.2's unmerged OFT Conv2d forward rotates unfolded in
 
 
 def test_conv2d_unmerged_is_hf_merged_layer():
-    hf, ours = make_pair("conv", CONV)
-    x = M.inputs("conv")
+    hf, ours = make_pair("conv3", CONV)
+    x = M.inputs("conv3")
     unmerged = D.run(ours, x)
     hf.merge_adapter(), ours.merge_adapter()
     D.assert_close(unmerged, D.run(hf, x), "ours unmerged vs HF merged")
@@ -84,27 +81,27 @@ def test_conv2d_unmerged_is_hf_merged_layer():
 
 
 def test_conv2d_starts_as_the_exact_identity():
-    _, ours = make_pair("conv", CONV, perturb=False)
-    x = M.inputs("conv")
-    assert torch.equal(D.run(ours, x), D.run(M.build("conv"), x))
+    _, ours = make_pair("conv3", CONV, perturb=False)
+    x = M.inputs("conv3")
+    assert torch.equal(D.run(ours, x), D.run(M.build("conv3"), x))
 
 
 @pytest.mark.xfail(strict=True, reason=HF_CONV_BUG)
 def test_conv2d_unmerged_matches_hf():
-    hf, ours = make_pair("conv", CONV, perturb=False)
-    x = M.inputs("conv")
+    hf, ours = make_pair("conv3", CONV, perturb=False)
+    x = M.inputs("conv3")
     D.assert_close(D.run(hf, x), D.run(ours, x), "HF's unmerged identity adapter")
 
 
 def test_conv2d_checkpoints_both_ways(tmp_path):
-    hf, ours = make_pair("conv", CONV)
-    x = M.inputs("conv")
+    hf, ours = make_pair("conv3", CONV)
+    x = M.inputs("conv3")
     expected = D.run(ours, x)
     hf.save_pretrained(tmp_path / "hf"), ours.save_pretrained(tmp_path / "ours")
     D.assert_same_checkpoint(tmp_path / "ours", tmp_path / "hf")
-    loaded = peft_kernel.PeftModel.from_pretrained(M.build("conv"), str(tmp_path / "hf"))
+    loaded = peft_kernel.PeftModel.from_pretrained(M.build("conv3"), str(tmp_path / "hf"))
     D.assert_close(D.run(loaded, x), expected, "ours loading HF's checkpoint")
-    hf_loaded = hf_peft.PeftModel.from_pretrained(M.build("conv"), str(tmp_path / "ours"))
+    hf_loaded = hf_peft.PeftModel.from_pretrained(M.build("conv3"), str(tmp_path / "ours"))
     hf_loaded.merge_adapter()  # (HF's merged forward is its right one)
     D.assert_close(D.run(hf_loaded, x), expected, "HF loading our checkpoint")
 
@@ -115,10 +112,7 @@ def test_conv2d_checkpoints_both_ways(tmp_path):
 def _two_active(model: str):
     kwargs = {"target_modules": ["lin0", "lin1"], "oft_block_size": 4, "init_weights": False}
     hf, ours = make_pair(model, kwargs, perturb=False)
-    hf.add_adapter("b", hf_peft.OFTConfig(**kwargs))
-    ours.add_adapter("b", OFTConfig(**kwargs))
-    hf.base_model.set_adapter(["default", "b"]), ours.base_model.set_adapter(["default", "b"])
-    ours.load_state_dict(hf.state_dict())
+    D.add_active_adapter(hf, ours, hf_peft.OFTConfig(**kwargs), OFTConfig(**kwargs))
     return hf, ours
 
 
@@ -146,7 +140,7 @@ def test_two_active_adapters_hf_unmerged_matches_its_merged():
 
 @pytest.mark.parametrize("model,kwargs", [("mlp", {"target_modules": LINEARS, "oft_block_size": 2}),
                                           ("emb", {"target_modules": ["emb"], "oft_block_size": 2}),
-                                          ("conv", CONV)], ids=["linear", "embedding", "conv2d"])
+                                          ("conv3", CONV)], ids=["linear", "embedding", "conv2d"])
 def test_module_dropout_replaces_blocks_by_the_identity_in_training(model, kwargs):
     """module_dropout=1 drops every block: in training the layer is the base layer; in eval and
     when merging, dropout plays no part."""
@@ -175,14 +169,7 @@ def test_module_dropout_matches_hf_in_training():
 def test_training_step_gradients_match(case):
     _, model, kwargs = case
     hf, ours = make_pair(model, kwargs)
-    x = M.inputs(model)
-    for net in (hf, ours):
-        net.train()
-        net(x).square().sum().backward()
-    hf_grads = {name: param.grad for name, param in hf.named_parameters() if param.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            D.assert_close(param.grad, hf_grads[name], f"gradient of {name}", atol=1e-4)
+    D.assert_same_gradients(hf, ours, M.inputs(model), atol=1e-4)
 
 
 # -- checkpoints and configs -----------------------------------------------------------------------
@@ -198,12 +185,7 @@ def test_checkpoints_both_ways(case, tmp_path):
 
 
 def test_config_fields_and_defaults_match_hf():
-    ours, theirs = OFTConfig().to_dict(), hf_peft.OFTConfig().to_dict()
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        if key not in ("peft_version", "peft_type"):
-            assert ours[key] == theirs[key], key
-    assert ours["peft_type"] == "OFT" == str(getattr(theirs["peft_type"], "value", theirs["peft_type"]))
+    D.assert_config_matches(OFTConfig, hf_peft.OFTConfig)
 
 
 def test_configs_of_old_peft_versions_are_refused_or_warned_about(tmp_path):

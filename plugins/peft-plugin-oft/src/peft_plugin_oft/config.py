@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from peft_kernel import PeftWarning, TunerConfig
 
@@ -21,7 +21,9 @@ class OFTConfig(TunerConfig):
     fan_in_fan_out: bool = field(
         default=False, metadata={"help": "True when the base stores weight as (in, out), e.g. GPT-2 Conv1D."}
     )
-    bias: str = field(default="none", metadata={"help": "Biases to train as well: 'none', 'all' or 'oft_only'."})
+    bias: Literal["none", "all", "oft_only"] = field(
+        default="none", metadata={"help": "Biases to train as well: 'none', 'all' or 'oft_only'."}
+    )
     init_weights: bool = field(default=True, metadata={"help": "Start as the identity. False: random (tests only)."})
     coft: bool = field(default=False, metadata={"help": "Constrained OFT: keep each block within eps of I."})
     eps: float = field(default=6e-5, metadata={"help": "COFT's radius (only with coft=True)."})
