@@ -8,6 +8,7 @@ the base layer with the adapted weight put in by hand, for every kind of base la
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -80,6 +81,55 @@ class ScaleShiftLayer(WeightDeltaLayer):
         return (bias - self.tss_shift[adapter_name]) / self.tss_scale[adapter_name]
 
 
+@dataclass
+class ScaleInOutConfig(TunerConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = "TESTIO"
+
+
+class ScaleInOutLayer(WeightDeltaLayer):
+    """W' = diag(γ_out)·W·diag(γ_in) (over the flattened fan-in), run on the activations for
+    linear bases. In training, γ_out is left out: a stand-in for training-time randomness."""
+
+    adapter_layer_names = ("tio_in", "tio_out")
+
+    def update_layer(self, adapter_name, config, **kwargs):
+        self.tio_in[adapter_name] = nn.Parameter(torch.ones(math.prod(self.delta_shape[1:])))
+        self.tio_out[adapter_name] = nn.Parameter(torch.ones(self.delta_shape[0]))
+
+    def _scaled(self, weight, adapter_name, with_out=True):
+        flat = weight.flatten(1) * self.tio_in[adapter_name]
+        return (flat * self.tio_out[adapter_name][:, None] if with_out else flat).reshape_as(weight)
+
+    def transform_weight(self, weight, adapter_name):
+        return self._scaled(weight, adapter_name)
+
+    def training_transform_weight(self, weight, adapter_name):
+        return self._scaled(weight, adapter_name, with_out=False)
+
+    def untransform_weight(self, weight, adapter_name):
+        flat = weight.flatten(1) / self.tio_in[adapter_name] / self.tio_out[adapter_name][:, None]
+        return flat.reshape_as(weight)
+
+    @property
+    def transforms_activations(self):
+        return self.base_kind == "linear"
+
+    def transform_input(self, x, adapter_name):
+        return x * self.tio_in[adapter_name]
+
+    def transform_output(self, y, adapter_name):
+        if self.training:
+            return y
+        bias = self.bias
+        return y * self.tio_out[adapter_name] if bias is None else (y - bias) * self.tio_out[adapter_name] + bias
+
+
+class ScaleInOutModel(peft_kernel.BaseTuner):
+    prefix = "tio_"
+
+
 class DenseModel(peft_kernel.BaseTuner):
     prefix = "tdense_"
 
@@ -93,10 +143,12 @@ class TestMethods:
     def peft_kernel_register_methods(self, register):
         register(name="testdense", config_cls=DenseConfig, model_cls=DenseModel, prefix="tdense_")
         register(name="testss", config_cls=ScaleShiftConfig, model_cls=ScaleShiftModel, prefix="tss_")
+        register(name="testio", config_cls=ScaleInOutConfig, model_cls=ScaleInOutModel, prefix="tio_")
 
     @hookimpl(trylast=True)
     def peft_kernel_dispatch_layer(self, target, target_name, adapter_name, config):
-        layer_cls = {"TESTDENSE": DenseLayer, "TESTSS": ScaleShiftLayer}.get(config.peft_type)
+        layer_cls = {"TESTDENSE": DenseLayer, "TESTSS": ScaleShiftLayer, "TESTIO": ScaleInOutLayer}.get(
+            config.peft_type)
         if layer_cls is None or base_kind(target) is None:
             return None
         return layer_cls(target, adapter_name, config=config)
@@ -190,6 +242,38 @@ def test_transform_forward_and_merge_match_the_adapted_base(kind):
     model.unmerge_adapter()
     for key, value in layer.get_base_layer().state_dict().items():
         torch.testing.assert_close(value.float(), before[key].float(), atol=1 if key == "qweight" else 1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1D", "toy-int8", "conv2d"])
+def test_activation_form_matches_the_adapted_base(kind, monkeypatch):
+    """Linear bases run transform_output(base(transform_input(x))): the quantized base is never
+    dequantized in the forward pass; convolutions (no activation form here) build T(W)."""
+    model, layer, reference, x = _adapted(kind, ScaleInOutConfig)
+    model.eval()
+    assert layer.transforms_activations == (kind != "conv2d")
+    scale_in, scale_out = layer.tio_in["default"].detach(), layer.tio_out["default"].detach()
+    expected = _hand_adapted(reference, layer, lambda w: layer._scaled(w, "default").detach())(x)
+    if kind == "toy-int8":
+        with monkeypatch.context() as patch:
+            patch.setattr(peft_kernel.quant, "base_weight", lambda module: 1 / 0)
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    model.merge_adapter()
+    tol = 0.05 if kind == "toy-int8" else 1e-5
+    torch.testing.assert_close(model(x), expected, atol=tol, rtol=tol)
+    model.unmerge_adapter()
+    assert scale_in.sub(1).abs().max() > 0.1 and scale_out.sub(1).abs().max() > 0.1  # not a vacuous check
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_training_forward_uses_the_training_transform_and_merging_the_exact_one(kind):
+    model, layer, reference, x = _adapted(kind, ScaleInOutConfig)
+    exact = _hand_adapted(reference, layer, lambda w: layer._scaled(w, "default").detach())(x)
+    training = _hand_adapted(reference, layer, lambda w: layer._scaled(w, "default", with_out=False).detach())(x)
+    model.train()
+    torch.testing.assert_close(model(x), training, atol=1e-5, rtol=1e-5)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), exact, atol=1e-5, rtol=1e-5)
 
 
 def test_additive_forward_never_dequantizes(monkeypatch):
@@ -336,7 +420,8 @@ class TestDenseDeltaConformance(MethodConformance):
 
 
 class TestTransformConformance(MethodConformance):
-    cases = [Case("net", Net, lambda: ScaleShiftConfig(target_modules=["conv", "proj", "head"]), _ids)]
+    cases = [Case("net", Net, lambda: ScaleShiftConfig(target_modules=["conv", "proj", "head"]), _ids),
+             Case("activation-form", Net, lambda: ScaleInOutConfig(target_modules=["conv", "proj", "head"]), _ids)]
 
 
 def test_default_targets_may_be_a_regex(monkeypatch):

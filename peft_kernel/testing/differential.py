@@ -143,13 +143,15 @@ def assert_same_outputs(hf: nn.Module, ours: nn.Module, inputs: dict, atol: floa
         assert_close(actual.loss, expected.loss, "loss", atol=atol)
 
 
-def assert_same_gradients(hf: nn.Module, ours: nn.Module, inputs: dict, atol: float = ATOL) -> None:
-    """In training mode (dropout seeded alike), the loss of ``inputs`` gives every trainable tensor
-    the same gradient in both."""
+def assert_same_gradients(hf: nn.Module, ours: nn.Module, inputs: Any, atol: float = ATOL) -> None:
+    """In training mode (dropout seeded alike), the loss of ``inputs`` (a dict of keyword inputs or
+    one tensor; the model's ``loss``, else the sum of squares of its output) gives every trainable
+    tensor the same gradient in both."""
     for model in (hf, ours):
         model.train()
         torch.manual_seed(3)
-        model(**inputs).loss.backward()
+        out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        (out.loss if getattr(out, "loss", None) is not None else output(out).square().sum()).backward()
     hf_params = dict(hf.named_parameters())
     for name, param in ours.named_parameters():
         if param.requires_grad:
@@ -192,8 +194,9 @@ def build(builders: dict[str, Callable[[], nn.Module]], name: str, seed: int = 0
     """A fresh copy of ``builders[name]()`` built under ``seed`` (built once, then copied), in eval mode."""
     key = (builders[name], seed)
     if key not in _CACHE:
-        torch.manual_seed(seed)
-        _CACHE[key] = builders[name]().eval()
+        with torch.random.fork_rng(devices=[]):  # the first build leaves torch's generator as it was
+            torch.manual_seed(seed)
+            _CACHE[key] = builders[name]().eval()
     return copy.deepcopy(_CACHE[key])
 
 
@@ -211,6 +214,44 @@ def perturb(model: nn.Module, seed: int = 1234, scale: float = 0.3) -> None:
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def assert_same_tensors(hf: nn.Module, ours: nn.Module) -> None:
+    """The same state-dict keys and bit-identical tensors (e.g. what the same seed initialised)."""
+    hf_state, our_state = hf.state_dict(), ours.state_dict()
+    assert set(our_state) == set(hf_state), sorted(set(our_state) ^ set(hf_state))
+    for key, value in hf_state.items():
+        assert torch.equal(our_state[key], value), key
+
+
+def assert_config_matches(config_cls: type, hf_config_cls: type) -> None:
+    """``config_cls`` has the fields of HF PEFT's ``hf_config_cls`` with the same defaults (so
+    ``adapter_config.json`` files move both ways) and the same ``peft_type``."""
+    ours, theirs = config_cls().to_dict(), hf_config_cls().to_dict()
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for key in theirs:
+        if key not in ("peft_version", "peft_type"):
+            assert ours[key] == theirs[key], key
+    assert str(ours["peft_type"]) == str(getattr(theirs["peft_type"], "value", theirs["peft_type"]))
+
+
+def add_active_adapter(hf: nn.Module, ours: nn.Module, hf_config, config, name: str = "other") -> None:
+    """Add adapter ``name`` to both models, make it active next to the first one, and give ours
+    HF's tensors."""
+    hf.add_adapter(name, hf_config)
+    ours.add_adapter(name, config)
+    for model in (hf, ours):
+        model.base_model.set_adapter([next(iter(model.peft_config)), name])
+    ours.load_state_dict(hf.state_dict())
+
+
+def assert_merge_keeps_outputs(model: nn.Module, x: Any, atol: float = 1e-4) -> None:
+    """The adapter changes the model's output, and merging it keeps the output within ``atol``."""
+    unmerged = run(model, x)
+    with model.disable_adapter():
+        assert_differs(unmerged, run(model, x), "adapter")
+    model.merge_adapter()
+    assert_close(run(model, x), unmerged, "merged vs unmerged", atol=atol)
 
 
 def assert_differs(a: torch.Tensor, b: torch.Tensor, what: str) -> None:

@@ -200,6 +200,10 @@ class QuantBackendConformance:
     reference_config_fn: Callable[[list], Any] | None = None
     #: optimizer steps of the training check
     training_steps: int = 15
+    #: how far a fresh adapter may move the quantized model's output: 0 for methods that start as
+    #: an exact identity, float rounding for those whose start cancels only in exact arithmetic
+    #: (e.g. pairs of equal reflections)
+    identity_atol: float = 0.0
 
     def pytest_generate_tests(self, metafunc):
         if "case" not in metafunc.fixturenames:
@@ -235,7 +239,8 @@ class QuantBackendConformance:
     @_cases("all")
     def test_wraps_quantized_layers(self, case: QuantCase):
         """get_peft_model wraps the quantized layers, leaves them the base layer, trains only
-        the adapter, and (at initialisation) reproduces the quantized model exactly."""
+        the adapter, and (at initialisation) reproduces the quantized model exactly (within
+        ``identity_atol``)."""
         qmodel = case.quantize(make_base())
         x = inputs(dtype=case.dtype)
         with torch.no_grad():
@@ -254,7 +259,10 @@ class QuantBackendConformance:
         with torch.no_grad():
             got = pm(x)
         assert got.dtype == expected.dtype
-        assert torch.equal(got, expected)
+        if self.identity_atol:
+            torch.testing.assert_close(got, expected, atol=self.identity_atol, rtol=0)
+        else:
+            assert torch.equal(got, expected)
 
     @_cases("all")
     def test_training_lowers_loss(self, case: QuantCase):

@@ -1,0 +1,16 @@
+"""``BOFTModel``: the BOFT tuner. Injection and bookkeeping are the kernel's."""
+
+from __future__ import annotations
+
+from peft_kernel import BaseTuner
+from peft_kernel.targeting import ATTENTION_TARGETS
+
+from .layer import BOFTLayer
+
+
+class BOFTModel(BaseTuner):
+    prefix = "boft_"
+    layer_cls = BOFTLayer
+    default_target_modules = ATTENTION_TARGETS
+    supported_layer_types = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d",
+                             "transformers Conv1D")

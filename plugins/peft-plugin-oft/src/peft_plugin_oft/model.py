@@ -1,0 +1,16 @@
+"""``OFTModel``: the OFT tuner. Injection and bookkeeping are the kernel's."""
+
+from __future__ import annotations
+
+from peft_kernel import BaseTuner
+from peft_kernel.targeting import ATTENTION_TARGETS
+
+from .layer import OFTLayer
+
+
+class OFTModel(BaseTuner):
+    prefix = "oft_"
+    layer_cls = OFTLayer
+    default_target_modules = ATTENTION_TARGETS
+    supported_layer_types = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d",
+                             "torch.nn.Embedding", "transformers Conv1D")
