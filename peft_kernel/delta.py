@@ -56,6 +56,12 @@ and then *one* of:
     (``bias`` is ``None`` for layers without one; such layers then cannot merge, since
     there is no bias to write into).
 
+    A transform may also give ``transform_input(x, adapter_name)``: the same transform
+    acting on the layer's input, ``op(x, T(W)) = op(transform_input(x), W)`` for every W
+    (a rotation or scaling of the input features). Only a transform with it can sit
+    around the layers of other methods in a mixed model: it then runs
+    ``base_layer(transform_input(x))``, so the layers inside apply too.
+
 What the base does
 ==================
 
@@ -163,6 +169,11 @@ class WeightDeltaLayer(AdapterLayer):
         """The inverse of :meth:`transform_weight` (for unmerging)."""
         raise NotImplementedError(f"{type(self).__name__} cannot unmerge: untransform_weight is not implemented")
 
+    def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Optional: the transform as a map of the layer's input, ``op(x, T(W)) = op(transform_input(x), W)``
+        (used around the layers of other methods in a mixed model)."""
+        raise NotImplementedError
+
     def transform_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
         """The adapted bias (``bias`` is ``None`` when the layer has none). Default: unchanged."""
         return bias
@@ -175,6 +186,11 @@ class WeightDeltaLayer(AdapterLayer):
     def transforms_weight(self) -> bool:
         """Whether this layer's method is a weight transform (else it is additive)."""
         return type(self).transform_weight is not WeightDeltaLayer.transform_weight
+
+    @property
+    def transforms_input(self) -> bool:
+        """Whether this layer's transform also acts on the input (``transform_input``)."""
+        return type(self).transform_input is not WeightDeltaLayer.transform_input
 
     @property
     def changes_bias(self) -> bool:
@@ -276,7 +292,28 @@ class WeightDeltaLayer(AdapterLayer):
         return (type(weight) in (nn.Parameter, torch.Tensor) and plain_call(base)
                 and weight.dtype == x.dtype == delta.dtype and weight.device == delta.device)
 
+    def _nested(self) -> bool:
+        """Whether ``base_layer`` is an adapter layer of another method (a mixed model)."""
+        return isinstance(self._modules["base_layer"], AdapterLayer)
+
+    def _forward_input_transformed(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """``base_layer(Mₙ…M₁ x)``: T(W) = W·M composes as ``T₂(T₁(W)) = W·M₁·M₂``, so the
+        input meets the last adapter's map first."""
+        for name in reversed(adapter_names):
+            if not self._skipped(name):
+                x = self.transform_input(x, name)
+        return self.base_layer(x, *args, **kwargs)
+
+    def nesting_blocker(self) -> str | None:
+        if self.transforms_weight and not self.transforms_input:
+            return (f"{type(self).__name__} transforms the base weight and defines no transform_input, so it cannot "
+                    "act through the layers of other methods inside it. Add this adapter before the others (its "
+                    "layer then sits innermost), or give the layer class a transform_input")
+        return None
+
     def forward_active(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        if self.transforms_weight and adapter_names and self._nested():
+            return self._forward_input_transformed(x, adapter_names, *args, **kwargs)
         if self.transforms_weight:
             transformed = self._transformed(adapter_names)
             if transformed is None:
@@ -292,6 +329,8 @@ class WeightDeltaLayer(AdapterLayer):
 
     def adapter_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str, *args, **kwargs):
         """One adapter on a (sub-)batch whose base output is ``result`` (mixed batches)."""
+        if self.transforms_weight and self._nested():
+            return self._forward_input_transformed(x, [adapter_name], *args, **kwargs).to(result.dtype)
         if self.transforms_weight:
             transformed = self._transformed([adapter_name])
             return result if transformed is None else self._apply_transformed(x, *transformed).to(result.dtype)

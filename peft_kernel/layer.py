@@ -454,6 +454,13 @@ class AdapterLayer(nn.Module):
     def merge_bias(self, adapter_name: str, sign: int) -> None:
         """Fold an adapter's bias contribution into the base bias (optional)."""
 
+    def nesting_blocker(self) -> str | None:
+        """Why this layer cannot run around an adapter layer of another method, its
+        ``base_layer`` in a mixed model (``None`` when it can). A layer whose forward goes
+        through ``base_layer`` can; one that reads the base weight and bypasses
+        ``base_layer`` would skip the layers inside it. Checked when the layer is created."""
+        return None
+
     def merge_blocker(self) -> str | None:
         """Why this layer cannot merge (``None`` when it can); checked before any change."""
         return distributed.merge_blocker(self) or quant.merge_blocker(self.get_base_layer())

@@ -247,11 +247,7 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new (inactive) adapter of the same method; rolled back on failure."""
-        if peft_config.peft_type != self.peft_type:
-            raise ValueError(
-                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; a PeftModel holds one "
-                "method (use a mixed model for several)."
-            )
+        self._check_method_of(peft_config)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         _check_adapter_name(adapter_name, peft_config)
@@ -279,6 +275,14 @@ class PeftModel(nn.Module):
             raise
         if self._active_frozen(active) != peft_config.inference_mode:  # else injection already left it so
             self._restore_active(active)
+
+    def _check_method_of(self, peft_config: PeftConfig) -> None:
+        """Raise if an adapter of ``peft_config``'s method cannot join this model."""
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; a PeftModel holds one "
+                "method (use a mixed model for several: get_peft_model(..., mixed=True))."
+            )
 
     def _active_frozen(self, active) -> bool:
         names = [active] if isinstance(active, str) else list(active)
