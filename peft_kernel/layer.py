@@ -419,11 +419,27 @@ class AdapterLayer(nn.Module):
             sub_result = result.index_select(self.batch_dim, index)
             self.__dict__["_batch_rows"] = index
             try:
-                updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
+                with self._inner_layers_see(index.tolist(), names):
+                    updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
             finally:
                 self.__dict__["_batch_rows"] = None
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
+
+    @contextmanager
+    def _inner_layers_see(self, rows: list[int], names: list[str]) -> Iterator[None]:
+        """While an adapter runs ``base_layer`` on a sub-batch (e.g. on a transformed input), an
+        adapter layer of another method inside (a mixed model) routes the names of those rows."""
+        inner = self._modules["base_layer"]
+        if not isinstance(inner, AdapterLayer) or inner._batch_names is None:
+            yield
+            return
+        full = inner._batch_names
+        inner._set_batch_adapter_names([names[i] for i in rows])
+        try:
+            yield
+        finally:
+            inner._set_batch_adapter_names(full)
 
     def _check_single_batched_input(self, batch: int, args: tuple, kwargs: dict) -> None:
         """Mixed-batch routing splits only ``x``; a further input with the batch's samples would

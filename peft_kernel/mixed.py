@@ -163,10 +163,24 @@ class MixedTuner(BaseTuner):
         merged = sorted({n for _, m in adapter_modules(self.model) for n in m.merged_adapters if n in names})
         if merged:
             raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged; unmerge_adapter() first")
+        targeted = self.targeted_module_names
         for name in names:
             super().delete_adapter(name)
+        held = self._adapters_by_module()
+        self.targeted_module_names = [n for n in targeted if held.get(n)]
         for tuner in self._method_tuners.values():
-            tuner.targeted_module_names = [n for n in tuner.targeted_module_names if n in self.targeted_module_names]
+            tuner.targeted_module_names = [n for n in tuner.targeted_module_names
+                                           if held.get(n, set()) & set(tuner.peft_config)]
+
+    def _adapters_by_module(self) -> dict[str, set[str]]:
+        """``{module name: adapters its layers hold}``, nested layers counted for the module."""
+        held: dict[str, set[str]] = {}
+        outermost: dict[str, str] = {}
+        for name, module in adapter_modules(self.model):
+            head = outermost.get(name, name)
+            outermost[f"{name}.base_layer"] = head
+            held.setdefault(head, set()).update(module._all_available_adapter_names())
+        return held
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
