@@ -54,13 +54,28 @@ and then *one* of:
     adapters are applied in order, and unmerged in reverse. A method that also changes
     the bias overrides ``transform_bias(bias, adapter_name)`` / ``untransform_bias``
     (``bias`` is ``None`` for layers without one; such layers then cannot merge, since
-    there is no bias to write into).
+    there is no bias to write into). Training-time randomness of a transform (e.g. dropping
+    rotation blocks) goes into ``training_transform_weight(weight, adapter_name)``, which the
+    forward pass calls in training mode instead (default: ``transform_weight``); merging always
+    uses the exact ``transform_weight``.
 
-    A transform may also give ``transform_input(x, adapter_name)``: the same transform
-    acting on the layer's input, ``op(x, T(W)) = op(transform_input(x), W)`` for every W
-    (a rotation or scaling of the input features). Only a transform with it can sit
-    around the layers of other methods in a mixed model: it then runs
-    ``base_layer(transform_input(x))``, so the layers inside apply too.
+A transform of the form ``T(W) = L·W·R`` can also run on the activations, which is cheaper than
+building T(W) on every call. Such a method makes the property ``transforms_activations`` true
+(per layer: e.g. only for linear bases) and overrides either or both of
+
+``transform_input(x, adapter_name)``
+    the input the base layer needs to compute the adapted layer: ``x·Rᵀ`` for a linear layer
+    (default: ``x``);
+``transform_output(y, adapter_name)``
+    the base layer's output (bias included; read :attr:`bias`) mapped to the adapted output,
+    ``L`` applied to the bias-free part (default: ``y``).
+
+Both return their input's dtype and apply training-time randomness themselves (they run only
+in the forward pass). The forward pass is then ``transform_output(base_layer(transform_input(x)))``;
+with several adapters the input maps run last adapter first and the output maps first adapter
+first, which is ``Tₙ(…T₁(W))`` again. Nothing the size of W is built, a quantized base is not
+dequantized and an adapter layer nested inside keeps working. Merging keeps using
+``transform_weight``.
 
 What the base does
 ==================
@@ -78,7 +93,8 @@ What the base does
   matrix product instead of two, forward and backward. Quantized bases are never
   dequantized in the forward pass.
 * **Forward, transforms**: ``op(x, Tₙ(…T₁(W)), Tₙ(…T₁(b)))`` with W read through
-  :func:`peft_kernel.quant.base_weight` (dequantized when quantized).
+  :func:`peft_kernel.quant.base_weight` (dequantized when quantized), or, for layers that
+  ``transforms_activations``, the base layer's own call between the activation maps.
 * **dtypes**: adapters stay fp32 on half-precision bases; the input is cast to the
   adapters' dtype for the adapter's part and the result back to the base's dtype.
 * **Merging**: ``W ← W + s·ΔW`` (computed in the wider of the two dtypes, rounded once) or
@@ -169,10 +185,26 @@ class WeightDeltaLayer(AdapterLayer):
         """The inverse of :meth:`transform_weight` (for unmerging)."""
         raise NotImplementedError(f"{type(self).__name__} cannot unmerge: untransform_weight is not implemented")
 
+    def training_transform_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """:meth:`transform_weight` as a forward pass in training mode uses it: override it for
+        training-time randomness (merging always uses ``transform_weight``). Default: the same."""
+        return self.transform_weight(weight, adapter_name)
+
+    @property
+    def transforms_activations(self) -> bool:
+        """Whether the forward pass runs the transform on the activations (:meth:`transform_input`,
+        :meth:`transform_output`) instead of building T(W). Default: ``False``."""
+        return False
+
     def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Optional: the transform as a map of the layer's input, ``op(x, T(W)) = op(transform_input(x), W)``
-        (used around the layers of other methods in a mixed model)."""
-        raise NotImplementedError
+        """For ``transforms_activations``: the input whose base-layer output is the adapted one
+        (``x·Rᵀ`` for ``T(W) = L·W·R`` on a linear layer). Default: ``x``."""
+        return x
+
+    def transform_output(self, y: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """For ``transforms_activations``: the base layer's output (bias included) mapped to the
+        adapted output (``L`` applied to its bias-free part). Default: ``y``."""
+        return y
 
     def transform_bias(self, bias: torch.Tensor | None, adapter_name: str) -> torch.Tensor | None:
         """The adapted bias (``bias`` is ``None`` when the layer has none). Default: unchanged."""
@@ -186,11 +218,6 @@ class WeightDeltaLayer(AdapterLayer):
     def transforms_weight(self) -> bool:
         """Whether this layer's method is a weight transform (else it is additive)."""
         return type(self).transform_weight is not WeightDeltaLayer.transform_weight
-
-    @property
-    def transforms_input(self) -> bool:
-        """Whether this layer's transform also acts on the input (``transform_input``)."""
-        return type(self).transform_input is not WeightDeltaLayer.transform_input
 
     @property
     def changes_bias(self) -> bool:
@@ -264,10 +291,20 @@ class WeightDeltaLayer(AdapterLayer):
             return None
         base = self.get_base_layer()
         weight, bias = self.canonical(quant.base_weight(base)), getattr(base, "bias", None)
+        transform = self.training_transform_weight if self.training else self.transform_weight
         for name in names:
-            weight = self.transform_weight(weight, name)
+            weight = transform(weight, name)
             bias = self.transform_bias(bias, name)
         return weight, bias
+
+    def _forward_on_activations(self, x: torch.Tensor, adapter_names: list[str], *args, **kwargs) -> Any:
+        names = [name for name in adapter_names if not self._skipped(name)]
+        for name in reversed(names):  # Tₙ(…T₁(W)): the last adapter's input map acts first
+            x = self.transform_input(x, name)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in names:
+            result = self.transform_output(result, name)
+        return result
 
     def _apply_transformed(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out_dtype = x.dtype if x.is_floating_point() else weight.dtype
@@ -292,29 +329,10 @@ class WeightDeltaLayer(AdapterLayer):
         return (type(weight) in (nn.Parameter, torch.Tensor) and plain_call(base)
                 and weight.dtype == x.dtype == delta.dtype and weight.device == delta.device)
 
-    def _nested(self) -> bool:
-        """Whether ``base_layer`` is an adapter layer of another method (a mixed model)."""
-        return isinstance(self._modules["base_layer"], AdapterLayer)
-
-    def _forward_input_transformed(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
-        """``base_layer(Mₙ…M₁ x)``: T(W) = W·M composes as ``T₂(T₁(W)) = W·M₁·M₂``, so the
-        input meets the last adapter's map first."""
-        for name in reversed(adapter_names):
-            if not self._skipped(name):
-                x = self.transform_input(x, name)
-        return self.base_layer(x, *args, **kwargs)
-
-    def nesting_blocker(self) -> str | None:
-        if self.transforms_weight and not self.transforms_input:
-            return (f"{type(self).__name__} transforms the base weight and defines no transform_input, so it cannot "
-                    "act through the layers of other methods inside it. Add this adapter before the others (its "
-                    "layer then sits innermost), or give the layer class a transform_input")
-        return None
-
     def forward_active(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
-        if self.transforms_weight and adapter_names and self._nested():
-            return self._forward_input_transformed(x, adapter_names, *args, **kwargs)
         if self.transforms_weight:
+            if self.transforms_activations:
+                return self._forward_on_activations(x, adapter_names, *args, **kwargs)
             transformed = self._transformed(adapter_names)
             if transformed is None:
                 return self.base_layer(x, *args, **kwargs)
@@ -329,9 +347,9 @@ class WeightDeltaLayer(AdapterLayer):
 
     def adapter_forward(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str, *args, **kwargs):
         """One adapter on a (sub-)batch whose base output is ``result`` (mixed batches)."""
-        if self.transforms_weight and self._nested():
-            return self._forward_input_transformed(x, [adapter_name], *args, **kwargs).to(result.dtype)
         if self.transforms_weight:
+            if self.transforms_activations:
+                return self._forward_on_activations(x, [adapter_name], *args, **kwargs).to(result.dtype)
             transformed = self._transformed([adapter_name])
             return result if transformed is None else self._apply_transformed(x, *transformed).to(result.dtype)
         delta = self._summed_delta([adapter_name])
@@ -358,6 +376,13 @@ class WeightDeltaLayer(AdapterLayer):
         with torch.no_grad():
             new = self.transform_bias(bias, adapter_name) if sign > 0 else self.untransform_bias(bias, adapter_name)
             bias.data = new.to(bias.dtype)
+
+    def nesting_blocker(self) -> str | None:
+        if self.transforms_weight and not self.transforms_activations:
+            return (f"{type(self).__name__} builds T(W) from the base weight alone, so it cannot act through the "
+                    "layers of other methods inside it. Add this adapter before the others (its layer then sits "
+                    "inside theirs), or give the layer the activation form (transforms_activations)")
+        return None
 
     def merge_blocker(self) -> str | None:
         if self.changes_bias and getattr(self.get_base_layer(), "bias", None) is None:

@@ -3,7 +3,7 @@
 The mixing is the kernel's: any method registered with ``is_mixed_compatible=True`` joins,
 including the toy methods registered here from plain code on ``WeightDeltaLayer``: a rank-one
 weight delta, and a weight transform ``W ↦ W·diag(s)`` with (``INSCALE``) and without
-(``WSCALE``) its input form. The differential tests against HF PEFT are in
+(``WSCALE``) its activation form. The differential tests against HF PEFT are in
 ``tests/differential/test_mixed_adapters.py``.
 """
 
@@ -67,10 +67,11 @@ class WScaleLayer(WeightDeltaLayer):
 
 
 class InScaleLayer(WScaleLayer):
-    """The same transform, with its input form: W·diag(s)·x = W·(s ⊙ x)."""
+    """The same transform, also in its activation form: W·diag(s)·x = W·(s ⊙ x)."""
 
     adapter_layer_names = ("inscale_s",)
     wscale_s = property(lambda self: self.inscale_s)
+    transforms_activations = True
 
     def transform_input(self, x, adapter_name):
         return x * self.inscale_s[adapter_name]
@@ -198,11 +199,11 @@ def test_an_additive_layer_around_a_transform_adds_to_the_transformed_weight():
     torch.testing.assert_close(model.merge_and_unload().lin0.weight.detach(), adapted)
 
 
-def test_a_transform_without_input_form_cannot_wrap_other_layers_and_changes_nothing():
+def test_a_transform_without_activation_form_cannot_wrap_other_layers_and_changes_nothing():
     model = mixed(("lo", lora(["lin1"])))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = run(model)
-    with pytest.raises(ValueError, match=r"WSCALE adapter 'sc' to 'lin1'.*no transform_input.*before the others"):
+    with pytest.raises(ValueError, match=r"WSCALE adapter 'sc' to 'lin1'.*from the base weight alone.*before the"):
         model.add_adapter("sc", toy("WSCALE"))  # lin0 gets its layer first, then lin1 fails
     assert type(model.base_model.model.lin0) is nn.Linear  # the new layer on lin0 was taken off again
     assert set(model.peft_config) == {"lo"} and set(model.state_dict()) == set(before)
