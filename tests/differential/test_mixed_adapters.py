@@ -93,7 +93,14 @@ def save_hf_adapters(model: str, methods: tuple[str, ...], tmp_path) -> tuple[li
 
 def load_mixed(library, model: str, directory, names: list[str]):
     """``library``'s PeftMixedModel with the adapters ``directory/<name>``, all active, in eval mode."""
-    mixed = library.PeftMixedModel.from_pretrained(build(model), str(directory / names[0]), names[0])
+    first = str(directory / names[0])
+    if library is hf_peft and hf_peft.PeftConfig.from_pretrained(first).peft_type == "OFT":
+        # HF's from_pretrained refuses OFT (test_hf_from_pretrained_takes_what_get_peft_model_takes);
+        # its get_peft_model(mixed=True) takes it
+        mixed = hf_peft.get_peft_model(build(model), hf_peft.OFTConfig.from_pretrained(first), names[0], mixed=True)
+        hf_peft.set_peft_model_state_dict(mixed, hf_peft.utils.load_peft_weights(first), names[0])
+    else:
+        mixed = library.PeftMixedModel.from_pretrained(build(model), first, names[0])
     for name in names[1:]:
         mixed.load_adapter(str(directory / name), name)
     mixed.set_adapter(names)
@@ -144,8 +151,33 @@ def test_mixed_model_matches_hf(model, methods, tmp_path):
 
     hf.delete_adapter(names[0]), ours.delete_adapter(names[0])
     hf.set_adapter(names[1:]), ours.set_adapter(names[1:])
-    D.assert_close(D.run(ours, x), D.run(hf, x), f"after deleting {names[0]}")
-    D.assert_close(D.run(ours.merge_and_unload(), x), D.run(hf.merge_and_unload(), x), "merge_and_unload")
+    expected = D.run(hf, x)
+    D.assert_close(D.run(ours, x), expected, f"after deleting {names[0]}")
+    D.assert_close(D.run(ours.merge_and_unload(), x), expected, "merge_and_unload", atol=1e-4)
+
+
+HF_MERGE_ORDER = (
+    "HF PEFT 0.21.2's merge_adapter merges nested layers outermost first (and unmerges in the same order), so "
+    "with a weight transform nested with another method the merged model is not the unmerged one, and unmerging "
+    "does not restore it; ours merges innermost first (merged == unmerged in test_mixed_model_matches_hf)")
+
+
+@pytest.mark.xfail(strict=True, reason=HF_MERGE_ORDER)
+@pytest.mark.parametrize("methods", [("LORA", "OFT"), ("OFT", "LORA")], ids=["OFT-outside", "OFT-inside"])
+def test_hf_merges_a_nested_transform_as_it_computes_it(methods, tmp_path):
+    names, _ = save_hf_adapters("mlp", methods, tmp_path)
+    hf, x = load_mixed(hf_peft, "mlp", tmp_path / "hf", names), INPUTS["mlp"]()
+    unmerged = D.run(hf, x)
+    hf.merge_adapter()
+    D.assert_close(D.run(hf, x), unmerged, "HF merged vs unmerged", atol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "HF PEFT 0.21.2's PeftMixedModel.from_pretrained checks the registry flag, which OFT lacks, while "
+    "get_peft_model(mixed=True) and load_adapter accept OFT; ours checks the flag everywhere"))
+def test_hf_from_pretrained_takes_what_get_peft_model_takes(tmp_path):
+    names, _ = save_hf_adapters("mlp", ("OFT",), tmp_path)
+    hf_peft.PeftMixedModel.from_pretrained(build("mlp"), str(tmp_path / "hf" / names[0]), names[0])
 
 
 def test_get_peft_model_mixed_matches_hf():
