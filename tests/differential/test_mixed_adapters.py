@@ -180,6 +180,27 @@ def test_hf_from_pretrained_takes_what_get_peft_model_takes(tmp_path):
     hf_peft.PeftMixedModel.from_pretrained(build("mlp"), str(tmp_path / "hf" / names[0]), names[0])
 
 
+def test_transformers_model_with_default_targets_generates_as_hf():
+    """A tiny Llama, each method's default targets: the same logits and the same greedy generation."""
+    built = {}
+    for library in (hf_peft, peft_kernel):
+        side = 0 if library is hf_peft else 1
+        torch.manual_seed(3)
+        mixed = library.get_peft_model(D.build({"llama": D.tiny_llama}, "llama"),
+                                       configs("LORA", None)[side], "first", mixed=True)
+        mixed.add_adapter("second", configs("LOHA", None)[side])
+        mixed.set_adapter(["first", "second"])
+        built[library.__name__] = mixed.eval()
+    hf, ours = built["peft"], built["peft_kernel"]
+    D.perturb(hf)
+    ours.load_state_dict(hf.state_dict())
+    inputs = D.token_ids()
+    D.assert_close(D.run(ours, inputs), D.run(hf, inputs), "logits")
+    with torch.no_grad():
+        generated = [m.generate(**inputs, max_new_tokens=4, do_sample=False) for m in (hf, ours)]
+    assert torch.equal(generated[1], generated[0])
+
+
 def test_get_peft_model_mixed_matches_hf():
     """Built with get_peft_model(mixed=True) + add_adapter under the same seed: the same layers
     (nested in the same order), initial tensors, trainable tensors and outputs."""
