@@ -105,8 +105,8 @@ _LAZY = {
 #: submodules reachable as attributes (``peft_kernel.layer``) without importing them first
 _SUBMODULES = (
     "auto", "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "delta", "dispatch", "distributed",
-    "errors", "hookspecs", "hub", "io", "layer", "lazy", "mapping", "mixed", "peft_model", "plugins", "prompt_learning", "quant",
-    "state_dict", "status", "targeting", "testing", "training", "tuner",
+    "errors", "hookspecs", "hub", "io", "layer", "lazy", "mapping", "mixed", "peft_model", "plugins", "prompt_learning",
+    "quant", "state_dict", "status", "targeting", "testing", "training", "tuner",
 )
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, submodules=_SUBMODULES)
