@@ -230,7 +230,6 @@ class PeftMixedModel(PeftModel):
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a new (inactive) adapter of any mixed-compatible method; rolled back on failure,
         layers it had wrapped included."""
-        check_mixed_compatible(peft_config)
         tuner = self.base_model
         wrapped_before = {id(m) for _, m in adapter_modules(tuner.model)}
         try:
@@ -252,11 +251,8 @@ class PeftMixedModel(PeftModel):
         further adapter of the method of a module's outermost layer joins that layer).
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"Adapter(s) {unknown} not found; available: {sorted(self.peft_config)}")
-        if inference_mode is None:
-            inference_mode = all(self.peft_config[n].inference_mode for n in names)
+        if inference_mode is None:  # (unknown names: the tuner's error)
+            inference_mode = all(self.peft_config[n].inference_mode for n in names if n in self.peft_config)
         self.base_model.set_adapter(names, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str | list[str]) -> None:

@@ -284,6 +284,10 @@ def test_delete_one_or_several_but_not_while_merged():
         model.delete_adapter(["r1", "lh"])
     assert set(model.peft_config) == {"lo", "lh", "r1"}
     model.unmerge_adapter()
+    with pytest.raises(ValueError, match=r"\['nope'\] do not exist"):
+        model.delete_adapter(["r1", "nope"])
+    with pytest.raises(ValueError, match=r"\['nope'\] not found"):
+        model.set_adapter(["lo", "nope"])
     model.delete_adapter(["r1", "lh"])
     assert set(model.peft_config) == {"lo"} and model.active_adapters == ["lo"]
     assert model.targeted_module_names == ["lin0", "lin1"]
