@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .layer import AdapterLayer, BufferDict
     from .layer import AdapterLayer as BaseTunerLayer
     from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+    from .mixed import PeftMixedModel
     from .peft_model import (
         PeftModel,
         PeftModelForCausalLM,
@@ -67,7 +68,8 @@ __all__ = [
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "PeftType",
     "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
-    "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+    "PeftMixedModel", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftType", "PeftWarning", "PromptLearningConfig",
     "StateDictMismatchError", "TaskType", "UnsupportedFeatureError", "UnsupportedOptionError",
@@ -96,6 +98,7 @@ _LAZY = {
     "get_peft_config": ".mapping",
     "get_peft_model": ".mapping",
     "inject_adapter_in_model": ".mapping",
+    "PeftMixedModel": ".mixed",
     "PeftModel": ".peft_model",
     "PeftModelForCausalLM": ".peft_model",
     "PeftModelForFeatureExtraction": ".peft_model",
@@ -120,8 +123,8 @@ _LAZY = {
 #: submodules reachable as attributes (``peft_kernel.layer``) without importing them first
 _SUBMODULES = (
     "auto", "auxiliary", "builtin_plugin", "cli", "combine", "config", "data", "delta", "dispatch", "distributed",
-    "errors", "hookspecs", "hub", "io", "layer", "lazy", "mapping", "peft_model", "plugins", "prompt_learning", "quant",
-    "state_dict", "status", "targeting", "testing", "training", "tuner",
+    "errors", "hookspecs", "hub", "io", "layer", "lazy", "mapping", "mixed", "peft_model", "plugins", "prompt_learning",
+    "quant", "state_dict", "status", "targeting", "testing", "training", "tuner",
 )
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, submodules=_SUBMODULES)

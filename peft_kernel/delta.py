@@ -377,6 +377,13 @@ class WeightDeltaLayer(AdapterLayer):
             new = self.transform_bias(bias, adapter_name) if sign > 0 else self.untransform_bias(bias, adapter_name)
             bias.data = new.to(bias.dtype)
 
+    def nesting_blocker(self) -> str | None:
+        if self.transforms_weight and not self.transforms_activations:
+            return (f"{type(self).__name__} builds T(W) from the base weight alone, so it cannot act through the "
+                    "layers of other methods inside it. Add this adapter before the others (its layer then sits "
+                    "inside theirs), or give the layer the activation form (transforms_activations)")
+        return None
+
     def merge_blocker(self) -> str | None:
         if self.changes_bias and getattr(self.get_base_layer(), "bias", None) is None:
             return f"{type(self).__name__} changes the bias and this layer has none to merge it into"

@@ -57,11 +57,21 @@ def build_layer(layer_cls, target, target_name, adapter_name, config):
     return layer_cls(target, adapter_name, config=config, **config.layer_kwargs(target_name))
 
 
+def base_of(target: nn.Module) -> nn.Module:
+    """The module whose type decides the layer class for ``target``: ``target`` itself, or,
+    when ``target`` is already an adapter layer of another method (a mixed model), the
+    module at the bottom of its ``base_layer`` chain. The new layer still wraps ``target``."""
+    from .layer import unwrap_base_layer
+
+    return unwrap_base_layer(target)
+
+
 def dispatch_by_type(table, target, target_name, adapter_name, config):
-    """Build the layer for the first ``isinstance`` match in ``table`` (an ordered
-    ``{module_type: layer_cls}``), or return ``None``."""
+    """Build the layer for the first ``isinstance`` match of :func:`base_of` ``(target)`` in
+    ``table`` (an ordered ``{module_type: layer_cls}``), or return ``None``."""
+    base = base_of(target)
     for layer_type, layer_cls in table.items():
-        if isinstance(target, layer_type):
+        if isinstance(base, layer_type):
             return build_layer(layer_cls, target, target_name, adapter_name, config)
     return None
 
@@ -108,9 +118,9 @@ def is_linear_like(module: nn.Module) -> bool:
 def dispatch_method_layer(target, target_name, adapter_name, config, linear_cls, table=None):
     """The usual built-in dispatch of a method: ``linear_cls`` for every linear-like layer
     (with ``fan_in_fan_out`` aligned to its layout), else the first ``isinstance`` match in
-    ``table``, else ``None``."""
-    if linear_cls is not None and is_linear_like(target):
-        align_fan_in_fan_out(config, target)
+    ``table``, else ``None`` (types are those of :func:`base_of` ``(target)``)."""
+    if linear_cls is not None and is_linear_like(base_of(target)):
+        align_fan_in_fan_out(config, base_of(target))
         return build_layer(linear_cls, target, target_name, adapter_name, config)
     return dispatch_by_type(table or {}, target, target_name, adapter_name, config)
 

@@ -80,7 +80,9 @@ def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
       backend that needs its own wrapper class goes here);
     * method plugins implement their built-in layer table with ``trylast=True``.
 
-    :param target: the module to adapt (never itself an adapter layer).
+    :param target: the module to adapt. In a mixed model it can be an adapter layer of another
+        method: decide on the type of :func:`peft_kernel.dispatch.base_of` ``(target)`` (the
+        module at the bottom of the chain; the dispatch helpers do) and wrap ``target`` itself.
     :param target_name: its qualified name in the base model (``"model.layers.0.q_proj"``).
     :param adapter_name: name of the adapter being created.
     :param config: the method's config instance; dispatch on ``config.peft_type``.

@@ -526,10 +526,25 @@ class AdapterLayer(nn.Module):
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             sub_x = x.index_select(self.batch_dim, index.to(x.device))
             sub_result = result.index_select(self.batch_dim, index)
-            with _BATCH_ROWS.bound((id(self), index)):
+            with _BATCH_ROWS.bound((id(self), index)), self._inner_layers_see(index.tolist(), names):
                 updated = self.adapter_forward(sub_x, sub_result, name, *args, **kwargs)
             result = result.index_copy(self.batch_dim, index, updated.to(result.dtype))
         return result
+
+    @contextmanager
+    def _inner_layers_see(self, rows: list[int], names: list[str]) -> Iterator[None]:
+        """While an adapter runs ``base_layer`` on a sub-batch (e.g. on a transformed input), the
+        adapter layers of other methods inside it (a mixed model) route the names of those rows."""
+        inner_layers = []
+        inner = self._modules["base_layer"]
+        while isinstance(inner, AdapterLayer):
+            inner_layers.append(inner)
+            inner = inner._modules["base_layer"]
+        if not inner_layers or batch_adapter_names_of(inner_layers[0]) is None:
+            yield
+            return
+        with mixed_batch(inner_layers, [names[i] for i in rows]):
+            yield
 
     def _check_single_batched_input(self, batch: int, args: tuple, kwargs: dict) -> None:
         """Mixed-batch routing splits only ``x``; a further input with the batch's samples would
@@ -563,6 +578,13 @@ class AdapterLayer(nn.Module):
 
     def merge_bias(self, adapter_name: str, sign: int) -> None:
         """Fold an adapter's bias contribution into the base bias (optional)."""
+
+    def nesting_blocker(self) -> str | None:
+        """Why this layer cannot run around an adapter layer of another method, its
+        ``base_layer`` in a mixed model (``None`` when it can). A layer whose forward goes
+        through ``base_layer`` can; one that reads the base weight and bypasses
+        ``base_layer`` would skip the layers inside it. Checked when the layer is created."""
+        return None
 
     def merge_blocker(self) -> str | None:
         """Why this layer cannot merge (``None`` when it can); checked before any change."""

@@ -9,6 +9,7 @@ from torch import nn
 from .config import PeftConfig
 from .errors import PeftWarning
 from .layer import AdapterLayer
+from .mixed import PeftMixedModel, check_mixed_compatible
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 from .plugins import manager
 from .tuner import check_adapter_name
@@ -27,14 +28,16 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     """Wrap ``model`` (in place) with a new, trainable adapter described by ``peft_config``.
 
     Returns the task class for ``peft_config.task_type`` (plain :class:`PeftModel` when
-    it is unset). Use :meth:`PeftModel.from_pretrained` to load trained adapters.
+    it is unset), or with ``mixed=True`` a :class:`~peft_kernel.mixed.PeftMixedModel`, which
+    takes further adapters of other methods. Use :meth:`PeftModel.from_pretrained` to load
+    trained adapters.
     """
-    if mixed:
-        raise NotImplementedError("mixed adapter types are not supported yet; use one method per PeftModel")
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a PeftConfig (e.g. a method's config class), got "
                         f"{type(peft_config).__name__}; build one from a dict with get_peft_config()")
     check_adapter_name(adapter_name)
+    if mixed:
+        check_mixed_compatible(peft_config)  # before anything changes
     name_or_path = (
         getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     )
@@ -48,7 +51,7 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn("The model already contains adapter layers; call .unload() on it first if you want a clean "
                       "base model.", PeftWarning, stacklevel=2)
-    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    cls = PeftMixedModel if mixed else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                low_cpu_mem_usage=low_cpu_mem_usage)
 

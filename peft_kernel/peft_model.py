@@ -255,11 +255,7 @@ class PeftModel(nn.Module):
                     autocast_adapter_dtype: bool = True) -> None:
         """Add a new (inactive, frozen) adapter of the same method; rolled back on failure. The
         trainability of everything else is left as it was."""
-        if peft_config.peft_type != self.peft_type:
-            raise ValueError(
-                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; a PeftModel holds one "
-                "method (use a mixed model for several)."
-            )
+        self._check_method_of(peft_config)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; delete_adapter() it first or pick another name")
         _check_adapter_name(adapter_name, peft_config)
@@ -298,6 +294,14 @@ class PeftModel(nn.Module):
             for param, flag in grads.items():
                 param.requires_grad_(flag)
             raise
+
+    def _check_method_of(self, peft_config: PeftConfig) -> None:
+        """Raise if an adapter of ``peft_config``'s method cannot join this model."""
+        if peft_config.peft_type != self.peft_type:
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a {self.peft_type} model; a PeftModel holds one "
+                "method (use a mixed model for several: get_peft_model(..., mixed=True))."
+            )
 
     def _active_frozen(self, active) -> bool:
         names = [active] if isinstance(active, str) else list(active)

@@ -60,6 +60,7 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
     inner, prefix = _layers_and_prefix(model, tuner)
     mapping: dict[str, str] = {}
     owners: list[str] = []
+    saved_path = _saved_path_function(inner, adapter_name)
     for path, module in inner.named_modules():
         if isinstance(module, AdapterLayer):
             for attr in module.adapter_layer_names + module.other_param_names:
@@ -71,18 +72,18 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
                 if isinstance(container, BufferDict) and not container.persistent:
                     continue
                 item = container[adapter_name]
-                base = f"{path}.{attr}"
+                base, saved = f"{path}.{attr}", f"{saved_path(path)}.{attr}"
                 if isinstance(item, nn.Module):
                     for sub in _module_keys(item):
-                        mapping[f"{prefix}{base}.{adapter_name}.{sub}"] = f"{prefix}{base}.{sub}"
+                        mapping[f"{prefix}{base}.{adapter_name}.{sub}"] = f"{prefix}{saved}.{sub}"
                 else:
-                    mapping[f"{prefix}{base}.{adapter_name}"] = f"{prefix}{base}"
+                    mapping[f"{prefix}{base}.{adapter_name}"] = f"{prefix}{saved}"
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             if any(path.startswith(o) for o in owners):
                 continue
             owners.append(path + ".")
             for sub in _module_keys(module.modules_to_save[adapter_name]):
-                mapping[f"{prefix}{path}.modules_to_save.{adapter_name}.{sub}"] = f"{prefix}{path}.{sub}"
+                mapping[f"{prefix}{path}.modules_to_save.{adapter_name}.{sub}"] = f"{prefix}{saved_path(path)}.{sub}"
     for attr in getattr(tuner, "shared_buffer_names", ()):
         container = getattr(tuner, attr, None)
         if container is not None and adapter_name in container:
@@ -93,17 +94,43 @@ def key_map(model, adapter_name: str = "default") -> dict[str, str]:
             if name.endswith(".bias") or name == "bias":
                 key = f"{prefix}{name}"
                 if ".modules_to_save." not in name and ".original_module." not in name and key not in mapping:
-                    mapping[key] = key
+                    mapping[key] = f"{prefix}{saved_path(name)}"
     elif isinstance(bias, str) and bias.endswith("_only"):
         for path, module in inner.named_modules():
             if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
                 base = module.get_base_layer()
                 if getattr(base, "bias", None) is not None:
                     full = path + ".base_layer" * _depth(module) + ".bias"
-                    mapping[f"{prefix}{full}"] = f"{prefix}{full}"
+                    mapping[f"{prefix}{full}"] = f"{prefix}{saved_path(full)}"
     if any(FSDP_INFIX in k for k in mapping):
         mapping = {k: v.replace(FSDP_INFIX, "") for k, v in mapping.items()}
     return mapping
+
+
+def _saved_path_function(inner: nn.Module, adapter_name: str):
+    """``path -> path in the checkpoint`` for one adapter. In a mixed model a module can hold
+    a chain of adapter layers, one per method (each the ``base_layer`` of the one around it);
+    the ``base_layer`` steps through layers that do not hold the adapter are left out, so each
+    adapter is saved exactly as a model of its own method alone would save it."""
+    layers = {path: module for path, module in inner.named_modules() if isinstance(module, AdapterLayer)}
+    passed = set()
+    for path, layer in layers.items():
+        if path.endswith(".base_layer") and path[: -len(".base_layer")] in layers:
+            continue  # not the outermost layer of its chain
+        chain = [layer]
+        while isinstance(chain[-1].base_layer, AdapterLayer):
+            chain.append(chain[-1].base_layer)
+        if len(chain) > 1:
+            passed.update(path + ".base_layer" * (depth + 1) for depth, link in enumerate(chain)
+                          if not link.has_adapter(adapter_name))
+    if not passed:
+        return lambda path: path
+
+    def saved_path(path: str) -> str:
+        parts = path.split(".")
+        return ".".join(part for i, part in enumerate(parts) if ".".join(parts[: i + 1]) not in passed)
+
+    return saved_path
 
 
 def _module_keys(module: nn.Module):

@@ -106,8 +106,12 @@ class BaseTuner(nn.Module):
     #: the :class:`~peft_kernel.layer.ParameterLayer` that adapts a bare ``nn.Parameter``
     #: (``target_parameters`` in the config); ``None``: the method cannot target parameters
     parameter_layer_cls: type | None = None
+    #: set on the per-method tuners of a mixed model (:class:`~peft_kernel.mixed.MixedTuner`): a
+    #: target already adapted by another method gets this method's layer around it (instead of an
+    #: error), and activation and trainability across methods are left to the mixed tuner
+    mixed_member: bool = False
 
-    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default",
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str | None = "default",
                  low_cpu_mem_usage: bool = False, state_dict: dict | None = None,
                  autocast_adapter_dtype: bool = True) -> None:
         check_adapter_name(adapter_name)
@@ -115,6 +119,9 @@ class BaseTuner(nn.Module):
         self.model = model
         self.targeted_module_names: list[str] = []
         self.targeted_parameter_names: list[str] = []
+        if adapter_name is None:  # a tuner without adapters yet: a mixed model's per-method tuner
+            self.peft_config, self.active_adapter = dict(peft_config), []
+            return
         if not hasattr(self, "peft_config"):
             self.peft_config: dict[str, PeftConfig] = (
                 dict(peft_config) if isinstance(peft_config, dict) else {adapter_name: peft_config}
@@ -297,6 +304,12 @@ class BaseTuner(nn.Module):
                 "Check target_modules against model.named_modules()."
             )
         _warn_unmatched_patterns(config, self.targeted_module_names)
+        if not self.mixed_member:
+            self._activate_injected(model, adapter_name, config)
+
+    def _activate_injected(self, model: nn.Module, adapter_name: str, config) -> None:
+        """After an injection: the active adapters stay active; only adapters (and
+        ``modules_to_save`` copies) are trainable, and none of an inference-mode adapter."""
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
@@ -370,15 +383,19 @@ class BaseTuner(nn.Module):
                 target.update_layer(adapter_name, config=config, **kwargs)
             layer = target
         else:
-            if isinstance(target, AdapterLayer):
+            if isinstance(target, AdapterLayer) and not self.mixed_member:
                 raise ValueError(
                     f"Module {key!r} is already adapted by another method ({type(target).__name__}); "
-                    "unload() it first or exclude it"
+                    "unload() it first, exclude it, or use a mixed model (get_peft_model(..., mixed=True))"
                 )
             with _maybe_meta(low_cpu_mem_usage):
                 layer = manager().dispatch_layer(target, key, adapter_name, config)
             if layer is None:
                 raise ValueError(self._unsupported_message(target, key, config))
+            blocker = layer.nesting_blocker() if isinstance(target, AdapterLayer) else None
+            if blocker:
+                raise ValueError(f"Cannot add {config.peft_type} adapter {adapter_name!r} to {key!r} around its "
+                                 f"{type(target).__name__}: {blocker}")
             setattr(parent, attr, layer)
         self._finish_layer(layer, adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
 
@@ -473,9 +490,15 @@ class BaseTuner(nn.Module):
 
     # -- trainability -----------------------------------------------------------------
 
+    @property
+    def adapter_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the adapters this tuner holds (its method's)."""
+        return (self.prefix,)
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        prefixes = self.adapter_prefixes
         for name, param in model.named_parameters():
-            if self.prefix not in name and ".modules_to_save." not in name:
+            if not any(p in name for p in prefixes) and ".modules_to_save." not in name:
                 param.requires_grad_(False)
         for adapter in self.active_adapters:
             config = self.peft_config.get(adapter)
@@ -558,17 +581,23 @@ class BaseTuner(nn.Module):
         if sharded:
             raise MergeNotSupportedError(f"Cannot merge while the model is sharded: {sharded}")
         writers: dict[int, str] = {}
+        outermost: dict[int, str] = {}  # nested layers (one chain per module) write into one weight
         for name, module in adapter_modules(self.model):
-            if isinstance(module, AdapterLayer) and module.has_adapter_any(self.active_adapters):
+            if not isinstance(module, AdapterLayer):
+                continue
+            owner = outermost.get(id(module), name)
+            if isinstance(module.base_layer, AdapterLayer):
+                outermost[id(module.base_layer)] = owner
+            if module.has_adapter_any(self.active_adapters):
                 reason = module.merge_blocker()
                 if reason:
                     raise MergeNotSupportedError(f"Cannot merge layer {name!r}: {reason}")
                 for param in module.merge_parameters():
-                    other = writers.setdefault(id(param), name)
-                    if other != name:
+                    other = writers.setdefault(id(param), owner)
+                    if other != owner:
                         raise MergeNotSupportedError(
-                            f"Cannot merge: layers {other!r} and {name!r} share their base weight (e.g. replicated or "
-                            "tied layers), so merging would add each one's adapter to both. Keep the adapters "
+                            f"Cannot merge: layers {other!r} and {owner!r} share their base weight (e.g. replicated "
+                            "or tied layers), so merging would add each one's adapter to both. Keep the adapters "
                             "unmerged, or unload() them."
                         )
 
@@ -586,7 +615,9 @@ class BaseTuner(nn.Module):
         self._check_merge_allowed()
         if safe_merge:
             self._check_safe_merge(adapter_names)
-        for _, module in adapter_modules(self.model):
+        # innermost first: a layer's forward acts on what the layers inside it produce, so its
+        # adapters fold into the weight after theirs (order matters for weight transforms)
+        for _, module in reversed(list(adapter_modules(self.model))):
             if isinstance(module, AdapterLayer):
                 module.merge(adapter_names=adapter_names)
 
@@ -635,12 +666,13 @@ class BaseTuner(nn.Module):
                     new.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 new = new.get_base_layer() if isinstance(new, AdapterLayer) else new
             else:
-                layer = module
-                while isinstance(layer, AdapterLayer):  # nested parameter layers: one per parameter
-                    if merge:
+                chain = [module]  # nested layers: one per parameter, or one per method in a mixed model
+                while isinstance(chain[-1].base_layer, AdapterLayer):
+                    chain.append(chain[-1].base_layer)
+                if merge:
+                    for layer in reversed(chain):  # innermost first, as merge_adapter does
                         layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                    layer = layer.base_layer
-                new = layer
+                new = chain[-1].base_layer
                 _unload_nested(new, merge, safe_merge, adapter_names)
             setattr(parent, attr, new)
         if hasattr(self.model, "peft_config"):
@@ -855,16 +887,23 @@ def undo_on_failure(model: nn.Module, adapter_name: str, configs: dict | None = 
 
 
 def _unwrap_new_modules(model: nn.Module, wrapped_before: set[int]) -> None:
-    """Put back the plain modules where a failed call had wrapped new ones."""
+    """Put back the modules that were there before, where a failed call had wrapped new (still
+    empty) ones around them; layers that were already there (another method's, in a mixed
+    model) stay."""
+    def is_new(module):
+        return id(module) not in wrapped_before and (
+            isinstance(module, ModulesToSaveWrapper)
+            or isinstance(module, AdapterLayer) and not module._all_available_adapter_names())
+
+    removed: set[int] = set()
     for _, module, parent, attr in list(iter_modules_with_parent(model)):
-        if parent is None or id(module) in wrapped_before:
+        if parent is None or id(parent) in removed or not is_new(module):
             continue
-        if isinstance(module, ModulesToSaveWrapper):
-            setattr(parent, attr, module.original_module)
-        elif isinstance(module, AdapterLayer) and not module._all_available_adapter_names():
-            base = module.get_base_layer()
-            _unload_nested(base, False, False, None)
-            setattr(parent, attr, base)
+        kept = module
+        while is_new(kept):  # a chain of new layers (one per parameter) goes as a whole
+            removed.add(id(kept))
+            kept = kept.original_module if isinstance(kept, ModulesToSaveWrapper) else kept.base_layer
+        setattr(parent, attr, kept)  # new layers inside ``kept`` (an attention's out_proj) come later
 
 
 def combine_target_modules(values: list, field_name: str = "target_modules"):

@@ -31,13 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_kernel.layer import unwrap_base_layer
 from peft_plugin_lora import Conv3d
 
 
 class SeparableLoraConv3d(Conv3d):
     def __init__(self, base_layer: nn.Conv3d, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, **kwargs: Any) -> None:
-        if base_layer.groups != 1 or base_layer.padding_mode != "zeros" or isinstance(base_layer.padding, str):
+        conv = unwrap_base_layer(base_layer)  # in a mixed model, layers of other methods may wrap it
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("SeparableLoraConv3d needs groups=1, zero padding and numeric padding")
         if getattr(config, "use_dora", False):
             raise ValueError("SeparableLoraConv3d does not support DoRA")

@@ -32,8 +32,10 @@ from torch import nn
 
 from .. import PeftModel, get_peft_model
 from ..layer import BASE_ADAPTER, AdapterLayer
-from ..state_dict import SAFETENSORS_WEIGHTS_NAME
+from ..plugins import manager
+from ..state_dict import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict, set_peft_model_state_dict
 from .differential import output
+from .mixed_partner import can_partner, partner_method
 
 
 @dataclasses.dataclass
@@ -401,3 +403,59 @@ class MethodConformance:
         fresh.load_state_dict(model.state_dict())
         fresh.set_adapter(other)
         _assert_close(new, _run(fresh, inputs), case.atol, "re-added adapter (state kept from the deleted one?)")
+
+    # -- mixed models ---------------------------------------------------------------------
+
+    def test_mixes_with_other_methods(self, case: Case, tmp_path):
+        """A method registered with ``is_mixed_compatible=True`` works in a mixed model next to
+        the layers of another method (the kit's partner, a rank-one weight delta), inside them
+        and around them: its adapter alone computes what its own model computes; both active,
+        they differ from it, merged == unmerged, disabled == base; the adapter saves in its
+        own format. An adapter that cannot act through other layers (e.g. it reads the base
+        weight alone) may refuse to wrap them with a ``ValueError`` that leaves the model as it
+        was; being wrapped it cannot refuse. Other methods, and configs a mixed model refuses,
+        skip this check."""
+        config = case.config_fn()
+        if (config.is_prompt_learning or getattr(config, "target_parameters", None)
+                or not manager().method(config.peft_type).is_mixed_compatible):
+            return
+        reference, own = self._peft(case)
+        inner = own.get_base_model()
+        targets = [n for n in own.targeted_module_names if can_partner(inner.get_submodule(n))]
+        if not targets:
+            return
+        inputs = case.input_fn()
+        alone, base_out, state = _run(own, inputs), _run(reference, inputs), get_peft_model_state_dict(own)
+        with partner_method() as partner_config:
+            for partner_first in (True, False):
+                where = "inside the partner's layers" if partner_first else "around the partner's layers"
+                adapters = [("partner", partner_config(target_modules=targets)), ("default", case.config_fn())]
+                (first, first_config), (second, second_config) = adapters if partner_first else adapters[::-1]
+                model = get_peft_model(self._fresh(case), first_config, first, mixed=True)
+                if partner_first:
+                    keys = set(model.state_dict())
+                    try:
+                        model.add_adapter(second, second_config)
+                    except ValueError:
+                        assert set(model.peft_config) == {"partner"} and set(model.state_dict()) == keys, (
+                            "a refused adapter must leave the model as it was")
+                        continue
+                else:
+                    model.add_adapter(second, second_config)
+                set_peft_model_state_dict(model, state, adapter_name="default")
+                model.set_adapter("partner")
+                perturb(model, seed=7)
+                model.set_adapter("default")
+                _assert_close(_run(model, inputs), alone, case.atol, f"{where}: the adapter alone")
+                model.set_adapter(["default", "partner"])
+                both = _run(model, inputs)
+                _assert_differs(both, alone, f"{where}: both adapters")
+                with model.disable_adapter():
+                    _assert_close(_run(model, inputs), base_out, case.atol, f"{where}: disabled")
+                if self.supports_merge:
+                    model.merge_adapter()
+                    _assert_close(_run(model, inputs), both, case.atol * 10, f"{where}: merged vs unmerged")
+                if not partner_first:  # inside another layer, its keys must still be its own model's
+                    model.save_pretrained(tmp_path, selected_adapters=["default"])
+                    loaded = PeftModel.from_pretrained(self._fresh(case), tmp_path)
+                    _assert_close(_run(loaded, inputs), alone, case.atol, f"{where}: its checkpoint loaded alone")

@@ -21,6 +21,7 @@ from peft_kernel import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
     PeftConfig,
+    PeftMixedModel,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -41,7 +42,7 @@ from peft_kernel import (
     set_peft_model_state_dict,
 )
 
-from ._missing import PLACEHOLDERS, PeftMixedModel, missing_name
+from ._missing import PLACEHOLDERS, missing_name
 
 try:
     __version__ = metadata.version("peft")

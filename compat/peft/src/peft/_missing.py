@@ -1,9 +1,8 @@
 """Names of HF PEFT that peft-kernel, or the installed plugins, do not provide.
 
-Libraries import some of them at module level only to test ``isinstance`` (transformers' Trainer
-imports ``PeftMixedModel``, TRL ``PrefixTuningConfig``, which exists when peft-plugin-prefix-tuning
-is installed), so they exist as classes that nothing is an instance of and that refuse to be
-built, saying why.
+Libraries import some of them at module level only to test ``isinstance`` (TRL imports
+``PrefixTuningConfig``, which exists when peft-plugin-prefix-tuning is installed), so they exist as
+classes that nothing is an instance of and that refuse to be built, saying why.
 """
 
 from __future__ import annotations
@@ -18,10 +17,6 @@ class _Unavailable:
     def __init__(self, *args, **kwargs) -> None:
         raise NotImplementedError(f"{type(self).__name__} is not available: {self.remedy}. (The name exists so "
                                   "that code importing it still imports.)")
-
-
-class PeftMixedModel(_Unavailable):
-    """HF PEFT's model for adapters of several methods at once (not available)."""
 
 
 class PrefixTuningConfig(_Unavailable):

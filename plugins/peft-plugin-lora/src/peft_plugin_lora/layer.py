@@ -145,6 +145,12 @@ class LoraLayer(AdapterLayer):
         routed = {"alora_invocation_tokens": getattr(config, "alora_invocation_tokens", None),
                   "arrow_config": getattr(config, "arrow_config", None)}
         used = [name for name, value in routed.items() if value is not None]
+        if use_dora and isinstance(self.base_layer, AdapterLayer):  # a mixed model, other methods inside
+            raise ValueError(
+                "DoRA (use_dora=True) scales by the norm of the base weight alone, so it cannot act through the "
+                f"{type(self.base_layer).__name__} inside this layer; add the DoRA adapter before adapters of other "
+                "methods (its layer then sits inside theirs)"
+            )
         if used and not self.supports_routing_variants:
             raise ValueError(f"{used[0]} is supported on linear layers only, not on "
                              f"{type(self.get_base_layer()).__name__}; leave those layers out of target_modules")
@@ -943,12 +949,12 @@ class _ConvNd(LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name=adapter_name, **kwargs)
-        if base_layer.groups > 1:
+        groups = self.get_base_layer().groups
+        if groups > 1:
             warnings.warn("LoRA on a conv layer with groups > 1 cannot be merged.", PeftWarning, stacklevel=2)
-        if r % base_layer.groups:
-            raise ValueError(
-                f"LoRA rank {r} must be divisible by groups={base_layer.groups} of {type(base_layer).__name__}"
-            )
+        if r % groups:
+            raise ValueError(f"LoRA rank {r} must be divisible by groups={groups} of "
+                             f"{type(self.get_base_layer()).__name__}")
         self.update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def make_factors(self, adapter_name: str, r: int, lora_bias: bool) -> None:
