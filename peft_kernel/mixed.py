@@ -227,10 +227,12 @@ class PeftMixedModel(PeftModel):
     def active_adapter(self, value: str | list[str]) -> None:
         self.base_model.active_adapter = value
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Add a new (inactive) adapter of any mixed-compatible method; rolled back on failure,
         layers it had wrapped included."""
-        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage,
+                            autocast_adapter_dtype=autocast_adapter_dtype)
         self._note_forward_args()
 
     def _check_method_of(self, peft_config: PeftConfig) -> None:

@@ -114,7 +114,8 @@ class BaseTuner(nn.Module):
     def __init__(self, model: nn.Module, peft_config, adapter_name: str | None = "default",
                  low_cpu_mem_usage: bool = False, state_dict: dict | None = None,
                  autocast_adapter_dtype: bool = True) -> None:
-        check_adapter_name(adapter_name)
+        if not (adapter_name is None and isinstance(peft_config, dict)):  # else a tuner built empty (mixed models)
+            check_adapter_name(adapter_name)
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
