@@ -4,14 +4,11 @@ load both ways with identical keys and config fields."""
 
 from __future__ import annotations
 
-import copy
-
 import _loha_models as M
 import pytest
-import torch
 
-import peft_kernel
 from peft_kernel.testing import differential as D
+from peft_kernel.testing import layer_models as L
 from peft_plugin_loha import LoHaConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -37,31 +34,14 @@ IDS = [c[0] for c in CASES]
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    """(hf, ours) from the same base under the same seed; with ``perturb`` HF's perturbed
-    factors are copied into ours."""
-    hf_base, our_base = M.build(model), M.build(model)  # (built before seeding: the first build draws)
-    torch.manual_seed(42)
-    hf = hf_peft.get_peft_model(hf_base, hf_peft.LoHaConfig(**copy.deepcopy(kwargs)))
-    torch.manual_seed(42)
-    ours = peft_kernel.get_peft_model(our_base, LoHaConfig(**copy.deepcopy(kwargs)))
-    hf.eval(), ours.eval()
-    assert set(hf.state_dict()) == set(ours.state_dict()), sorted(set(hf.state_dict()) ^ set(ours.state_dict()))
-    if perturb:
-        D.perturb(hf)
-        ours.load_state_dict(hf.state_dict())
-    return hf, ours
+    return L.oracle_pair(model, hf_peft.LoHaConfig(**kwargs), LoHaConfig(**kwargs), perturb=perturb)
 
 
 @pytest.mark.parametrize("init_weights", [True, False])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_same_seed_same_initial_factors(case, init_weights):
     _, model, kwargs = case
-    hf, ours = make_pair(model, {**kwargs, "init_weights": init_weights}, perturb=False)
-    ours_state = ours.state_dict()
-    for key, value in hf.state_dict().items():
-        assert torch.equal(ours_state[key], value), key
-    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
-        n for n, p in hf.named_parameters() if p.requires_grad)
+    D.assert_same_initial_state(*make_pair(model, {**kwargs, "init_weights": init_weights}, perturb=False))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -77,29 +57,9 @@ HF_CP_BACKWARD_BUG = ("HF PEFT 0.21.2's custom backward of the CP form (HadaWeig
                       "fails torch.autograd.gradcheck (test_loha_gradients.py); ours is checked there instead")
 
 
-def _train_both(model: str, kwargs: dict, steps: int = 4):
-    """Forward (compared) and backward on both with the same seeds; returns (hf, ours)."""
+def _train_both(model: str, kwargs: dict, steps: int = 4, gradients: bool = True):
     hf, ours = make_pair(model, {**kwargs, "rank_dropout": 0.4, "module_dropout": 0.3})
-    hf.train(), ours.train()
-    x = M.inputs(model)
-    for seed in range(steps):  # several draws: some calls skip an adapter, some drop rows
-        torch.manual_seed(seed)
-        expected = hf(x)
-        torch.manual_seed(seed)
-        got = ours(x)
-        D.assert_close(got, expected, f"training forward, seed {seed}")
-        assert got.requires_grad == expected.requires_grad  # (False when every adapter was skipped)
-        if expected.requires_grad:
-            expected.square().sum().backward()
-            got.square().sum().backward()
-    return hf, ours
-
-
-def _assert_same_gradients(hf, ours):
-    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            D.assert_close(param.grad, hf_grads[name], f"gradient of {name}", atol=1e-4)
+    D.assert_same_training(hf, ours, M.inputs(model), steps=steps, gradients=gradients)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("linear", "conv2d", "conv1d-cp")], ids=lambda c: c[0])
@@ -107,15 +67,13 @@ def test_training_with_dropout_matches(case):
     """In training, module and rank dropout draw from torch's generator exactly as HF does:
     the same seed gives the same outputs (and, outside the CP form, the same gradients)."""
     _, model, kwargs = case
-    hf, ours = _train_both(model, kwargs)
-    if not kwargs.get("use_effective_conv2d"):
-        _assert_same_gradients(hf, ours)
+    _train_both(model, kwargs, gradients=not kwargs.get("use_effective_conv2d"))
 
 
 @pytest.mark.xfail(strict=True, reason=HF_CP_BACKWARD_BUG)
 def test_cp_form_gradients_match_hf():
     _, model, kwargs = next(c for c in CASES if c[0] == "conv2d-cp")
-    _assert_same_gradients(*_train_both(model, kwargs, steps=1))
+    _train_both(model, kwargs, steps=1)
 
 
 def test_rank_dropout_of_every_row_drops_the_update():
@@ -159,10 +117,4 @@ def test_checkpoints_both_ways(case, tmp_path):
 
 
 def test_config_fields_and_defaults_match_hf():
-    ours, theirs = LoHaConfig().to_dict(), hf_peft.LoHaConfig().to_dict()
-    assert set(ours) == set(theirs)
-    for key in theirs:
-        if key not in ("peft_version", "peft_type"):
-            assert ours[key] == theirs[key], key
-    assert ours["peft_type"] == str(theirs["peft_type"].value if hasattr(theirs["peft_type"], "value")
-                                    else theirs["peft_type"])
+    D.assert_same_config_defaults(LoHaConfig, hf_peft.LoHaConfig)

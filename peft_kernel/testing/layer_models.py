@@ -1,0 +1,153 @@
+"""Tiny seeded models with one kind of layer each, for the tests of methods that adapt layers
+(weight deltas, weight transforms): the same name and seed always give the same weights, so a
+test can rebuild the base of an adapter, and HF PEFT's model and ours can start from one base.
+
+    model = build("conv2d")             # a fresh copy, in eval mode
+    out = model(inputs("conv2d"))
+
+Names: ``"mlp"`` (three ``nn.Linear``: ``lin0`` 10→16, ``lin1`` 16→12, ``lin2`` 12→4),
+``"conv1d"``, ``"conv2d"``, ``"conv3d"`` (kernels of 3 and of 1, a grouped one for 2-D), ``"conv1d_wide"``
+(one Conv1d 64→64), ``"embedding"``
+(``emb`` 20×8 with a padding index, then ``lin``), and the transformers models ``"llama"`` and
+``"gpt2"`` of :mod:`peft_kernel.testing.differential` (token ids as inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import differential as D
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1, self.lin2 = nn.Linear(10, 16), nn.Linear(16, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+class Conv1dNet(nn.Module):
+    """Conv1d with a kernel of 3, then one with a kernel of 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv1d(4, 6, 3, padding=1), nn.Conv1d(6, 6, 1)
+        self.head = nn.Linear(6 * 9, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv1(torch.relu(self.conv0(x)))).flatten(1))
+
+
+class WideConv1dNet(nn.Module):
+    """One Conv1d 64→64 with a kernel of 3 (room for factorisations of the channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.head = nn.Conv1d(64, 64, 3, padding=1), nn.Linear(64 * 5, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv0(x)).flatten(1))
+
+
+class Conv2dNet(nn.Module):
+    """Conv2d 3×3, a grouped 3×3 (stride 2) and a 1×1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3)
+        self.conv1 = nn.Conv2d(8, 8, 3, groups=2, stride=2)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4 * 3 * 3, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        return self.head(torch.relu(self.conv2(h)).flatten(1))
+
+
+class Conv3dNet(nn.Module):
+    """Conv3d 3×3×3, then a 1×1×1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv3d(2, 4, 3), nn.Conv3d(4, 4, 1)
+        self.head = nn.Linear(4 * 2 * 2 * 2, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv1(torch.relu(self.conv0(x)))).flatten(1))
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.emb(x))).mean(1)
+
+
+BUILDERS = {"mlp": MLP, "conv1d": Conv1dNet, "conv1d_wide": WideConv1dNet, "conv2d": Conv2dNet, "conv3d": Conv3dNet,
+            "embedding": EmbeddingNet, "llama": D.tiny_llama, "gpt2": D.tiny_gpt2}
+_SHAPES = {"mlp": (10,), "conv1d": (4, 9), "conv1d_wide": (64, 5), "conv2d": (3, 9, 9), "conv3d": (2, 4, 4, 4)}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A fresh copy of the model ``name`` (built once under ``seed``), in eval mode."""
+    return D.build(BUILDERS, name, seed)
+
+
+def inputs(name: str, batch: int = 3, seed: int = 1) -> Any:
+    """A seeded input batch for the model ``name``."""
+    generator = torch.Generator().manual_seed(seed)
+    if name in ("llama", "gpt2"):
+        return D.token_ids(batch, seed=seed)
+    if name == "embedding":
+        return torch.randint(0, 20, (batch, 5), generator=generator)
+    return torch.randn(batch, *_SHAPES[name], generator=generator)
+
+
+def oracle_pair(name: str, hf_config, config, perturb: bool = True, seed: int = 42) -> tuple[nn.Module, nn.Module]:
+    """``(hf, ours)``: HF PEFT's PeftModel and ours on two copies of :func:`build` ``(name)``,
+    each created right after seeding torch with ``seed`` (so initialisations that draw alike
+    agree), in eval mode, with the same state-dict keys. With ``perturb`` HF's trainable tensors
+    get seeded noise (:func:`peft_kernel.testing.differential.perturb`) and ours load them."""
+    import copy
+
+    import peft
+
+    from .. import get_peft_model
+
+    hf_base, our_base = build(name), build(name)  # (before seeding: the first build draws)
+    torch.manual_seed(seed)
+    hf = peft.get_peft_model(hf_base, copy.deepcopy(hf_config))
+    torch.manual_seed(seed)
+    ours = get_peft_model(our_base, copy.deepcopy(config))
+    hf.eval(), ours.eval()
+    assert set(hf.state_dict()) == set(ours.state_dict()), sorted(set(hf.state_dict()) ^ set(ours.state_dict()))
+    if perturb:
+        D.perturb(hf)
+        ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+def assert_gradcheck(layer: nn.Module, x: torch.Tensor, adapter_name: str = "default") -> list[str]:
+    """``torch.autograd.gradcheck`` of an adapter layer (already in float64) with respect to every
+    tensor of ``adapter_name`` in its ``adapter_layer_names`` containers and, when it is floating
+    point, the input ``x``. Returns the names of the tensors checked."""
+    names = [f"{container}.{adapter_name}" for container in layer.adapter_layer_names
+             if adapter_name in getattr(layer, container)]
+    tensors = [layer.get_parameter(name).detach().clone().requires_grad_() for name in names]
+    inputs = [x.detach().clone().requires_grad_()] if x.is_floating_point() else []
+
+    def forward(*args):
+        given = list(args)
+        x_in = given.pop(0) if inputs else x
+        return torch.func.functional_call(layer, dict(zip(names, given, strict=True)), (x_in,))
+
+    assert torch.autograd.gradcheck(forward, (*inputs, *tensors), fast_mode=True)
+    return names
