@@ -13,7 +13,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import PeftWarning
 from .io import atomic_write_text
@@ -59,6 +59,10 @@ class PeftConfig:
 
     is_prompt_learning = False
     is_adaption_prompt = False
+    #: fields that HF PEFT's config of this method lacks (e.g. inherited target-matching
+    #: fields it does not offer): written to ``adapter_config.json`` only when they differ
+    #: from their default, so that the files stay identical to HF PEFT's
+    fields_written_when_set: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         if self.peft_version is None:
@@ -78,7 +82,10 @@ class PeftConfig:
         for f in dataclasses.fields(self):
             if f.name.startswith("_") or f.metadata.get("runtime_only"):
                 continue
-            out[f.name] = _jsonable(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name in self.fields_written_when_set and value == _default(f):
+                continue
+            out[f.name] = _jsonable(value)
         return out
 
     def to_json_string(self) -> str:
@@ -141,6 +148,10 @@ class PeftConfig:
             )
         data = cls.from_json_file(file)
         return cls.from_dict(data)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _jsonable(value):

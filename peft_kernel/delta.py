@@ -29,8 +29,9 @@ Subclass :class:`WeightDeltaLayer` and give it:
       output row of ΔW is zeroed with this probability (what LyCORIS calls rank dropout),
       and with ``row_dropout_rescale`` the kept rows are divided by the kept fraction;
     * ``self.input_dropout[name]`` — in training, the adapter's part ``op(x, s·ΔW)`` sees
-      ``x`` through dropout with this probability (additive methods; as LoRA-style
-      dropout does), so each adapter then runs its own operation instead of one fused one.
+      ``x`` through dropout with this probability (additive methods, floating-point inputs:
+      an embedding's indices are never dropped), so each adapter then runs its own
+      operation instead of one fused one.
 
     ``layer_kwargs`` are ``config.layer_kwargs(target_name)``. The constructor calls
     ``update_layer`` for the first adapter; the kernel calls it for every further one and
@@ -294,7 +295,7 @@ class WeightDeltaLayer(AdapterLayer):
             if transformed is None:
                 return self.base_layer(x, *args, **kwargs)
             return self._apply_transformed(x, *transformed)
-        if self.training and any(self.input_dropout.get(name) for name in adapter_names):
+        if self.training and x.is_floating_point() and any(self.input_dropout.get(name) for name in adapter_names):
             return super().forward_active(x, adapter_names, *args, **kwargs)  # one dropout draw per adapter
         delta = self._summed_delta(adapter_names)
         if delta is None:
@@ -313,7 +314,7 @@ class WeightDeltaLayer(AdapterLayer):
         if delta is None:
             return result
         p = self.input_dropout.get(adapter_name, 0.0)
-        if self.training and p:
+        if self.training and p and x.is_floating_point():
             x = F.dropout(x, p)
         return self._add_delta(x, result, delta)
 

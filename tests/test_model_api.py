@@ -212,3 +212,17 @@ def test_training_step_reduces_loss():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9
+
+
+def test_fields_a_method_lacks_in_hf_peft_are_written_only_when_set(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class NarrowConfig(peft_kernel.TunerConfig):
+        fields_written_when_set = ("exclude_modules", "layers_to_transform")
+
+    written = NarrowConfig(target_modules=["a"]).to_dict()
+    assert "exclude_modules" not in written and "layers_to_transform" not in written and "layers_pattern" in written
+    config = NarrowConfig(target_modules=["a"], exclude_modules=["b"])
+    config.save_pretrained(tmp_path)
+    assert NarrowConfig.from_pretrained(tmp_path).exclude_modules == {"b"}

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from .. import get_peft_model, quant
+from ..delta import WeightDeltaLayer
 from ..layer import AdapterLayer
 
 IN, HID, OUT = 128, 64, 8
@@ -300,9 +301,10 @@ class QuantBackendConformance:
         for name, layer in adapter_layers(pm).items():
             base = layer.get_base_layer()
             lin = getattr(ref, name)
+            bias = base.bias.detach().float()
             with torch.no_grad():
                 lin.weight.copy_(layer.merge_weight(quant.base_weight(base).detach().float().clone(), ADAPTER).float())
-                lin.bias.copy_(base.bias.detach().float())
+                lin.bias.copy_(layer.transform_bias(bias, ADAPTER) if isinstance(layer, WeightDeltaLayer) else bias)
         ref.head.load_state_dict({k: v.float() for k, v in qmodel.head.state_dict().items()})
 
         with torch.no_grad():

@@ -1,0 +1,80 @@
+"""RoAd against HF PEFT (the oracle), for its three variants: the same seed gives the same initial
+angles and scales, the same parameters give the same outputs (unmerged, merged, mixed batches),
+and checkpoints load both ways with identical keys and config fields."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_kernel.testing import differential as D
+from peft_kernel.testing import layer_models as L
+from peft_plugin_road import RoadConfig
+
+hf_peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CASES = [
+    ("road_1", "mlp", {"target_modules": ["lin0", "lin1"], "group_size": 4}),
+    ("road_2", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "variant": "road_2", "group_size": 2,
+                       "modules_to_save": ["lin2"]}),
+    ("road_4", "mlp", {"target_modules": ["lin0", "lin1"], "variant": "road_4", "group_size": 4}),
+    ("llama-defaults", "llama", {"task_type": "CAUSAL_LM", "group_size": 8}),
+    ("llama-road_4", "llama", {"target_modules": ["q_proj", "down_proj"], "variant": "road_4", "group_size": 16}),
+]
+IDS = [c[0] for c in CASES]
+
+
+def make_pair(model: str, kwargs: dict, perturb: bool = True):
+    return L.oracle_pair(model, hf_peft.RoadConfig(**kwargs), RoadConfig(**kwargs), perturb=perturb)
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
+def test_same_seed_same_initial_parameters(case, init_weights):
+    _, model, kwargs = case
+    D.assert_same_initial_state(*make_pair(model, {**kwargs, "init_weights": init_weights}, perturb=False))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_outputs_merge_unmerge(case):
+    _, model, kwargs = case
+    hf, ours = make_pair(model, kwargs)
+    x = L.inputs(model)
+    D.assert_matches_oracle(hf, ours, x, D.run(L.build(model), x))
+
+
+@pytest.mark.parametrize("case", ["road_1", "llama-road_4"])
+def test_mixed_batches_and_gradients_match(case):
+    _, model, kwargs = next(c for c in CASES if c[0] == case)
+    hf, ours = make_pair(model, kwargs, perturb=False)
+    for m, cls in ((hf, hf_peft.RoadConfig), (ours, RoadConfig)):
+        m.add_adapter("other", cls(**{**kwargs, "variant": "road_2"}))
+    D.perturb(hf)
+    ours.load_state_dict(hf.state_dict())
+    x = L.inputs(model)
+    names = ["other", "__base__", "default"]
+    D.assert_close(D.run(ours, x, adapter_names=names), D.run(hf, x, adapter_names=names), "mixed batch")
+    D.assert_same_training(hf, ours, x, steps=1)
+
+
+@pytest.mark.parametrize("case", ["road_2", "road_4", "llama-defaults"])
+def test_checkpoints_both_ways(case, tmp_path):
+    _, model, kwargs = next(c for c in CASES if c[0] == case)
+    hf, ours = make_pair(model, kwargs)
+    D.assert_checkpoints_load_both_ways(hf, ours, lambda: L.build(model), L.inputs(model), tmp_path)
+
+
+def test_config_fields_and_defaults_match_hf():
+    D.assert_same_config_defaults(RoadConfig, hf_peft.RoadConfig)
+
+
+def test_merged_weights_match_hf():
+    hf, ours = make_pair("mlp", CASES[2][2])
+    hf.merge_adapter(), ours.merge_adapter()
+    for name in ("lin0", "lin1"):
+        ours_base, hf_base = (m.base_model.model.get_submodule(name).get_base_layer() for m in (ours, hf))
+        torch.testing.assert_close(ours_base.weight, hf_base.weight)
+        torch.testing.assert_close(ours_base.bias, hf_base.bias)
