@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import PeftConfig, PromptLearningConfig, TaskType, TunerConfig
+from .config import LowRankDeltaConfig, PeftConfig, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning
 from .lazy import lazy_attributes
@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
     from .tuner import BaseTuner
 
 __all__ = [
-    "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
+    "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "LowRankDeltaConfig", "ModulesToSaveWrapper",
+    "PeftConfig",
     "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "MergeNotSupportedError", "NoMatchingPeftModuleError", "PeftWarning", "PromptLearningConfig", "TaskType",

@@ -230,6 +230,37 @@ class TunerConfig(PeftConfig):
 
 
 @dataclass
+class LowRankDeltaConfig(TunerConfig):
+    """Base of weight-delta methods built from rank-``r`` factors and scaled by ``alpha / r`` (the
+    fields LyCORIS-style methods share, with HF PEFT's names and defaults): ``r`` and ``alpha``, per
+    module through ``rank_pattern`` / ``alpha_pattern`` (:meth:`layer_kwargs` gives each layer its
+    own), the training-time dropouts of :class:`peft_kernel.WeightDeltaLayer` (``rank_dropout``: its
+    row dropout; ``module_dropout``), and ``use_effective_conv2d``, the Tucker-2 ("CP") form of
+    convolution kernels (:func:`peft_kernel.delta.tucker_product`). A layer applies the settings
+    with :meth:`peft_kernel.WeightDeltaLayer.set_low_rank`."""
+
+    r: int = field(default=8, metadata={"help": "Rank of the factors."})
+    alpha: int = field(default=8, metadata={"help": "The delta is scaled by alpha / r."})
+    rank_dropout: float = field(
+        default=0.0, metadata={"help": "In training, drop each output row of the delta with this probability."}
+    )
+    module_dropout: float = field(
+        default=0.0, metadata={"help": "In training, skip the whole adapter of a layer with this probability."}
+    )
+    use_effective_conv2d: bool = field(
+        default=False, metadata={"help": "Convolutions with a kernel larger than 1 use the Tucker-2 (CP) form."}
+    )
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module r: {name or regex: r}."})
+    alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha: {name or regex: alpha}."})
+
+    def layer_kwargs(self, target_name: str) -> dict[str, Any]:
+        from .targeting import pattern_value
+
+        return {"r": pattern_value(self.rank_pattern, target_name, self.r),
+                "alpha": pattern_value(self.alpha_pattern, target_name, self.alpha)}
+
+
+@dataclass
 class PromptLearningConfig(PeftConfig):
     """Base for prompt-learning methods: virtual tokens instead of adapter layers.
 

@@ -194,6 +194,15 @@ class WeightDeltaLayer(AdapterLayer):
         """Whether this layer's method changes the bias (it overrides ``transform_bias``)."""
         return type(self).transform_bias is not WeightDeltaLayer.transform_bias
 
+    def set_low_rank(self, adapter_name: str, config, r: int, alpha: float, rescale_rows: bool) -> None:
+        """The settings of a :class:`peft_kernel.LowRankDeltaConfig` adapter: ``scaling = alpha / r``
+        (``r`` must be positive), module dropout, and the config's ``rank_dropout`` as row dropout
+        (``rescale_rows``: the kept rows are divided by the kept fraction)."""
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self.scaling[adapter_name], self.module_dropout[adapter_name] = alpha / r, config.module_dropout
+        self.row_dropout[adapter_name], self.row_dropout_rescale[adapter_name] = config.rank_dropout, rescale_rows
+
     # -- layouts and the base layer's operation -------------------------------------------
 
     def canonical(self, weight: torch.Tensor) -> torch.Tensor:

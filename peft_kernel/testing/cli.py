@@ -35,3 +35,28 @@ def finetune(method: str, output: Path, *args) -> list[float]:
 def listed_plugins() -> dict[str, dict]:
     """``peft-kernel plugins --json`` by plugin name."""
     return {row["name"]: row for row in json.loads(run("plugins", "--json"))}
+
+
+class FinetuneSuite:
+    """A method plugin's command-line checks; subclass it with a ``Test`` name and set ``method``
+    (the plugin's entry-point name, whose upper case is its ``peft_type``) and ``distribution``:
+    ``peft-kernel finetune`` trains 30 steps on the built-in model and data with ``finetune_args``
+    and the loss falls by more than ``min_drop``; ``peft-kernel plugins`` lists the plugin, loaded."""
+
+    method: str = ""
+    distribution: str = ""
+    finetune_args: tuple[str, ...] = ("--r", "4")
+    min_drop: float = 1.0
+
+    def test_finetune_trains(self, tmp_path):
+        import pytest
+
+        pytest.importorskip("transformers")
+        pytest.importorskip("accelerate")
+        losses = finetune(self.method, tmp_path / "adapter", *self.finetune_args, "--steps", "30", "--batch-size", "8",
+                          "--seq-len", "32", "--log-every", "10")
+        assert len(losses) == 3 and losses[-1] < losses[0] - self.min_drop, losses
+
+    def test_listed_by_peft_kernel_plugins(self):
+        row = listed_plugins()[self.method]
+        assert (row["distribution"], row["methods"], row["error"]) == (self.distribution, [self.method.upper()], None)

@@ -1,6 +1,7 @@
-"""Tiny seeded models with one kind of layer each, for the tests of methods that adapt layers
-(weight deltas, weight transforms): the same name and seed always give the same weights, so a
-test can rebuild the base of an adapter, and HF PEFT's model and ours can start from one base.
+"""For the tests of methods that adapt layers (weight deltas, weight transforms): tiny seeded
+models with one kind of layer each, :class:`OracleSuite` (differential tests against HF PEFT) and
+:func:`assert_gradcheck`. The same name and seed always give the same weights, so a test can
+rebuild the base of an adapter, and HF PEFT's model and ours can start from one base.
 
     model = build("conv2d")             # a fresh copy, in eval mode
     out = model(inputs("conv2d"))
@@ -14,6 +15,7 @@ Names: ``"mlp"`` (three ``nn.Linear``: ``lin0`` 10→16, ``lin1`` 16→12, ``lin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -151,3 +153,106 @@ def assert_gradcheck(layer: nn.Module, x: torch.Tensor, adapter_name: str = "def
 
     assert torch.autograd.gradcheck(forward, (*inputs, *tensors), fast_mode=True)
     return names
+
+
+class OracleSuite:
+    """Differential tests of a layer method against HF PEFT's (the oracle); subclass it with a
+    ``Test`` name and set:
+
+    * ``config_cls``, and ``hf_config``: the name of HF PEFT's config class (``peft.<name>``);
+    * ``cases``: ``(id, model name, config kwargs)``: HF PEFT's model and ours, same base, same
+      (perturbed) adapter tensors, give the same outputs unmerged, merged (also == unmerged within
+      1e-4), unmerged again, disabled (== the base) and after ``merge_and_unload``;
+    * ``init_values``: the ``init_weights`` values with which, created under the same seed, both
+      hold bit-identical tensors (on every case but the transformers models; ``()``: none);
+    * ``training``: ``(case id, extra kwargs)`` (e.g. dropouts): a few seeded training steps give
+      the same outputs and, unless the id is in ``gradients_differ``, the same gradients;
+    * ``checkpoint_cases``: case ids whose checkpoints are the same files and load both ways;
+    * ``two_adapter_cases``: case ids where a second adapter of the same config, both active,
+      gives HF's outputs unmerged and merged.
+
+    Where HF PEFT is wrong, leave the case out and test it separately, against the math, with
+    the HF comparison as a strict xfail.
+    """
+
+    config_cls: type | None = None
+    hf_config: str = ""
+    cases: Sequence[tuple[str, str, dict]] = ()
+    init_values: Sequence[Any] = (True, False)
+    training: Sequence[tuple[str, dict]] = ()
+    gradients_differ: Sequence[str] = ()
+    checkpoint_cases: Sequence[str] = ()
+    two_adapter_cases: Sequence[str] = ()
+
+    def pytest_generate_tests(self, metafunc):
+        by_id = {case[0]: case for case in self.cases}
+        choices = {
+            "case": [(case[0], case) for case in self.cases],
+            "init_case": [(case[0], case) for case in self.cases if case[1] not in ("llama", "gpt2")],
+            "training_case": [(f"{name}-{i}", (name, by_id[name][1], {**by_id[name][2], **extra}))
+                              for i, (name, extra) in enumerate(self.training)],
+            "checkpoint_case": [(name, by_id[name]) for name in self.checkpoint_cases],
+            "two_adapter_case": [(name, by_id[name]) for name in self.two_adapter_cases],
+            "init_weights": [(repr(value), value) for value in self.init_values],
+        }
+        wanted = [argument for argument in choices if argument in metafunc.fixturenames]
+        empty = [argument for argument in wanted if not choices[argument]]
+        if empty:  # one skipped test rather than a product of skips
+            import pytest
+
+            skip = pytest.mark.skip(reason=f"this suite sets no {empty[0]}")
+            skipped = pytest.param(*[None] * len(wanted), marks=skip)
+            metafunc.parametrize(wanted, [skipped], ids=["none"])
+            return
+        for argument in wanted:
+            metafunc.parametrize(argument, [v for _, v in choices[argument]], ids=[i for i, _ in choices[argument]])
+
+    def pair(self, model: str, kwargs: dict, perturb: bool = True) -> tuple[nn.Module, nn.Module]:
+        """:func:`oracle_pair` for this method's configs."""
+        if model in ("llama", "gpt2"):
+            import pytest
+
+            pytest.importorskip("transformers")
+        return oracle_pair(model, self.hf_config_cls()(**kwargs), self.config_cls(**kwargs), perturb)
+
+    def hf_config_cls(self) -> type:
+        import pytest
+
+        return getattr(pytest.importorskip("peft"), self.hf_config)
+
+    def test_same_seed_same_initial_state(self, init_case, init_weights):
+        _, model, kwargs = init_case
+        D.assert_same_initial_state(*self.pair(model, {**kwargs, "init_weights": init_weights}, perturb=False))
+
+    def test_outputs_merge_unmerge(self, case):
+        _, model, kwargs = case
+        hf, ours = self.pair(model, kwargs)
+        x = inputs(model)
+        D.assert_matches_oracle(hf, ours, x, D.run(build(model), x))
+
+    def test_training_matches(self, training_case):
+        name, model, kwargs = training_case
+        hf, ours = self.pair(model, kwargs)
+        D.assert_same_training(hf, ours, inputs(model), gradients=name not in self.gradients_differ)
+
+    def test_checkpoints_load_both_ways(self, checkpoint_case, tmp_path):
+        _, model, kwargs = checkpoint_case
+        hf, ours = self.pair(model, kwargs)
+        D.assert_checkpoints_load_both_ways(hf, ours, lambda: build(model), inputs(model), tmp_path)
+
+    def test_two_active_adapters(self, two_adapter_case):
+        _, model, kwargs = two_adapter_case
+        hf, ours = self.pair(model, kwargs, perturb=False)
+        hf.add_adapter("other", self.hf_config_cls()(**kwargs))
+        ours.add_adapter("other", self.config_cls(**kwargs))
+        for peft_model in (hf, ours):
+            peft_model.base_model.set_adapter(["default", "other"])
+        D.perturb(hf)
+        ours.load_state_dict(hf.state_dict())
+        x = inputs(model)
+        D.assert_close(D.run(ours, x), D.run(hf, x), "two active adapters")
+        hf.merge_adapter(), ours.merge_adapter()
+        D.assert_close(D.run(ours, x), D.run(hf, x), "two merged adapters", atol=1e-4)
+
+    def test_config_fields_and_defaults_match_hf(self):
+        D.assert_same_config_defaults(self.config_cls, self.hf_config_cls())

@@ -46,3 +46,21 @@ def test_rank_must_be_positive_and_init_known():
         peft_kernel.get_peft_model(L.build("mlp"), HiraConfig(target_modules=["lin0"], r=0))
     with pytest.raises(ValueError, match="Unknown HiRA init_weights='pissa'"):
         HiraConfig(init_weights="pissa")
+
+
+def test_unmerging_several_adapters_restores_the_weight_exactly():
+    """Merged adapters all multiply the weight from before the first merge; the last unmerge puts
+    that weight back bit for bit (no accumulated rounding)."""
+    model = peft_kernel.get_peft_model(L.build("mlp"), HiraConfig(target_modules=["lin0"], r=2, init_weights=False))
+    model.add_adapter("b", HiraConfig(target_modules=["lin0"], r=2, init_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    layer = model.base_model.model.lin0
+    before = layer.get_base_layer().weight.detach().clone()
+    low_rank = sum((layer.hira_B[n] @ layer.hira_A[n]).detach() for n in ("default", "b"))
+    x = L.inputs("mlp")
+    unmerged = D.run(model, x)
+    model.merge_adapter()
+    D.assert_close(layer.get_base_layer().weight, before * (1 + low_rank), "merged weight")
+    D.assert_close(D.run(model, x), unmerged, "merged", atol=1e-4)
+    model.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, before)

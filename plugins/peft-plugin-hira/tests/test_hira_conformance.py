@@ -2,13 +2,10 @@
 pointwise convolutions HF PEFT refuses or fails on), and on a quantized base (the kit's toy int8
 backend: ΔW reads the dequantized weight)."""
 
-import pytest
 
-from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
 from peft_kernel.testing import layer_models as L
-from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
-from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
+from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_hira import HiraConfig
 
 
@@ -25,16 +22,6 @@ class TestHiraConformance(MethodConformance):
     ]
 
 
-@pytest.fixture(scope="class")
-def toy_backend():
-    name = manager().register(ToyBackendPlugin(), name="hira-toy-backend")
-    yield
-    manager().unregister(name)
-
-
-@pytest.mark.usefixtures("toy_backend")
-class TestHiraOnQuantizedBase(QuantBackendConformance):
+class TestHiraOnQuantizedBase(ToyQuantConformance):
     training_steps = 40  # B starts at zero and ΔW is W₀ ⊙ B A: the first steps move the output little
     config_fn = staticmethod(lambda targets: HiraConfig(target_modules=targets, r=4))
-    cases = [QuantCase("toy-int8", quantize_layers(ToyInt8Linear), backend="toy-int8", merged_tol=0.02,
-                       roundtrip_tol=0.02)]

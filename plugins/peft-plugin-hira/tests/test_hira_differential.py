@@ -1,4 +1,4 @@
-"""HiRA against HF PEFT (the oracle), for every layer kind: the same seed gives the same initial
+"""HiRA against HF PEFT (the oracle; the kit's OracleSuite), for every layer kind: the same seed gives the same initial
 factors, the same factors give the same outputs (unmerged, merged, in training with dropout), and
 checkpoints load both ways with identical keys and config fields."""
 
@@ -27,41 +27,24 @@ CASES = [
     ("gpt2-conv1D", "gpt2", {"target_modules": ["c_attn", "c_fc"], "r": 4, "fan_in_fan_out": True}),
     ("llama-defaults", "llama", {"task_type": "CAUSAL_LM", "r": 4}),
 ]
-IDS = [c[0] for c in CASES]
 
 
-HF_RANK_PATTERN_BUG = ("HF PEFT 0.21.2 ignores rank_pattern when it creates a HiRA layer (its dispatch reads r) "
-                       "only a further adapter on an existing layer gets the pattern's rank")
+HF_RANK_PATTERN_BUG = ("HF PEFT 0.21.2 ignores rank_pattern when it creates a HiRA layer (its dispatch reads "
+                       "config.r); only a further adapter on an existing layer gets the pattern's rank")
 HF_CONV3D_BUG = ("HF PEFT 0.21.2 takes its 1×1 Conv2d shortcut for every convolution whose kernel starts with 1×1, "
                  "and a Conv3d with a 1×1×1 kernel then fails in a batched matmul")
 
 
+class TestHiraAgainstHF(L.OracleSuite):
+    config_cls, hf_config, cases = HiraConfig, "HiraConfig", CASES
+    init_values = (True, False, "gaussian")
+    training = [(name, {"hira_dropout": 0.3}) for name in ("linear", "conv2d", "embedding")]  # HF's dropout draws
+    checkpoint_cases = ("linear-regex", "conv3d", "embedding", "gpt2-conv1D")
+    two_adapter_cases = ("linear", "conv2d")  # both multiply W₀, also merged one after the other
+
+
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.HiraConfig(**kwargs), HiraConfig(**kwargs), perturb=perturb)
-
-
-@pytest.mark.parametrize("init_weights", [True, False, "gaussian"])
-@pytest.mark.parametrize("case", CASES[:6], ids=IDS[:6])
-def test_same_seed_same_initial_factors(case, init_weights):
-    _, model, kwargs = case
-    D.assert_same_initial_state(*make_pair(model, {**kwargs, "init_weights": init_weights}, perturb=False))
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_outputs_merge_unmerge(case):
-    _, model, kwargs = case
-    hf, ours = make_pair(model, kwargs)
-    x = L.inputs(model)
-    D.assert_matches_oracle(hf, ours, x, D.run(L.build(model), x))
-
-
-@pytest.mark.parametrize("case", ["linear", "conv2d", "embedding"])
-def test_training_with_dropout_matches(case):
-    """The input dropout draws from torch's generator as HF's does: the same seed gives the same
-    outputs and gradients."""
-    _, model, kwargs = next(c for c in CASES if c[0] == case)
-    hf, ours = make_pair(model, {**kwargs, "hira_dropout": 0.3})
-    D.assert_same_training(hf, ours, L.inputs(model))
+    return L.oracle_pair(model, hf_peft.HiraConfig(**kwargs), HiraConfig(**kwargs), perturb)
 
 
 RANK_PATTERN = {"target_modules": ["lin0", "lin1"], "r": 2, "rank_pattern": {"lin1": 4}}
@@ -84,34 +67,3 @@ def test_pointwise_conv3d_matches_hf():
     hf, ours = make_pair("conv3d", {"target_modules": ["conv1"], "r": 2})
     x = L.inputs("conv3d")
     D.assert_close(D.run(ours, x), D.run(hf, x), "forward")
-
-
-def test_two_adapters_add_and_merge_on_the_same_frozen_weight():
-    kwargs = {"target_modules": ["lin0", "lin1"], "r": 2}
-    hf, ours = make_pair("mlp", kwargs, perturb=False)
-    hf.add_adapter("b", hf_peft.HiraConfig(**kwargs))
-    ours.add_adapter("b", HiraConfig(**kwargs))
-    hf.base_model.set_adapter(["default", "b"])
-    D.perturb(hf)
-    ours.load_state_dict(hf.state_dict())
-    ours.base_model.set_adapter(["default", "b"])
-    x = L.inputs("mlp")
-    expected = D.run(hf, x)
-    D.assert_close(D.run(ours, x), expected, "two active adapters")
-    hf.merge_adapter(), ours.merge_adapter()
-    D.assert_close(D.run(ours, x), D.run(hf, x), "two merged adapters")
-    D.assert_close(D.run(ours, x), expected, "merged vs unmerged", atol=1e-4)
-    hf.unmerge_adapter(), ours.unmerge_adapter()
-    with ours.disable_adapter():
-        D.assert_close(D.run(ours, x), D.run(L.build("mlp"), x), "unmerged: the base again", atol=0)
-
-
-@pytest.mark.parametrize("case", ["linear-regex", "conv3d", "embedding", "gpt2-conv1D"])
-def test_checkpoints_both_ways(case, tmp_path):
-    _, model, kwargs = next(c for c in CASES if c[0] == case)
-    hf, ours = make_pair(model, kwargs)
-    D.assert_checkpoints_load_both_ways(hf, ours, lambda: L.build(model), L.inputs(model), tmp_path)
-
-
-def test_config_fields_and_defaults_match_hf():
-    D.assert_same_config_defaults(HiraConfig, hf_peft.HiraConfig)

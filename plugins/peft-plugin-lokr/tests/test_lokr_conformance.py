@@ -2,13 +2,10 @@
 Conv1d (the full W2 HF PEFT gets wrong, and the CP form HF PEFT crashes on), the CP form of
 Conv2d, and on a quantized base (the kit's toy int8 backend)."""
 
-import pytest
 
-from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
 from peft_kernel.testing import layer_models as L
-from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
-from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
+from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_lokr import LoKrConfig
 
 
@@ -25,15 +22,5 @@ class TestLoKrConformance(MethodConformance):
     ]
 
 
-@pytest.fixture(scope="class")
-def toy_backend():
-    name = manager().register(ToyBackendPlugin(), name="lokr-toy-backend")
-    yield
-    manager().unregister(name)
-
-
-@pytest.mark.usefixtures("toy_backend")
-class TestLoKrOnQuantizedBase(QuantBackendConformance):
+class TestLoKrOnQuantizedBase(ToyQuantConformance):
     config_fn = staticmethod(lambda targets: LoKrConfig(target_modules=targets, r=2))
-    cases = [QuantCase("toy-int8", quantize_layers(ToyInt8Linear), backend="toy-int8", merged_tol=0.02,
-                       roundtrip_tol=0.02)]

@@ -1,14 +1,11 @@
 """RoAd passes the kernel's conformance kit for each variant, on layers with and without a bias,
 and on a quantized base (the kit's toy int8 backend: the rotation acts on its output)."""
 
-import pytest
 from torch import nn
 
-from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
 from peft_kernel.testing import layer_models as L
-from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
-from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
+from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_road import RoadConfig
 
 
@@ -28,16 +25,6 @@ class TestRoadConformance(MethodConformance):
     cases = [case("road_1"), case("road_2", variant="road_2"), case("road_4-no-bias", without_biases, variant="road_4")]
 
 
-@pytest.fixture(scope="class")
-def toy_backend():
-    name = manager().register(ToyBackendPlugin(), name="road-toy-backend")
-    yield
-    manager().unregister(name)
-
-
-@pytest.mark.usefixtures("toy_backend")
-class TestRoadOnQuantizedBase(QuantBackendConformance):
+class TestRoadOnQuantizedBase(ToyQuantConformance):
     training_steps = 40  # few parameters, each moved by about lr per Adam step
     config_fn = staticmethod(lambda targets: RoadConfig(target_modules=targets, group_size=4, variant="road_2"))
-    cases = [QuantCase("toy-int8", quantize_layers(ToyInt8Linear), backend="toy-int8", merged_tol=0.02,
-                       roundtrip_tol=0.02)]

@@ -1,6 +1,7 @@
-"""RoAd against HF PEFT (the oracle), for its three variants: the same seed gives the same initial
-angles and scales, the same parameters give the same outputs (unmerged, merged, mixed batches),
-and checkpoints load both ways with identical keys and config fields."""
+"""RoAd against HF PEFT (the oracle; the kit's OracleSuite), for its three variants: the same
+seed gives the same initial angles and scales, the same parameters give the same outputs
+(unmerged, merged, mixed batches), and checkpoints load both ways with identical keys and config
+fields."""
 
 from __future__ import annotations
 
@@ -24,26 +25,16 @@ CASES = [
     ("llama-defaults", "llama", {"task_type": "CAUSAL_LM", "group_size": 8}),
     ("llama-road_4", "llama", {"target_modules": ["q_proj", "down_proj"], "variant": "road_4", "group_size": 16}),
 ]
-IDS = [c[0] for c in CASES]
+
+
+class TestRoadAgainstHF(L.OracleSuite):
+    config_cls, hf_config, cases = RoadConfig, "RoadConfig", CASES
+    checkpoint_cases = ("road_2", "road_4", "llama-defaults")
+    two_adapter_cases = ("road_4",)
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.RoadConfig(**kwargs), RoadConfig(**kwargs), perturb=perturb)
-
-
-@pytest.mark.parametrize("init_weights", [True, False])
-@pytest.mark.parametrize("case", CASES[:3], ids=IDS[:3])
-def test_same_seed_same_initial_parameters(case, init_weights):
-    _, model, kwargs = case
-    D.assert_same_initial_state(*make_pair(model, {**kwargs, "init_weights": init_weights}, perturb=False))
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_outputs_merge_unmerge(case):
-    _, model, kwargs = case
-    hf, ours = make_pair(model, kwargs)
-    x = L.inputs(model)
-    D.assert_matches_oracle(hf, ours, x, D.run(L.build(model), x))
+    return L.oracle_pair(model, hf_peft.RoadConfig(**kwargs), RoadConfig(**kwargs), perturb)
 
 
 @pytest.mark.parametrize("case", ["road_1", "llama-road_4"])
@@ -58,17 +49,6 @@ def test_mixed_batches_and_gradients_match(case):
     names = ["other", "__base__", "default"]
     D.assert_close(D.run(ours, x, adapter_names=names), D.run(hf, x, adapter_names=names), "mixed batch")
     D.assert_same_training(hf, ours, x, steps=1)
-
-
-@pytest.mark.parametrize("case", ["road_2", "road_4", "llama-defaults"])
-def test_checkpoints_both_ways(case, tmp_path):
-    _, model, kwargs = next(c for c in CASES if c[0] == case)
-    hf, ours = make_pair(model, kwargs)
-    D.assert_checkpoints_load_both_ways(hf, ours, lambda: L.build(model), L.inputs(model), tmp_path)
-
-
-def test_config_fields_and_defaults_match_hf():
-    D.assert_same_config_defaults(RoadConfig, hf_peft.RoadConfig)
 
 
 def test_merged_weights_match_hf():

@@ -31,11 +31,8 @@ class LoHaLayer(WeightDeltaLayer):
     other_param_names = ("r", "alpha")
 
     def update_layer(self, adapter_name: str, config, r: int = 8, alpha: float = 8, **kwargs) -> None:
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        self.r[adapter_name], self.alpha[adapter_name], self.scaling[adapter_name] = r, alpha, alpha / r
-        self.module_dropout[adapter_name] = config.module_dropout
-        self.row_dropout[adapter_name], self.row_dropout_rescale[adapter_name] = config.rank_dropout, True
+        self.set_low_rank(adapter_name, config, r, alpha, rescale_rows=True)
+        self.r[adapter_name], self.alpha[adapter_name] = r, alpha
         out, fan_in, *kernel = self.delta_shape
         if config.use_effective_conv2d and math.prod(kernel) > 1:  # CP form
             core = tucker_core_shape(r, kernel)

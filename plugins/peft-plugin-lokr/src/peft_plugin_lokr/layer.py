@@ -33,12 +33,8 @@ class LoKrLayer(WeightDeltaLayer):
     other_param_names = ("r", "alpha")
 
     def update_layer(self, adapter_name: str, config, r: int = 8, alpha: float = 8, **kwargs) -> None:
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        self.r[adapter_name], self.alpha[adapter_name], self.scaling[adapter_name] = r, alpha, alpha / r
-        self.module_dropout[adapter_name] = config.module_dropout
-        self.row_dropout[adapter_name] = config.rank_dropout
-        self.row_dropout_rescale[adapter_name] = config.rank_dropout_scale
+        self.set_low_rank(adapter_name, config, r, alpha, rescale_rows=config.rank_dropout_scale)
+        self.r[adapter_name], self.alpha[adapter_name] = r, alpha
         out, fan_in, *kernel = self.delta_shape
         (a, b), (c, d) = factorization(out, config.decompose_factor), factorization(fan_in, config.decompose_factor)
         shapes = {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)} if config.decompose_both and r < max(a, c) / 2 else {
