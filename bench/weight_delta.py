@@ -1,7 +1,7 @@
-"""Forward and training-step cost of a weight-delta method (LoHa) on peft-kernel's
-``WeightDeltaLayer`` next to HF PEFT's LoHa, on the same CPU in one process.
+"""Forward and training-step cost of a weight-delta method (LoHa or LoKr) on peft-kernel's
+``WeightDeltaLayer`` next to HF PEFT's, on the same CPU in one process.
 
-    python bench/weight_delta.py [--threads 1] [--repeats 20] [--clock cpu]
+    python bench/weight_delta.py [--method loha|lokr] [--threads 1] [--repeats 20] [--clock cpu]
 
 Rows: one adapted ``nn.Linear`` (fused path ``op(x, W + ΔW) + b``, and the unfused path
 ``base(x) + op(x, ΔW)`` that quantized, hooked or mixed-dtype bases take) and one adapted
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import statistics
 import time
 
@@ -21,7 +22,10 @@ import torch
 from torch import nn
 
 import peft_kernel
-from peft_plugin_loha import LoHaConfig
+
+#: method -> (config class name, in HF PEFT and in the plugin; the plugin's module; r of the CP case, small
+#: enough that the convolution's factor is low-rank)
+METHODS = {"loha": ("LoHaConfig", "peft_plugin_loha", 8), "lokr": ("LoKrConfig", "peft_plugin_lokr", 2)}
 
 
 def _timed(fn, repeats: int, clock) -> float:
@@ -35,11 +39,12 @@ def _timed(fn, repeats: int, clock) -> float:
     return statistics.median(samples)
 
 
-def _models(base: nn.Module, **config):
+def _models(method: str, base: nn.Module, **config):
+    name, module, _ = METHODS[method]
     torch.manual_seed(0)
-    hf = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(**config))
+    hf = peft.get_peft_model(copy.deepcopy(base), getattr(peft, name)(**config))
     torch.manual_seed(0)
-    ours = peft_kernel.get_peft_model(copy.deepcopy(base), LoHaConfig(**config))
+    ours = peft_kernel.get_peft_model(copy.deepcopy(base), getattr(importlib.import_module(module), name)(**config))
     ours.load_state_dict(hf.state_dict())
     return hf, ours
 
@@ -60,6 +65,7 @@ def _infer(model, x):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=sorted(METHODS), default="loha")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
@@ -73,13 +79,14 @@ def main() -> None:
          torch.randn(512, 1024), False),
         ("Linear 1024, 512 tokens, unfused", linear, dict(target_modules=["0"], r=8, init_weights=False),
          torch.randn(512, 1024), True),
-        ("Conv2d 64x3x3 CP, 8x32x32", conv, dict(target_modules=["0"], r=8, init_weights=False,
+        ("Conv2d 64x3x3 CP, 8x32x32", conv, dict(target_modules=["0"], r=METHODS[args.method][2], init_weights=False,
                                                  use_effective_conv2d=True), torch.randn(8, 64, 32, 32), False),
     ]
-    print(f"| workload | mode | HF PEFT (ms) | ours (ms) | ours / HF |  ({args.clock} time, {args.threads} thread(s))")
+    print(f"| {args.method}: workload | mode | HF PEFT (ms) | ours (ms) | ours / HF |  ({args.clock} time, "
+          f"{args.threads} thread(s))")
     print("|---|---|---|---|---|")
     for name, base, config, x, unfused in cases:
-        hf, ours = _models(base, **config)
+        hf, ours = _models(args.method, base, **config)
         if unfused:  # a no-op hook: what a hooked (offloaded, quantized, ...) base gets
             ours.base_model.model[0].get_base_layer().register_forward_hook(lambda *a: None)
         for mode, make in (("inference", _infer), ("train step", _step)):
