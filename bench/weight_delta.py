@@ -1,11 +1,11 @@
 """Forward and training-step cost of weight-delta and weight-transform methods on peft-kernel's
 ``WeightDeltaLayer`` next to HF PEFT's, on the same CPU in one process.
 
-    python bench/weight_delta.py [--method loha|oft|all] [--threads 1] [--repeats 20] [--clock cpu]
+    python bench/weight_delta.py [--method loha|lokr|oft|all] [--threads 1] [--repeats 20] [--clock cpu]
 
 LoHa rows: one adapted ``nn.Linear`` (fused path ``op(x, W + ΔW) + b``, and the unfused path
 ``base(x) + op(x, ΔW)`` that quantized, hooked or mixed-dtype bases take) and one adapted
-``nn.Conv2d`` in CP form. OFT rows: one adapted ``nn.Linear`` (the input is rotated, then the
+``nn.Conv2d`` in CP form; LoKr the same rows. OFT rows: one adapted ``nn.Linear`` (the input is rotated, then the
 base layer runs), with the Cayley-Neumann series and with the exact Cayley transform. Each for
 inference (no grad, unmerged) and a training step (forward + backward). Prints the median time
 per call and the ratio ours / HF.
@@ -39,6 +39,7 @@ def _timed(fn, repeats: int, clock) -> float:
 
 def _models(method: str, base: nn.Module, **config):
     hf_config, our_config = {"loha": (peft.LoHaConfig, "peft_plugin_loha:LoHaConfig"),
+                             "lokr": (peft.LoKrConfig, "peft_plugin_lokr:LoKrConfig"),
                              "oft": (peft.OFTConfig, "peft_plugin_oft:OFTConfig")}[method]
     module, _, name = our_config.partition(":")
     torch.manual_seed(0)
@@ -68,20 +69,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu")
-    parser.add_argument("--method", choices=["loha", "oft", "all"], default="all")
+    parser.add_argument("--method", choices=["loha", "lokr", "oft", "all"], default="all")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     linear = nn.Sequential(nn.Linear(1024, 1024))
     conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
     tokens = torch.randn(512, 1024)
-    cases = [
-        ("loha", "Linear 1024, 512 tokens", linear, dict(target_modules=["0"], r=8, init_weights=False), tokens,
-         False),
-        ("loha", "Linear 1024, 512 tokens, unfused", linear, dict(target_modules=["0"], r=8, init_weights=False),
-         tokens, True),
-        ("loha", "Conv2d 64x3x3 CP, 8x32x32", conv, dict(target_modules=["0"], r=8, init_weights=False,
-                                                         use_effective_conv2d=True), torch.randn(8, 64, 32, 32), False),
+    images = torch.randn(8, 64, 32, 32)
+    cases = []
+    for method, cp_rank in (("loha", 8), ("lokr", 2)):  # LoKr: a rank small enough for a low-rank factor
+        cases += [
+            (method, "Linear 1024, 512 tokens", linear, dict(target_modules=["0"], r=8, init_weights=False), tokens,
+             False),
+            (method, "Linear 1024, 512 tokens, unfused", linear, dict(target_modules=["0"], r=8, init_weights=False),
+             tokens, True),
+            (method, "Conv2d 64x3x3 CP, 8x32x32", conv,
+             dict(target_modules=["0"], r=cp_rank, init_weights=False, use_effective_conv2d=True), images, False),
+        ]
+    cases += [
         ("oft", "Linear 1024, 512 tokens, blocks of 32", linear,
          dict(target_modules=["0"], oft_block_size=32, init_weights=False), tokens, False),
         ("oft", "Linear 1024, 512 tokens, blocks of 32, exact Cayley", linear,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import PeftConfig, PeftType, PromptLearningConfig, TaskType, TunerConfig
+from .config import LowRankDeltaConfig, PeftConfig, PeftType, PromptLearningConfig, TaskType, TunerConfig
 from .dispatch import register_layer_mapping, unregister_layer_mapping
 from .errors import (
     MergeNotSupportedError,
@@ -67,7 +67,8 @@ __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "PeftType",
-    "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "ModulesToSaveWrapper", "PeftConfig",
+    "AdapterLayer", "BaseTuner", "BaseTunerLayer", "BufferDict", "LowRankDeltaConfig", "ModulesToSaveWrapper",
+    "PeftConfig",
     "PeftMixedModel", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",

@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from . import io
 from .errors import ConfigTypeError, PeftWarning
@@ -96,6 +96,10 @@ class PeftConfig:
 
     is_prompt_learning = False
     is_adaption_prompt = False
+    #: fields that HF PEFT's config of this method lacks (e.g. inherited target-matching
+    #: fields it does not offer): written to ``adapter_config.json`` only when they differ
+    #: from their default, so that the files stay identical to HF PEFT's
+    fields_written_when_set: ClassVar[tuple[str, ...]] = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "peft_type" and type(value) is str:
@@ -121,7 +125,10 @@ class PeftConfig:
         for f in dataclasses.fields(self):
             if f.name.startswith("_") or f.metadata.get("runtime_only"):
                 continue
-            out[f.name] = _jsonable(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name in self.fields_written_when_set and value == _default(f):
+                continue
+            out[f.name] = _jsonable(value)
         return out
 
     def to_json_string(self) -> str:
@@ -332,6 +339,10 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _jsonable(value):
     if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a sub-config (e.g. of one feature)
         return _jsonable(dataclasses.asdict(value))
@@ -438,6 +449,37 @@ class TunerConfig(PeftConfig):
 
     #: HF PEFT's name for :meth:`register_custom_module`
     _register_custom_module = register_custom_module
+
+
+@dataclass
+class LowRankDeltaConfig(TunerConfig):
+    """Base of weight-delta methods built from rank-``r`` factors and scaled by ``alpha / r`` (the
+    fields LyCORIS-style methods share, with HF PEFT's names and defaults): ``r`` and ``alpha``, per
+    module through ``rank_pattern`` / ``alpha_pattern`` (:meth:`layer_kwargs` gives each layer its
+    own), the training-time dropouts of :class:`peft_kernel.WeightDeltaLayer` (``rank_dropout``: its
+    row dropout; ``module_dropout``), and ``use_effective_conv2d``, the Tucker-2 ("CP") form of
+    convolution kernels (:func:`peft_kernel.delta.tucker_product`). A layer applies the settings
+    with :meth:`peft_kernel.WeightDeltaLayer.set_low_rank`."""
+
+    r: int = field(default=8, metadata={"help": "Rank of the factors."})
+    alpha: int = field(default=8, metadata={"help": "The delta is scaled by alpha / r."})
+    rank_dropout: float = field(
+        default=0.0, metadata={"help": "In training, drop each output row of the delta with this probability."}
+    )
+    module_dropout: float = field(
+        default=0.0, metadata={"help": "In training, skip the whole adapter of a layer with this probability."}
+    )
+    use_effective_conv2d: bool = field(
+        default=False, metadata={"help": "Convolutions with a kernel larger than 1 use the Tucker-2 (CP) form."}
+    )
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module r: {name or regex: r}."})
+    alpha_pattern: dict = field(default_factory=dict, metadata={"help": "Per-module alpha: {name or regex: alpha}."})
+
+    def layer_kwargs(self, target_name: str) -> dict[str, Any]:
+        from .targeting import pattern_value
+
+        return {"r": pattern_value(self.rank_pattern, target_name, self.r),
+                "alpha": pattern_value(self.alpha_pattern, target_name, self.alpha)}
 
 
 @dataclass

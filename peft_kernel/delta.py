@@ -27,7 +27,11 @@ Subclass :class:`WeightDeltaLayer` and give it:
       adapter and training call from torch's global generator, as LyCORIS-style layers do;
     * ``self.row_dropout[name]`` and ``self.row_dropout_rescale[name]`` — in training, each
       output row of ΔW is zeroed with this probability (what LyCORIS calls rank dropout),
-      and with ``row_dropout_rescale`` the kept rows are divided by the kept fraction.
+      and with ``row_dropout_rescale`` the kept rows are divided by the kept fraction;
+    * ``self.input_dropout[name]`` — in training, the adapter's part ``op(x, s·ΔW)`` sees
+      ``x`` through dropout with this probability (additive methods, floating-point inputs:
+      an embedding's indices are never dropped), so each adapter then runs its own
+      operation instead of one fused one.
 
     ``layer_kwargs`` are ``config.layer_kwargs(target_name)``. The constructor calls
     ``update_layer`` for the first adapter; the kernel calls it for every further one and
@@ -53,9 +57,9 @@ and then *one* of:
     adapted weight and back (the inverse is what unmerging uses). Several active
     adapters are applied in order, and unmerged in reverse. A method that also changes
     the bias overrides ``transform_bias(bias, adapter_name)`` / ``untransform_bias``
-    (``bias`` is ``None`` for layers without one; such layers then cannot merge, since
-    there is no bias to write into). Training-time randomness of a transform (e.g. dropping
-    rotation blocks) goes into ``training_transform_weight(weight, adapter_name)``, which the
+    (``bias`` is ``None`` for layers without one; where the method then still makes a
+    bias, the layer cannot merge, since there is no bias to write into). Training-time
+    randomness of a transform (e.g. dropping rotation blocks) goes into ``training_transform_weight(weight, adapter_name)``, which the
     forward pass calls in training mode instead (default: ``transform_weight``); merging always
     uses the exact ``transform_weight``.
 
@@ -108,6 +112,14 @@ What the base does
 A method may still override ``adapter_forward`` / ``forward_active`` when it has a cheaper
 exact forward (e.g. a transform that acts on the output only); merging keeps using the
 weight math above.
+
+Factorised convolution kernels
+==============================
+
+:func:`tucker_product` and :func:`tucker_core_shape` build a convolution weight from a small
+core and one factor per channel mode (Tucker-2, the "CP form" / "effective conv" of
+several low-rank methods), for methods that offer it: one implementation, differentiated
+by autograd.
 """
 
 from __future__ import annotations
@@ -159,6 +171,7 @@ class WeightDeltaLayer(AdapterLayer):
         shape = tuple(base.weight.shape) if kind == "conv" else (self.out_features, self.in_features)
         self.set_plain_attributes(
             base_kind=kind, delta_shape=shape, scaling={}, module_dropout={}, row_dropout={}, row_dropout_rescale={},
+            input_dropout={},
             _transposed=kind == "embedding" or stores_weight_transposed(base),
             **{name: {} for name in self.other_param_names if name not in self.container_types},
         )
@@ -223,6 +236,15 @@ class WeightDeltaLayer(AdapterLayer):
     def changes_bias(self) -> bool:
         """Whether this layer's method changes the bias (it overrides ``transform_bias``)."""
         return type(self).transform_bias is not WeightDeltaLayer.transform_bias
+
+    def set_low_rank(self, adapter_name: str, config, r: int, alpha: float, rescale_rows: bool) -> None:
+        """The settings of a :class:`peft_kernel.LowRankDeltaConfig` adapter: ``scaling = alpha / r``
+        (``r`` must be positive), module dropout, and the config's ``rank_dropout`` as row dropout
+        (``rescale_rows``: the kept rows are divided by the kept fraction)."""
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        self.scaling[adapter_name], self.module_dropout[adapter_name] = alpha / r, config.module_dropout
+        self.row_dropout[adapter_name], self.row_dropout_rescale[adapter_name] = config.rank_dropout, rescale_rows
 
     # -- layouts and the base layer's operation -------------------------------------------
 
@@ -337,6 +359,8 @@ class WeightDeltaLayer(AdapterLayer):
             if transformed is None:
                 return self.base_layer(x, *args, **kwargs)
             return self._apply_transformed(x, *transformed)
+        if self.training and x.is_floating_point() and any(self.input_dropout.get(name) for name in adapter_names):
+            return super().forward_active(x, adapter_names, *args, **kwargs)  # one dropout draw per adapter
         delta = self._summed_delta(adapter_names)
         if delta is None:
             return self.base_layer(x, *args, **kwargs)
@@ -353,7 +377,12 @@ class WeightDeltaLayer(AdapterLayer):
             transformed = self._transformed([adapter_name])
             return result if transformed is None else self._apply_transformed(x, *transformed).to(result.dtype)
         delta = self._summed_delta([adapter_name])
-        return result if delta is None else self._add_delta(x, result, delta)
+        if delta is None:
+            return result
+        p = self.input_dropout.get(adapter_name, 0.0)
+        if self.training and p and x.is_floating_point():
+            x = F.dropout(x, p)
+        return self._add_delta(x, result, delta)
 
     # -- merging ----------------------------------------------------------------------
 
@@ -386,12 +415,38 @@ class WeightDeltaLayer(AdapterLayer):
 
     def merge_blocker(self) -> str | None:
         if self.changes_bias and getattr(self.get_base_layer(), "bias", None) is None:
-            return f"{type(self).__name__} changes the bias and this layer has none to merge it into"
+            with torch.no_grad():  # a transform that keeps a missing bias missing (e.g. a rotation) merges
+                makes_bias = any(self.transform_bias(None, name) is not None
+                                 for name in self._all_available_adapter_names() if self.has_adapter(name))
+            if makes_bias:
+                return f"{type(self).__name__} changes the bias and this layer has none to merge it into"
         return super().merge_blocker()
 
     # -- bookkeeping --------------------------------------------------------------------
 
     def delete_adapter(self, adapter_name: str) -> None:
-        for settings in (self.scaling, self.module_dropout, self.row_dropout, self.row_dropout_rescale):
+        for settings in (self.scaling, self.module_dropout, self.row_dropout, self.row_dropout_rescale,
+                         self.input_dropout):
             settings.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
+
+
+# -- factorised convolution kernels ---------------------------------------------------------
+
+
+def tucker_core_shape(rank: int, kernel_size: tuple[int, ...]) -> tuple[int, ...]:
+    """The core's shape for :func:`tucker_product` of rank ``rank`` and a convolution kernel:
+    ``(rank, rank, *kernel_size)``, with a 1-D kernel ``k`` kept as ``(k, 1)`` (the layout
+    LyCORIS-format checkpoints use for Conv1d)."""
+    return (rank, rank, kernel_size[0], 1) if len(kernel_size) == 1 else (rank, rank, *kernel_size)
+
+
+def tucker_product(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
+    """A convolution weight from its Tucker-2 factors::
+
+        W[o, i, *k] = Σ_pq core[p, q, *k] · out_factor[p, o] · in_factor[q, i]
+
+    ``core`` (r, r, *kernel), ``out_factor`` (r, out), ``in_factor`` (r, in / groups); the result is
+    (out, in / groups, *kernel) (reshape a Conv1d's trailing 1 away, or let
+    :class:`WeightDeltaLayer` do it)."""
+    return torch.einsum("pq...,po,qi->oi...", core, out_factor, in_factor)

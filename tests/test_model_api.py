@@ -241,3 +241,17 @@ def test_state_dict_of_a_model_adapted_in_place_uses_its_own_paths(tmp_path):
     peft_kernel.set_peft_model_state_dict(fresh, get_peft_model_state_dict(wrapped))  # a PeftModel's keys fit too
     trained_b = wrapped.base_model.model.lin0.lora_B["default"].weight
     torch.testing.assert_close(fresh.lin0.lora_B["default"].weight, trained_b)
+
+
+def test_fields_a_method_lacks_in_hf_peft_are_written_only_when_set(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class NarrowConfig(peft_kernel.TunerConfig):
+        fields_written_when_set = ("exclude_modules", "layers_to_transform")
+
+    written = NarrowConfig(target_modules=["a"]).to_dict()
+    assert "exclude_modules" not in written and "layers_to_transform" not in written and "layers_pattern" in written
+    config = NarrowConfig(target_modules=["a"], exclude_modules=["b"])
+    config.save_pretrained(tmp_path)
+    assert NarrowConfig.from_pretrained(tmp_path).exclude_modules == {"b"}

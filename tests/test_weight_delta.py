@@ -30,6 +30,7 @@ class DenseConfig(TunerConfig):
     scale: float = 1.0
     module_dropout: float | None = None
     row_dropout: float = 0.0
+    input_dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,6 +46,7 @@ class DenseLayer(WeightDeltaLayer):
         if config.module_dropout is not None:
             self.module_dropout[adapter_name] = config.module_dropout
         self.row_dropout[adapter_name], self.row_dropout_rescale[adapter_name] = config.row_dropout, True
+        self.input_dropout[adapter_name] = config.input_dropout
 
     def get_delta(self, adapter_name):
         return self.tdense_w[adapter_name]
@@ -128,6 +130,16 @@ class ScaleInOutLayer(WeightDeltaLayer):
 
 class ScaleInOutModel(peft_kernel.BaseTuner):
     prefix = "tio_"
+
+
+class ScaleOnlyLayer(ScaleShiftLayer):
+    """Scales the rows of W and b: a layer without a bias keeps none."""
+
+    def transform_bias(self, bias, adapter_name):
+        return None if bias is None else bias * self.tss_scale[adapter_name]
+
+    def untransform_bias(self, bias, adapter_name):
+        return bias / self.tss_scale[adapter_name]
 
 
 class DenseModel(peft_kernel.BaseTuner):
@@ -276,6 +288,20 @@ def test_training_forward_uses_the_training_transform_and_merging_the_exact_one(
     torch.testing.assert_close(model(x), exact, atol=1e-5, rtol=1e-5)
 
 
+def test_a_transform_that_makes_no_bias_merges_into_a_layer_without_one():
+    torch.manual_seed(0)
+    layer = ScaleOnlyLayer(nn.Linear(6, 5, bias=False), "default", config=ScaleShiftConfig())
+    with torch.no_grad():
+        layer.tss_scale["default"].uniform_(0.5, 2.0)
+    x = torch.randn(3, 6)
+    before, expected = layer.get_base_layer().weight.detach().clone(), layer(x).detach()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.get_base_layer().bias is None
+    layer.unmerge()
+    torch.testing.assert_close(layer.get_base_layer().weight, before)
+
+
 def test_additive_forward_never_dequantizes(monkeypatch):
     model, layer, _, x = _adapted("toy-int8", DenseConfig)
 
@@ -361,6 +387,22 @@ def test_row_dropout_zeroes_delta_rows_and_rescales_the_rest():
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
     model.merge_adapter()  # merging never drops rows
     torch.testing.assert_close(model(x), reference(x) + x @ delta.T, atol=1e-5, rtol=1e-5)
+
+
+def test_input_dropout_gives_each_adapter_its_own_dropped_out_input():
+    model, layer, reference, x = _adapted("linear", lambda **kw: DenseConfig(input_dropout=0.5, **kw))
+    model.add_adapter("b", DenseConfig(target_modules=["0"], input_dropout=0.5))
+    with torch.no_grad():
+        layer.tdense_w["b"].normal_()
+    model.base_model.set_adapter(["default", "b"])
+    deltas = [layer.tdense_w[name].detach() for name in ("default", "b")]
+    torch.manual_seed(5)  # one draw per adapter, in the order of the active adapters
+    expected = reference(x) + sum(nn.functional.dropout(x, 0.5) @ delta.T for delta in deltas)
+    model.train()
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    model.eval()  # no dropout: one fused operation
+    torch.testing.assert_close(model(x), reference(x) + x @ sum(deltas).T, atol=1e-5, rtol=1e-5)
 
 
 # -- gradients --------------------------------------------------------------------------------

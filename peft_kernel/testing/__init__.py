@@ -6,7 +6,7 @@ See :mod:`peft_kernel.testing.conformance`; quantization backend plugins use
 
 from .conformance import Case, MethodConformance, perturb
 
-_QUANT = ("QuantBackendConformance", "QuantCase", "QuantPluginContract", "quantize_layers")
+_QUANT = ("QuantBackendConformance", "QuantCase", "QuantPluginContract", "ToyQuantConformance", "quantize_layers")
 
 __all__ = ["Case", "MethodConformance", "perturb", *_QUANT]
 

@@ -326,3 +326,49 @@ def assert_checkpoints_load_both_ways(hf: nn.Module, ours: nn.Module, fresh_base
     hf_loaded = peft.PeftModel.from_pretrained(fresh_base(), str(tmp_path / "ours"))
     assert_close(run(hf_loaded, x), expected, "HF loading our checkpoint")
     assert type(hf_loaded.peft_config["default"]).__name__ == config_name
+
+
+def assert_same_initial_state(hf: nn.Module, ours: nn.Module) -> None:
+    """Both models hold bit-identical tensors under the same keys, and the same ones are trainable
+    (for models created under the same seed: the initialisations draw alike)."""
+    theirs, mine = hf.state_dict(), ours.state_dict()
+    assert set(mine) == set(theirs), sorted(set(mine) ^ set(theirs))
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+    assert trainable_names(ours) == trainable_names(hf)
+
+
+def assert_same_training(hf: nn.Module, ours: nn.Module, x: Any, steps: int = 4, gradients: bool = True,
+                         atol: float = 1e-4) -> None:
+    """In training mode, with torch's global generator seeded alike before each call, ``steps``
+    forward passes give the same outputs (the training-time dropouts draw alike; some calls may
+    skip every adapter) and, with ``gradients``, backward gives every trainable tensor the same
+    accumulated gradient."""
+    hf.train(), ours.train()
+    for seed in range(steps):
+        torch.manual_seed(seed)
+        expected = hf(**x) if isinstance(x, dict) else hf(x)
+        torch.manual_seed(seed)
+        got = ours(**x) if isinstance(x, dict) else ours(x)
+        expected, got = output(expected), output(got)
+        assert_close(got, expected, f"training forward, seed {seed}")
+        assert got.requires_grad == expected.requires_grad
+        if expected.requires_grad:
+            expected.square().sum().backward()
+            got.square().sum().backward()
+    if gradients:
+        hf_grads = {name: p.grad for name, p in hf.named_parameters() if p.requires_grad}
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                assert_close(param.grad, hf_grads[name], f"gradient of {name}", atol=atol)
+
+
+def assert_same_config_defaults(config_cls: type, hf_config_cls: type, **required: Any) -> None:
+    """Our config class and HF PEFT's write the same fields with the same defaults
+    (``required``: arguments both need)."""
+    ours, theirs = config_cls(**required).to_dict(), hf_config_cls(**required).to_dict()
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for key, value in theirs.items():
+        value = getattr(value, "value", value)  # HF's enums
+        if key != "peft_version":
+            assert _canon(ours[key]) == _canon(value), (key, ours[key], value)

@@ -51,7 +51,9 @@ import torch
 from torch import nn
 
 from .. import get_peft_model, quant
+from ..delta import WeightDeltaLayer
 from ..layer import AdapterLayer
+from .toy_quant import ToyBackendPlugin, ToyInt8Linear
 
 IN, HID, OUT = 128, 64, 8
 #: the layers of :class:`MLP` a case quantizes and the adapter targets
@@ -308,9 +310,10 @@ class QuantBackendConformance:
         for name, layer in adapter_layers(pm).items():
             base = layer.get_base_layer()
             lin = getattr(ref, name)
+            bias = base.bias.detach().float()
             with torch.no_grad():
                 lin.weight.copy_(layer.merge_weight(quant.base_weight(base).detach().float().clone(), ADAPTER).float())
-                lin.bias.copy_(base.bias.detach().float())
+                lin.bias.copy_(layer.transform_bias(bias, ADAPTER) if isinstance(layer, WeightDeltaLayer) else bias)
         ref.head.load_state_dict({k: v.float() for k, v in qmodel.head.state_dict().items()})
 
         with torch.no_grad():
@@ -425,6 +428,23 @@ class QuantBackendConformance:
                 pytest.xfail(f"{case.reference_merge_bug} ({_errors(errors)})")
             assert merged_agree, errors
         print(f"\n[{case.name}] vs HF PEFT: {_errors(errors)}")
+
+
+class ToyQuantConformance(QuantBackendConformance):
+    """The backend kit for a *method* on the kit's toy int8 backend (:mod:`peft_kernel.testing.toy_quant`,
+    registered while the class runs): subclass it with a ``Test`` name and set ``config_fn``, and the
+    method is checked on a quantized base without any quantization library."""
+
+    cases = [QuantCase("toy-int8", quantize_layers(ToyInt8Linear), backend="toy-int8", merged_tol=0.02,
+                       roundtrip_tol=0.02)]
+
+    @pytest.fixture(autouse=True, scope="class")
+    def _toy_backend(self):
+        from ..plugins import manager
+
+        name = manager().register(ToyBackendPlugin(), name=f"toy-int8 for {type(self).__name__}")
+        yield
+        manager().unregister(name)
 
 
 class QuantPluginContract:

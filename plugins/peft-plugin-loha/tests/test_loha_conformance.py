@@ -2,12 +2,9 @@
 and on a quantized base (the kit's toy int8 backend)."""
 
 import _loha_models as M
-import pytest
 
-from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
-from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
+from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_loha import LoHaConfig
 
 
@@ -23,15 +20,5 @@ class TestLoHaConformance(MethodConformance):
     ]
 
 
-@pytest.fixture(scope="class")
-def toy_backend():
-    name = manager().register(ToyBackendPlugin(), name="loha-toy-backend")
-    yield
-    manager().unregister(name)
-
-
-@pytest.mark.usefixtures("toy_backend")
-class TestLoHaOnQuantizedBase(QuantBackendConformance):
+class TestLoHaOnQuantizedBase(ToyQuantConformance):
     config_fn = staticmethod(lambda targets: LoHaConfig(target_modules=targets, r=4))
-    cases = [QuantCase("toy-int8", quantize_layers(ToyInt8Linear), backend="toy-int8", merged_tol=0.02,
-                       roundtrip_tol=0.02)]

@@ -7,49 +7,23 @@ Run with ``-s`` to see the measured errors.
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 tq = pytest.importorskip("torchao.quantization")
 pytest.importorskip("peft_plugin_lora")
 
-from peft_kernel.testing.quant import TARGETS, QuantBackendConformance, QuantCase  # noqa: E402
+from _torchao_quantizers import hf_quantizer, int8_wo_config, intx4_wo_config, quantizer  # noqa: E402
+
+from peft_kernel.testing.quant import QuantBackendConformance, QuantCase  # noqa: E402
 from peft_plugin_lora import LoraConfig  # noqa: E402
 
 warnings.filterwarnings("ignore", module="torchao")
 
 
-def quantizer(make_config):
-    def quantize(model):
-        tq.quantize_(model, make_config(), filter_fn=lambda m, fqn: fqn in TARGETS)
-        return model
-
-    return quantize
-
-
-def _hf_quantizer(make_config):
-    """HF PEFT requantizes torchao weights with the config transformers keeps on the model
-    (``model.hf_quantizer.quantization_config.get_apply_tensor_subclass``); stand in for it."""
-
-    def prepare(model):
-        model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(get_apply_tensor_subclass=make_config))
-
-    return prepare
-
-
-def int8_wo_config():
-    return tq.Int8WeightOnlyConfig(set_inductor_config=False)
-
-
-def intx4_wo_config():
-    return tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=tq.PerGroup(32))
-
-
 def mergeable(name, make_config, merged_tol, roundtrip_tol):
     return QuantCase(name, quantizer(make_config), "torchao", merged_tol=merged_tol, roundtrip_tol=roundtrip_tol,
-                     reference_merge_tol=1e-5, reference_prepare=_hf_quantizer(make_config))
+                     reference_merge_tol=1e-5, reference_prepare=hf_quantizer(make_config))
 
 
 class TestLoraOnTorchao(QuantBackendConformance):

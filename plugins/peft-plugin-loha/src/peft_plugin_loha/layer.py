@@ -7,7 +7,7 @@ Convolutions use the flattened weight, ``in = in_channels / groups · prod(kerne
 ``use_effective_conv2d`` a convolution whose kernel is larger than 1 uses the CP form instead::
 
     ΔW[o, i, h, w] = (alpha / r) · C1[o, i, h, w] · C2[o, i, h, w],
-    Cn[o, i, h, w] = Σ_pq hada_tn[p, q, h, w] · hada_wn_a[p, o] · hada_wn_b[q, i]
+    Cn[o, i, h, w] = Σ_pq hada_tn[p, q, h, w] · hada_wn_a[p, o] · hada_wn_b[q, i]   (tucker_product)
 
 with ``hada_tn`` (r, r, kh, kw) (``kw = 1`` for Conv1d), ``hada_wn_a`` (r, out) and ``hada_wn_b``
 (r, in_channels / groups). Shapes, initialisation order and names are HF PEFT's, so checkpoints
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from peft_kernel import WeightDeltaLayer
+from peft_kernel.delta import tucker_core_shape, tucker_product
 
 
 class LoHaLayer(WeightDeltaLayer):
@@ -30,14 +31,11 @@ class LoHaLayer(WeightDeltaLayer):
     other_param_names = ("r", "alpha")
 
     def update_layer(self, adapter_name: str, config, r: int = 8, alpha: float = 8, **kwargs) -> None:
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        self.r[adapter_name], self.alpha[adapter_name], self.scaling[adapter_name] = r, alpha, alpha / r
-        self.module_dropout[adapter_name] = config.module_dropout
-        self.row_dropout[adapter_name], self.row_dropout_rescale[adapter_name] = config.rank_dropout, True
+        self.set_low_rank(adapter_name, config, r, alpha, rescale_rows=True)
+        self.r[adapter_name], self.alpha[adapter_name] = r, alpha
         out, fan_in, *kernel = self.delta_shape
-        if config.use_effective_conv2d and math.prod(kernel) > 1:  # CP form; a Conv1d core has kw = 1
-            core = (r, r, *kernel) if len(kernel) == 2 else (r, r, kernel[0], 1)
+        if config.use_effective_conv2d and math.prod(kernel) > 1:  # CP form
+            core = tucker_core_shape(r, kernel)
             shapes = zip(self.adapter_layer_names, [(r, out), (r, fan_in)] * 2 + [core] * 2, strict=True)
         else:
             flat = fan_in * math.prod(kernel)
@@ -52,13 +50,10 @@ class LoHaLayer(WeightDeltaLayer):
     def get_delta(self, adapter_name: str) -> torch.Tensor:
         w1_a, w1_b, w2_a, w2_b = (getattr(self, name)[adapter_name] for name in self.adapter_layer_names[:4])
         if adapter_name in self.hada_t1:
-            return _cp(self.hada_t1[adapter_name], w1_a, w1_b) * _cp(self.hada_t2[adapter_name], w2_a, w2_b)
+            return (tucker_product(self.hada_t1[adapter_name], w1_a, w1_b)
+                    * tucker_product(self.hada_t2[adapter_name], w2_a, w2_b))
         return (w1_a @ w1_b) * (w2_a @ w2_b)
 
     def __repr__(self) -> str:
         return "loha." + super().__repr__()
 
-
-def _cp(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
-    """The CP (Tucker-2) product: (out, in, kh, kw) from the core and the two mode factors."""
-    return torch.einsum("pqhw,po,qi->oihw", core, out_factor, in_factor)

@@ -1,0 +1,45 @@
+"""HiRA for peft-kernel: ``HiraConfig``, ``HiraModel`` and ``HiraLayer``.
+
+Found through the ``peft_kernel`` entry point ``hira``; importing this module registers
+nothing by itself. It does not import torch: the config is torch-free, the tuner is
+registered as a lazy string and the layer is imported when a model is adapted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_kernel import hookimpl
+from peft_kernel.dispatch import dispatch_method_layer
+from peft_kernel.lazy import lazy_attributes
+
+from .config import HiraConfig
+
+if TYPE_CHECKING:
+    from .layer import HiraLayer
+    from .model import HiraModel
+
+__all__ = ["HiraConfig", "HiraLayer", "HiraModel"]
+
+PEFT_TYPE = "HIRA"
+
+__getattr__, __dir__ = lazy_attributes(__name__, {"HiraModel": ".model", "HiraLayer": ".layer"})
+
+
+@hookimpl
+def peft_kernel_register_methods(register):
+    register(name="hira", config_cls=HiraConfig, model_cls="peft_plugin_hira.model:HiraModel", prefix="hira_")
+
+
+@hookimpl(trylast=True)
+def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
+    if config.peft_type != PEFT_TYPE:
+        return None
+    from torch import nn
+
+    from .layer import HiraLayer
+
+    # one class for every layer kind: the kernel handles each kind's layout and operation
+    return dispatch_method_layer(target, target_name, adapter_name, config, HiraLayer,
+                                 {nn.Conv1d: HiraLayer, nn.Conv2d: HiraLayer, nn.Conv3d: HiraLayer,
+                                  nn.Embedding: HiraLayer})

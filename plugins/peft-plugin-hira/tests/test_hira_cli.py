@@ -1,0 +1,7 @@
+"""``peft-kernel finetune --method hira`` trains (the loss falls), and the plugin is listed."""
+
+from peft_kernel.testing.cli import FinetuneSuite
+
+
+class TestHiraCommandLine(FinetuneSuite):
+    method, distribution = "hira", "peft-plugin-hira"
