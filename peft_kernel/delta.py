@@ -59,9 +59,10 @@ and then *one* of:
     the bias overrides ``transform_bias(bias, adapter_name)`` / ``untransform_bias``
     (``bias`` is ``None`` for layers without one; where the method then still makes a
     bias, the layer cannot merge, since there is no bias to write into). Training-time
-    randomness of a transform (e.g. dropping rotation blocks) goes into ``training_transform_weight(weight, adapter_name)``, which the
-    forward pass calls in training mode instead (default: ``transform_weight``); merging always
-    uses the exact ``transform_weight``.
+    randomness of a transform (e.g. dropping rotation blocks) goes into
+    ``training_transform_weight(weight, adapter_name)``, which the forward pass calls in
+    training mode instead (default: ``transform_weight``); merging always uses the exact
+    ``transform_weight``.
 
 A transform of the form ``T(W) = L·W·R`` can also run on the activations, which is cheaper than
 building T(W) on every call. Such a method makes the property ``transforms_activations`` true
