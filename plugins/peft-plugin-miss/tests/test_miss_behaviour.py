@@ -19,8 +19,9 @@ def test_registered_through_the_entry_point():
 def _layer(**kwargs):
     model = peft_kernel.get_peft_model(L.build("mlp"), MissConfig(target_modules=["lin0"], **kwargs))
     layer = model.base_model.model.lin0
-    with torch.no_grad():
-        layer.miss_block["default"].normal_()
+    block = layer.miss_block["default"]
+    with torch.no_grad():  # seeded: the test must not depend on what ran before it
+        block.copy_(torch.randn(block.shape, generator=torch.Generator().manual_seed(0)))
     return layer
 
 
