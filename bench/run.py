@@ -400,9 +400,9 @@ def _dora_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
     torch.manual_seed(0)
     base = Deep(n_blocks=8).eval()
 
-    def dora_model():
+    def dora_model(use_dora=True):
         torch.manual_seed(5)
-        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=True)
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=DORA_TARGETS, use_dora=use_dora)
         return _randomize_lora(get_peft_model(copy.deepcopy(base), config))
 
     x = torch.randn(8, 64, 512)
@@ -412,8 +412,8 @@ def _dora_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
                          inner=1, repeats=5 if quick else 9)
     del model
 
-    def setup():
-        model = dora_model().train()
+    def setup(use_dora=True):
+        model = dora_model(use_dora).train()
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def steps(state):
@@ -425,10 +425,12 @@ def _dora_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
             optimizer.zero_grad(set_to_none=True)
         return loss
 
-    t.measure("dora/train_step(x3)", steps, setup=setup, repeats=3 if quick else 5)
-    r = t.results["dora/train_step(x3)"]
-    if "samples" in r:  # report per step
-        t.results["dora/train_step"] = {"median": r["median"] / 3, "samples": [s / 3 for s in r["samples"]]}
+    # the same step with plain LoRA: the floor a DoRA step shares (base matmuls, A/B gradients, AdamW)
+    for key, make in (("dora/train_step", setup), ("dora/train_step_lora", lambda: setup(use_dora=False))):
+        t.measure(f"{key}(x3)", steps, setup=make, repeats=3 if quick else 5)
+        r = t.results[f"{key}(x3)"]
+        if "samples" in r:  # report per step
+            t.results[key] = {"median": r["median"] / 3, "samples": [s / 3 for s in r["samples"]]}
 
 
 def _compile_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
@@ -755,6 +757,13 @@ def build_rows(data: dict) -> list[dict]:
             ok=ratio_ov is not None and ratio_ov <= 0.5)
     ratio_target(f"train step DoRA (fwd+bwd+AdamW), {label}", _med(hr, "dora/train_step"),
                  _med(orr, "dora/train_step"), 0.8)
+    hl, ol = _med(hr, "dora/train_step_lora"), _med(orr, "dora/train_step_lora")
+    add(f"  reference: train step plain LoRA, {label}", hl, ol)
+    h, o = _med(hr, "dora/train_step"), _med(orr, "dora/train_step")
+    if None not in (h, o, hl, ol):
+        h_pct, o_pct = 100 * (h - hl) / hl, 100 * (o - ol) / ol
+        add("  overhead over plain LoRA: DoRA train step", h_pct, o_pct, fmt=pct,
+            ratio=o_pct / h_pct if h_pct > 0 else None)
 
     # 5c. torch.compile (--compile)
     def times(v, _unused=None):

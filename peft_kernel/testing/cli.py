@@ -1,26 +1,31 @@
-"""The ``peft-kernel`` command line from a plugin's tests, run in a subprocess as a user runs it.
+"""The ``peft-kernel`` command line from a plugin's tests, run in the test's process (the
+command line's ``main``, as the console script calls it; no interpreter start-up per call).
 
-    losses = finetune("mymethod", tmp_path / "adapter", "--r", "4", "--steps", "30")
+    losses = finetune("mymethod", tmp_path / "adapter", "--r", "4", "--steps", "16")
     assert losses[-1] < losses[0]
     assert listed_plugins()["mymethod"]["methods"] == ["MYMETHOD"]
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 
 def run(*args) -> str:
-    """``peft-kernel <args>`` (one torch thread); its stdout. A non-zero exit fails with stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "peft_kernel.cli", *map(str, args)], capture_output=True,
-                            text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    """``peft-kernel <args>``; its stdout. A non-zero exit fails with stderr."""
+    from peft_kernel.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    assert code in (0, None), err.getvalue()
+    return out.getvalue()
 
 
 def finetune(method: str, output: Path, *args) -> list[float]:
@@ -40,22 +45,22 @@ def listed_plugins() -> dict[str, dict]:
 class FinetuneSuite:
     """A method plugin's command-line checks; subclass it with a ``Test`` name and set ``method``
     (the plugin's entry-point name, whose upper case is its ``peft_type``) and ``distribution``:
-    ``peft-kernel finetune`` trains 30 steps on the built-in model and data with ``finetune_args``
+    ``peft-kernel finetune`` trains 16 steps (lr 0.02) on the built-in model and data with ``finetune_args``
     and the loss falls by more than ``min_drop``; ``peft-kernel plugins`` lists the plugin, loaded."""
 
     method: str = ""
     distribution: str = ""
     finetune_args: tuple[str, ...] = ("--r", "4")
-    min_drop: float = 1.0
+    min_drop: float = 0.3
 
     def test_finetune_trains(self, tmp_path):
         import pytest
 
         pytest.importorskip("transformers")
         pytest.importorskip("accelerate")
-        losses = finetune(self.method, tmp_path / "adapter", *self.finetune_args, "--steps", "30", "--batch-size", "8",
-                          "--seq-len", "32", "--log-every", "10")
-        assert len(losses) == 3 and losses[-1] < losses[0] - self.min_drop, losses
+        losses = finetune(self.method, tmp_path / "adapter", "--steps", "16", "--batch-size", "4", "--seq-len", "32",
+                          "--log-every", "8", "--lr", "0.02", *self.finetune_args)
+        assert len(losses) == 2 and losses[-1] < losses[0] - self.min_drop, losses
 
     def test_listed_by_peft_kernel_plugins(self):
         row = listed_plugins()[self.method]

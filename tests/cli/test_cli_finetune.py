@@ -165,29 +165,6 @@ def test_every_installed_method_trains_and_inspects(tmp_path, method):
         fails_cleanly(call_cli("merge", "default", out, "--output", tmp_path / "m"), "cannot be merged")
 
 
-#: methods whose loss must fall in a short run, with the options that size them for the built-in model
-LOSS_MUST_FALL = {"oft": ["--option", "oft_block_size=8"], "boft": ["--option", "boft_block_size=8"],
-                  "hra": []}
-
-
-@pytest.mark.parametrize("method", sorted(LOSS_MUST_FALL))
-def test_method_trains_the_loss_falls_and_the_plugin_is_listed(tmp_path, method):
-    """In process (every method already runs once in a subprocess above)."""
-    from peft_kernel.plugins import manager
-
-    if method.upper() not in manager().methods():
-        pytest.skip(f"peft-plugin-{method} is not installed")
-    out = tmp_path / "out"
-    ok(call_cli("finetune", "--method", method, *LOSS_MUST_FALL[method], "--steps", "16", "--batch-size", "4",
-                "--seq-len", "32", "--lr", "0.02", "--log-every", "8", "--output", out))
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == method.upper()
-    losses = [loss for _, loss in load_state(out)["loss_history"]]
-    assert len(losses) == 2 and losses[-1] < losses[0] - 0.3, losses
-    rows = {row["name"]: row for row in json.loads(ok(call_cli("plugins", "--json")).stdout)}
-    assert rows[method]["distribution"] == f"peft-plugin-{method}" and rows[method]["methods"] == [method.upper()]
-    assert rows[method]["error"] is None
-
-
 def test_defaults_train_and_the_loss_falls(tmp_path):
     """No --method (taken from $PEFT_KERNEL_METHOD), built-in model and data, default lr."""
     out = tmp_path / "out"
