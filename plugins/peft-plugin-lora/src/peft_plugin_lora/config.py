@@ -15,10 +15,15 @@ from typing import Any, Literal
 from peft_kernel import PeftWarning, TunerConfig
 from peft_kernel.targeting import get_pattern_key
 
+from .variant_configs import KasaConfig
+
+#: the variants of ``variants.VARIANTS``: config field -> sub-config class
+_VARIANT_CONFIGS = {"kasa_config": KasaConfig}
+
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
     "megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config", "monteclora_config",
-    "use_bdlora", "kasa_config",
+    "use_bdlora",
 )
 
 
@@ -202,7 +207,10 @@ class LoraConfig(TunerConfig):
         default=None,
         metadata={"help": "Makes this adapter an Arrow router over the layer's other LoRAs (ArrowConfig)."},
     )
-    kasa_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    kasa_config: KasaConfig | None = field(
+        default=None,
+        metadata={"help": "KaSA: drop W's r smallest singular components, learn B diag(d) A (KasaConfig)."},
+    )
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
 
     def __post_init__(self) -> None:
@@ -260,8 +268,11 @@ class LoraConfig(TunerConfig):
             self.alora_invocation_tokens = list(tokens)
             if self.task_type != "CAUSAL_LM":
                 warnings.warn("aLoRA (alora_invocation_tokens) is meant for task_type='CAUSAL_LM'.", stacklevel=4)
+        for name, cls in _VARIANT_CONFIGS.items():
+            setattr(self, name, _sub_config(getattr(self, name), cls, name))
         variants = [name for name, on in (("use_dora", self.use_dora), ("alora_invocation_tokens",
-                    self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None)) if on]
+                    self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None),
+                    *((name, getattr(self, name) is not None) for name in _VARIANT_CONFIGS)) if on]
         if len(variants) > 1:
             raise ValueError(f"{' and '.join(variants)} cannot be combined in one LoRA adapter; choose one")
         if self.target_parameters is not None:
