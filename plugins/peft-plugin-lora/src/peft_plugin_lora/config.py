@@ -15,15 +15,14 @@ from typing import Any, Literal
 from peft_kernel import PeftWarning, TunerConfig
 from peft_kernel.targeting import get_pattern_key
 
-from .variant_configs import KasaConfig
+from .variant_configs import BdLoraConfig, KasaConfig
 
 #: the variants of ``variants.VARIANTS``: config field -> sub-config class
-_VARIANT_CONFIGS = {"kasa_config": KasaConfig}
+_VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig}
 
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
     "megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config", "monteclora_config",
-    "use_bdlora",
 )
 
 
@@ -202,7 +201,9 @@ class LoraConfig(TunerConfig):
         metadata={"help": "Bare nn.Parameters to adapt, as '<module>.<parameter>' (exact or dotted suffix), e.g. "
                           "'experts.gate_up_proj' (2-D or 3-D, dim 0 = expert)."},
     )
-    use_bdlora: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    use_bdlora: BdLoraConfig | None = field(
+        default=None, metadata={"help": "BD-LoRA: a block-diagonal A or B per target (BdLoraConfig)."}
+    )
     arrow_config: ArrowConfig | None = field(
         default=None,
         metadata={"help": "Makes this adapter an Arrow router over the layer's other LoRAs (ArrowConfig)."},
@@ -326,7 +327,9 @@ class LoraConfig(TunerConfig):
             self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), target_name), self.lora_alpha)
             if self.alpha_pattern else self.lora_alpha
         )
-        return {"r": r, "lora_alpha": alpha}
+        if self.use_bdlora is None:
+            return {"r": r, "lora_alpha": alpha}
+        return {"r": r, "lora_alpha": alpha, "bdlora_side": self.use_bdlora.side(target_name)}
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r

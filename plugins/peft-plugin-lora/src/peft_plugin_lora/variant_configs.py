@@ -21,3 +21,44 @@ class KasaConfig:
         for name in ("beta", "gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"KasaConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class BdLoraConfig:
+    """BD-LoRA (``use_bdlora``): in the targets whose name contains a pattern of
+    ``target_modules_bd_a`` the A factor is block-diagonal (``nblocks`` blocks), in those of
+    ``target_modules_bd_b`` the B factor. A row-sharded layer (attention output, MLP down
+    projection) wants A block-diagonal, a column-sharded one (q/k/v, up, gate) B; with
+    ``nblocks`` equal to the tensor-parallel degree, serving needs no extra communication.
+    ``match_strict``: every target must match one of the lists."""
+
+    target_modules_bd_a: list[str] | None = field(
+        default=None, metadata={"help": "Name fragments of the targets whose A factor is block-diagonal."}
+    )
+    target_modules_bd_b: list[str] | None = field(
+        default=None, metadata={"help": "Name fragments of the targets whose B factor is block-diagonal."}
+    )
+    nblocks: int = field(default=1, metadata={"help": "Blocks per block-diagonal factor (the sharding degree)."})
+    match_strict: bool = field(default=True, metadata={"help": "Every target must match one of the two lists."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nblocks, int) or self.nblocks < 1:
+            raise ValueError(f"BdLoraConfig.nblocks must be a positive integer, got {self.nblocks!r}")
+        both = set(self.target_modules_bd_a or ()) & set(self.target_modules_bd_b or ())
+        if both:
+            raise ValueError(f"BdLoraConfig: {sorted(both)} are in both target_modules_bd_a and target_modules_bd_b; "
+                             "a layer has one block-diagonal factor, A or B")
+
+    def side(self, target_name: str) -> str | None:
+        """``"A"`` or ``"B"``: the factor that is block-diagonal in the module ``target_name``
+        (``None``: neither, allowed only without ``match_strict``)."""
+        in_a = any(p in target_name for p in self.target_modules_bd_a or ())
+        in_b = any(p in target_name for p in self.target_modules_bd_b or ())
+        if in_a and in_b:
+            raise ValueError(f"BD-LoRA: {target_name!r} matches both target_modules_bd_a and target_modules_bd_b; "
+                             "make the patterns distinct")
+        if not (in_a or in_b) and self.match_strict:
+            raise ValueError(f"BD-LoRA: {target_name!r} matches neither target_modules_bd_a nor target_modules_bd_b; "
+                             "add a pattern for it, leave it out of target_modules, or set match_strict=False "
+                             "to give it a plain LoRA")
+        return "A" if in_a else "B" if in_b else None

@@ -27,6 +27,7 @@ from torch import nn
 #: config field -> "module:class" of the variant it switches on (imported on first use)
 VARIANTS = {
     "kasa_config": "kasa:Kasa",
+    "use_bdlora": "bdlora:BdLora",
 }
 
 
