@@ -15,14 +15,14 @@ from typing import Any, Literal
 from peft_kernel import PeftWarning, TunerConfig
 from peft_kernel.targeting import get_pattern_key
 
-from .variant_configs import BdLoraConfig, KasaConfig
+from .variant_configs import BdLoraConfig, KasaConfig, VeloraConfig
 
 #: the variants of ``variants.VARIANTS``: config field -> sub-config class
-_VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig}
+_VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig, "velora_config": VeloraConfig}
 
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
-    "megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config", "monteclora_config",
+    "megatron_config", "trainable_token_indices", "lora_ga_config", "monteclora_config",
 )
 
 
@@ -178,7 +178,9 @@ class LoraConfig(TunerConfig):
     corda_config: CordaConfig | None = field(default=None, metadata={"help": "CordaConfig for init 'corda'."})
     lora_ga_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
-    velora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    velora_config: VeloraConfig | None = field(
+        default=None, metadata={"help": "VeLoRA: A's backward keeps rank-1 projections of sub-tokens (VeloraConfig)."}
+    )
     alora_invocation_tokens: list[int] | None = field(
         default=None,
         metadata={"help": "Activated LoRA: token ids of the invocation sequence. The adapter applies from its last "

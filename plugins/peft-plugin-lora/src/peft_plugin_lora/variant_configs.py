@@ -5,6 +5,7 @@ both ways. Torch-free (imported by the entry-point module through ``config.py``)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -62,3 +63,28 @@ class BdLoraConfig:
                              "add a pattern for it, leave it out of target_modules, or set match_strict=False "
                              "to give it a plain LoRA")
         return "A" if in_a else "B" if in_b else None
+
+
+@dataclass
+class VeloraConfig:
+    """VeLoRA (``velora_config``): in training, A's backward uses the input compressed to one
+    number per group of ``⌈in / num_groups⌉`` features (its projection on a unit vector,
+    ``lora_velora_embed``), so the full input need not be kept for backward. The forward and
+    the merged weight are plain LoRA. ``init_type``: the vector is the normalised mean
+    sub-token of every training batch (``"batch_average"``), of the first one
+    (``"batch_average_once"``), or random (``"random"``)."""
+
+    num_groups: int = field(default=64, metadata={"help": "Groups the input features are split into."})
+    scale: float = field(default=1.0, metadata={"help": "Factor on the reconstructed input in backward."})
+    init_type: Literal["batch_average", "batch_average_once", "random"] = field(
+        default="batch_average", metadata={"help": "'batch_average', 'batch_average_once' or 'random'."}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_groups, int) or self.num_groups <= 0:
+            raise ValueError(f"VeloraConfig.num_groups must be a positive integer, got {self.num_groups!r}")
+        if self.scale <= 0:
+            raise ValueError(f"VeloraConfig.scale must be > 0, got {self.scale!r}")
+        if self.init_type not in ("batch_average", "batch_average_once", "random"):
+            raise ValueError("VeloraConfig.init_type must be 'batch_average', 'batch_average_once' or 'random', got "
+                             f"{self.init_type!r}")

@@ -28,6 +28,7 @@ from torch import nn
 VARIANTS = {
     "kasa_config": "kasa:Kasa",
     "use_bdlora": "bdlora:BdLora",
+    "velora_config": "velora:Velora",
 }
 
 
@@ -52,7 +53,8 @@ class LoraVariant:
     #: the LoraConfig field that switches the variant on, and its name in messages
     field: ClassVar[str] = ""
     title: ClassVar[str] = ""
-    #: attribute -> (container factory, trainable): per-adapter containers the variant adds to a layer
+    #: attribute -> (container factory, trainable): per-adapter containers the variant adds to a
+    #: layer (ModuleDict, ParameterDict, BufferDict, or dict for settings)
     containers: ClassVar[dict[str, tuple[Callable[[], nn.Module], bool]]] = {}
     #: whether add_weighted_adapter may combine such adapters factor by factor
     combinable: ClassVar[bool] = True
@@ -75,10 +77,15 @@ class LoraVariant:
 
 def add_containers(layer, variant: LoraVariant) -> None:
     """Give ``layer`` the variant's containers (once), listed where the kernel looks for
-    per-adapter state: trainable ones in ``adapter_layer_names``, others in ``other_param_names``."""
-    for name, (container, trainable) in variant.containers.items():
-        if name in layer._modules:
+    per-adapter state: trainable ones in ``adapter_layer_names``, others (modules holding
+    buffers, plain dicts of settings) in ``other_param_names``."""
+    for name, (factory, trainable) in variant.containers.items():
+        if name in layer._modules or name in layer.__dict__:
             continue
-        layer._modules[name] = container()
+        container = factory()
+        if isinstance(container, nn.Module):
+            layer._modules[name] = container
+        else:
+            layer.set_plain_attributes(**{name: container})
         listing = "adapter_layer_names" if trainable else "other_param_names"
         layer.set_plain_attributes(**{listing: (*getattr(layer, listing), name)})
