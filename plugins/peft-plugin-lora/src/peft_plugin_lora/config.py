@@ -15,14 +15,15 @@ from typing import Any, Literal
 from peft_kernel import PeftWarning, TunerConfig
 from peft_kernel.targeting import get_pattern_key
 
-from .variant_configs import BdLoraConfig, KasaConfig, VeloraConfig
+from .variant_configs import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 
 #: the variants of ``variants.VARIANTS``: config field -> sub-config class
-_VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig, "velora_config": VeloraConfig}
+_VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig, "velora_config": VeloraConfig,
+                    "monteclora_config": MontecloraConfig}
 
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
-    "megatron_config", "trainable_token_indices", "lora_ga_config", "monteclora_config",
+    "megatron_config", "trainable_token_indices", "lora_ga_config",
 )
 
 
@@ -188,7 +189,9 @@ class LoraConfig(TunerConfig):
     )
     use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
     qalora_group_size: int = field(default=16, metadata={"help": "Not supported yet."})
-    monteclora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    monteclora_config: MontecloraConfig | None = field(
+        default=None, metadata={"help": "MonteCLoRA: A as a learned mixture of noisy copies in training."}
+    )
     layer_replication: list | None = field(
         default=None,
         metadata={"help": "[start, end) ranges of layers to stack, e.g. [[0, 4], [2, 5]]; repeated layers share base "

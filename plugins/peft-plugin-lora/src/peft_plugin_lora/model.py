@@ -105,10 +105,10 @@ class LoraModel(BaseTuner):
 
     def _variant_layers(self, adapter_names, field: str):
         """``(layer, adapter, its config)`` for the adapters among ``adapter_names`` (default:
-        all) whose config sets ``field``, over every LoRA layer that holds them."""
+        the active ones) whose config sets ``field``, over every LoRA layer that holds them."""
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
-        chosen = [name for name in (adapter_names or self.peft_config)
+        chosen = [name for name in (self.active_adapters if adapter_names is None else adapter_names)
                   if getattr(self.peft_config.get(name), field, None) is not None]
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
@@ -125,6 +125,14 @@ class LoraModel(BaseTuner):
         losses = [kasa_loss(layer, name, config.kasa_config.beta, config.kasa_config.gamma)
                   for layer, name, config in self._variant_layers(adapter_names, "kasa_config")]
         return torch.stack(losses).sum() if losses else 0.0
+
+    def _get_monteclora_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """The MonteCLoRA variational loss (KL terms, and Σ w² with ``use_entropy``) averaged over
+        the layers of the adapters (default: the active ones), for the task loss (HF PEFT's name).
+        0.0 in eval mode or without MonteCLoRA adapters."""
+        losses = [layer.lora_monteclora_sampler[name].variational_loss()
+                  for layer, name, _ in self._variant_layers(adapter_names, "monteclora_config")]
+        return sum(losses) / len(losses) if losses else 0.0
 
     def _set_layers(self, method: str, *args) -> None:
         for module in self.model.modules():

@@ -88,3 +88,26 @@ class VeloraConfig:
         if self.init_type not in ("batch_average", "batch_average_once", "random"):
             raise ValueError("VeloraConfig.init_type must be 'batch_average', 'batch_average_once' or 'random', got "
                              f"{self.init_type!r}")
+
+
+@dataclass
+class MontecloraConfig:
+    """MonteCLoRA (``monteclora_config``): in training, A is replaced by a mixture of
+    ``num_samples`` noisy copies of itself (noise covariance drawn from a learned Wishart,
+    mixture weights from a learned Dirichlet); outside training it is plain LoRA.
+    ``LoraModel._get_monteclora_loss`` gives the variational (KL and entropy) loss."""
+
+    num_samples: int = field(default=8, metadata={"help": "Noisy copies of A mixed per training forward."})
+    use_entropy: bool = field(default=False, metadata={"help": "Add the mixture weights' sum of squares to the loss."})
+    dirichlet_prior: float = field(default=0.1, metadata={"help": "Concentration of the Dirichlet prior (> 0)."})
+    sample_scaler: float = field(default=1e-4, metadata={"help": "Factor on the noise added to A."})
+    kl_loss_weight: float = field(default=1e-5, metadata={"help": "Weight of the KL terms in the loss."})
+    buffer_size: int = field(default=150, metadata={"help": "Noise draws made at a time (then used one per step)."})
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "buffer_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MontecloraConfig.{name} must be a positive integer, got {value!r}")
+        if self.dirichlet_prior <= 0:
+            raise ValueError(f"MontecloraConfig.dirichlet_prior must be > 0, got {self.dirichlet_prior!r}")

@@ -29,6 +29,7 @@ VARIANTS = {
     "kasa_config": "kasa:Kasa",
     "use_bdlora": "bdlora:BdLora",
     "velora_config": "velora:Velora",
+    "monteclora_config": "monteclora:Monteclora",
 }
 
 
