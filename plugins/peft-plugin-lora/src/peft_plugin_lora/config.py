@@ -244,6 +244,12 @@ class LoraConfig(TunerConfig):
             )
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True cannot be combined with DoRA (use_dora=True); set one of them to False")
+        if self.megatron_config:
+            raise NotImplementedError(
+                "LoraConfig.megatron_config (LoRA on Megatron-LM's tensor-parallel linear layers) is not supported by "
+                "peft-plugin-lora: it needs megatron-core's ColumnParallelLinear / RowParallelLinear, which no "
+                "peft-kernel plugin wraps. Convert the model to transformers layers, or use HF PEFT for Megatron models."
+            )
         for name in _NOT_YET:
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")

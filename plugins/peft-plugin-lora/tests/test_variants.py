@@ -1,0 +1,99 @@
+"""What the variants table (``variants/``) gives every variant: HF PEFT checkpoints load with
+``low_cpu_mem_usage``, several variants share a layer (as in HF PEFT), deleting an adapter
+drops its variant state, and one adapter takes one variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from peft_kernel import PeftModel, get_peft_model
+from peft_kernel.testing.differential import assert_close, perturb, run
+from peft_plugin_lora import BdLoraConfig, KasaConfig, LoraConfig, MontecloraConfig, VeloraConfig
+
+hf_peft = pytest.importorskip("peft")
+
+X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
+VARIANTS = {
+    "kasa_config": ({}, KasaConfig),
+    "use_bdlora": ({"target_modules_bd_a": ["o"], "target_modules_bd_b": ["q"], "nblocks": 2}, BdLoraConfig),
+    "velora_config": ({"num_groups": 4}, VeloraConfig),
+    "monteclora_config": ({"num_samples": 2, "buffer_size": 1}, MontecloraConfig),
+}
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 12)
+        self.o = nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.q(x)))
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def hf_model(field: str, settings: dict, model=None, name: str = "default"):
+    from peft.tuners.lora import config as hf_config
+
+    sub = {"kasa_config": "KasaConfig", "use_bdlora": "BdLoraConfig", "velora_config": "VeloraConfig",
+           "monteclora_config": "MontecloraConfig"}[field]
+    config = hf_peft.LoraConfig(r=4, target_modules=["q", "o"], **{field: getattr(hf_config, sub)(**settings)})
+    if model is None:
+        return hf_peft.get_peft_model(net(), config)
+    model.add_adapter(name, config)
+    return model
+
+
+@pytest.mark.parametrize("field", list(VARIANTS))
+def test_hf_checkpoint_loads_with_low_cpu_mem_usage(field, tmp_path):
+    torch.manual_seed(1)
+    hf = hf_model(field, VARIANTS[field][0]).eval()
+    perturb(hf)
+    hf.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(net(), str(tmp_path), low_cpu_mem_usage=True).eval()
+    assert not any(t.device.type == "meta" for t in loaded.state_dict().values())
+    assert_close(run(loaded, X), run(hf, X), "low_cpu_mem_usage load")
+
+
+def test_variants_share_a_layer_and_delete_cleanly():
+    torch.manual_seed(1)
+    hf = hf_model("velora_config", VARIANTS["velora_config"][0])
+    names = {"velora_config": "default", "use_bdlora": "bd", "monteclora_config": "mc"}
+    for field in ("use_bdlora", "monteclora_config"):
+        hf_model(field, VARIANTS[field][0], hf, names[field])
+    ours = get_peft_model(net(), LoraConfig(r=4, target_modules=["q", "o"], velora_config=VeloraConfig(num_groups=4)))
+    for field in ("use_bdlora", "monteclora_config"):
+        settings, cls = VARIANTS[field]
+        ours.add_adapter(names[field], LoraConfig(r=4, target_modules=["q", "o"], **{field: cls(**settings)}))
+    for model in (hf, ours):
+        model.base_model.set_adapter(list(names.values()))
+    perturb(hf)
+    ours.load_state_dict(hf.state_dict())
+    hf.eval(), ours.eval()
+    assert_close(run(ours, X), run(hf, X), "three variants active")
+    unmerged = run(ours, X)
+    ours.merge_adapter()
+    assert_close(run(ours, X), unmerged, "merged vs unmerged", atol=1e-4)
+    ours.unmerge_adapter()
+    ours.delete_adapter("mc")
+    layer = ours.base_model.model.q
+    assert "mc" not in layer.lora_monteclora_sampler and "mc" not in layer.variant
+    assert not any(".mc" in key for key in ours.state_dict())
+
+
+def test_one_variant_per_adapter():
+    with pytest.raises(ValueError, match="cannot be combined"):
+        LoraConfig(velora_config=VeloraConfig(), monteclora_config=MontecloraConfig())
+    with pytest.raises(ValueError, match="cannot be combined"):
+        LoraConfig(use_bdlora=BdLoraConfig(), alora_invocation_tokens=[1], task_type="CAUSAL_LM")
+
+
+def test_megatron_config_stays_refused_and_names_megatron_core():
+    with pytest.raises(NotImplementedError, match="megatron-core"):
+        LoraConfig(megatron_config={"tensor_model_parallel_size": 2})
