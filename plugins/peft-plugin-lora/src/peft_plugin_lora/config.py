@@ -248,7 +248,7 @@ class LoraConfig(TunerConfig):
             raise NotImplementedError(
                 "LoraConfig.megatron_config (LoRA on Megatron-LM's tensor-parallel linear layers) is not supported by "
                 "peft-plugin-lora: it needs megatron-core's ColumnParallelLinear / RowParallelLinear, which no "
-                "peft-kernel plugin wraps. Convert the model to transformers layers, or use HF PEFT for Megatron models."
+                "peft-kernel plugin wraps. Convert the model to transformers layers, or use HF PEFT with Megatron."
             )
         for name in _NOT_YET:
             if getattr(self, name):
