@@ -97,3 +97,19 @@ def test_one_variant_per_adapter():
 def test_megatron_config_stays_refused_and_names_megatron_core():
     with pytest.raises(NotImplementedError, match="megatron-core"):
         LoraConfig(megatron_config={"tensor_model_parallel_size": 2})
+
+
+def test_qalora_outside_gptq_is_plain_lora_as_in_hf(tmp_path):
+    # HF PEFT applies QA-LoRA in its GPTQ layers only; other layers of such an adapter get plain LoRA
+    config = dict(r=4, target_modules=["q", "o"], use_qalora=True, qalora_group_size=4)
+    torch.manual_seed(1)
+    hf = hf_peft.get_peft_model(net(), hf_peft.LoraConfig(**config)).eval()
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="GPTQ layers only"):
+        ours = get_peft_model(net(), LoraConfig(**config)).eval()
+    assert ours.base_model.model.q.lora_A["default"].weight.shape == (4, 16)
+    perturb(hf)
+    ours.load_state_dict(hf.state_dict())
+    assert_close(run(ours, X), run(hf, X), "plain LoRA")
+    with pytest.raises(ValueError, match="qalora_group_size"):
+        LoraConfig(use_qalora=True, qalora_group_size=0)

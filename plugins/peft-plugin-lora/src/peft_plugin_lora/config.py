@@ -187,8 +187,10 @@ class LoraConfig(TunerConfig):
         metadata={"help": "Activated LoRA: token ids of the invocation sequence. The adapter applies from its last "
                           "occurrence on; earlier tokens see the base model (so their KV cache is the base model's)."},
     )
-    use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
-    qalora_group_size: int = field(default=16, metadata={"help": "Not supported yet."})
+    use_qalora: bool = field(
+        default=False, metadata={"help": "QA-LoRA on GPTQ layers: A sees the input mean-pooled in groups."}
+    )
+    qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA: input features pooled per group."})
     monteclora_config: MontecloraConfig | None = field(
         default=None, metadata={"help": "MonteCLoRA: A as a learned mixture of noisy copies in training."}
     )
@@ -242,6 +244,8 @@ class LoraConfig(TunerConfig):
                 f"init_lora_weights={init!r} is not supported by peft-plugin-lora; use one of {_INITS} "
                 "or 'pissa_niter_N' (as in HF PEFT, only 'olora' and 'gaussian' may be written in any case)."
             )
+        if self.use_qalora and (not isinstance(self.qalora_group_size, int) or self.qalora_group_size <= 0):
+            raise ValueError(f"qalora_group_size must be a positive integer, got {self.qalora_group_size!r}")
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True cannot be combined with DoRA (use_dora=True); set one of them to False")
         if self.megatron_config:
@@ -253,8 +257,6 @@ class LoraConfig(TunerConfig):
         for name in _NOT_YET:
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
-        if self.use_qalora:
-            raise NotImplementedError("QA-LoRA is not supported by peft-plugin-lora yet")
         self._check_init_sub_configs()
         if self.lora_bias and init not in (True, False):
             raise ValueError(
@@ -284,6 +286,7 @@ class LoraConfig(TunerConfig):
             setattr(self, name, _sub_config(getattr(self, name), cls, name))
         variants = [name for name, on in (("use_dora", self.use_dora), ("alora_invocation_tokens",
                     self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None),
+                    ("use_qalora", self.use_qalora),
                     *((name, getattr(self, name) is not None) for name in _VARIANT_CONFIGS)) if on]
         if len(variants) > 1:
             raise ValueError(f"{' and '.join(variants)} cannot be combined in one LoRA adapter; choose one")

@@ -157,6 +157,8 @@ class LoraLayer(AdapterLayer):
             raise ValueError(f"{used[0]} is supported on linear layers only, not on "
                              f"{type(self.get_base_layer()).__name__}; leave those layers out of target_modules")
         variant = variants.resolve(config)
+        if variant is not None and not variant.applies(self):
+            variant = None
         if variant is not None and not self.supports_variants:
             raise ValueError(f"{variant.title} ({variant.field}) is supported on linear layers only, not on "
                              f"{type(self.get_base_layer()).__name__}; leave those layers out of target_modules")

@@ -4,7 +4,7 @@ A variant changes how one adapter of a ``Linear`` LoRA layer starts, runs and me
 everything else (dropout, scaling, bookkeeping, merge machinery, checkpoints) stays the
 layer's. ``VARIANTS`` maps the config field to the variant; the layer keeps, per adapter,
 the variant it was created with (``layer.variant[name]``) and defers to it in four places:
-creation (:meth:`LoraVariant.init`), forward (:meth:`LoraVariant.forward`), the weight
+creation (:meth:`LoraVariant.applies`, :meth:`LoraVariant.init`), forward (:meth:`LoraVariant.forward`), the weight
 update (:meth:`LoraVariant.update_factors`, which merging, unmerging and ``delta_weight``
 use) and the questions other features ask (``combinable``, ``converts_to_lora``).
 
@@ -30,6 +30,7 @@ VARIANTS = {
     "use_bdlora": "bdlora:BdLora",
     "velora_config": "velora:Velora",
     "monteclora_config": "monteclora:Monteclora",
+    "use_qalora": "qalora:QaLora",
 }
 
 
@@ -61,6 +62,10 @@ class LoraVariant:
     combinable: ClassVar[bool] = True
     #: whether the adapter is a plain LoRA delta on the unchanged base (convert_to_lora)
     converts_to_lora: ClassVar[bool] = True
+
+    def applies(self, layer) -> bool:
+        """Whether the variant adapts this layer (``False``: the layer gets plain LoRA)."""
+        return True
 
     def init(self, layer, adapter_name: str, config, **kwargs: Any) -> None:
         """Called after ``lora_A`` / ``lora_B`` are made and initialised."""
