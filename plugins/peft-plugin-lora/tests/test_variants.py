@@ -113,3 +113,28 @@ def test_qalora_outside_gptq_is_plain_lora_as_in_hf(tmp_path):
     assert_close(run(ours, X), run(hf, X), "plain LoRA")
     with pytest.raises(ValueError, match="qalora_group_size"):
         LoraConfig(use_qalora=True, qalora_group_size=0)
+
+
+def test_hotswap_keeps_the_variant_and_refuses_other_ranks(tmp_path):
+    from peft_plugin_lora import hotswap_adapter
+
+    def saved(seed: int, r: int, name: str, **variant):
+        torch.manual_seed(seed)
+        model = get_peft_model(net(), LoraConfig(r=r, target_modules=["q", "o"], **variant))
+        perturb(model, seed=seed)
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    kasa = {"kasa_config": KasaConfig()}
+    first, second = saved(1, 4, "kasa1", **kasa), saved(2, 4, "kasa2", **kasa)
+    model = PeftModel.from_pretrained(net(), str(first)).eval()
+    hotswap_adapter(model, str(second), adapter_name="default")
+    assert_close(run(model, X), run(PeftModel.from_pretrained(net(), str(second)).eval(), X), "hot-swapped KaSA")
+    with pytest.raises(ValueError, match="kasa_config"):
+        hotswap_adapter(model, str(saved(3, 4, "plain")), adapter_name="default")
+    bd = {"use_bdlora": BdLoraConfig(**VARIANTS["use_bdlora"][0])}
+    model = PeftModel.from_pretrained(net(), str(saved(1, 4, "bd4", **bd)))
+    before = run(model, X)
+    with pytest.raises(ValueError, match="BD-LoRA adapters hot-swap only at equal ranks"):
+        hotswap_adapter(model, str(saved(2, 2, "bd2", **bd)), adapter_name="default")
+    assert torch.equal(run(model, X), before)
