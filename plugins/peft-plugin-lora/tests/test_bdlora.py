@@ -4,6 +4,7 @@ ways) and against the math (each block of the factor reads only its own slice of
 
 from __future__ import annotations
 
+import _lora_models as M
 import pytest
 import torch
 from torch import nn
@@ -22,33 +23,12 @@ hf_peft = pytest.importorskip("peft")
 
 X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
 BD = dict(target_modules_bd_a=["o"], target_modules_bd_b=["q"], nblocks=2)
-CONFIG = dict(r=4, lora_alpha=8, target_modules=["q", "o"])
+CONFIG = M.QO_CONFIG
+net = M.qo
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(16, 12)
-        self.o = nn.Linear(12, 8)
-        self.emb = nn.Embedding(10, 16)
-
-    def forward(self, x):
-        return self.o(torch.relu(self.q(x)))
-
-
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
-
-
-def pair(**extra):
-    from peft.tuners.lora.config import BdLoraConfig as HfBdLoraConfig
-
-    torch.manual_seed(1)
-    hf = hf_peft.get_peft_model(net(), hf_peft.LoraConfig(**CONFIG, use_bdlora=HfBdLoraConfig(**BD), **extra))
-    torch.manual_seed(1)
-    ours = get_peft_model(net(), LoraConfig(**CONFIG, use_bdlora=BdLoraConfig(**BD), **extra))
-    return hf.eval(), ours.eval()
+def pair():
+    return M.variant_pair("use_bdlora", BdLoraConfig(**BD))
 
 
 def test_same_seed_gives_hf_initial_factors_and_checkpoint(tmp_path):

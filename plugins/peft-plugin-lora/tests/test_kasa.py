@@ -5,6 +5,7 @@ against the math."""
 
 from __future__ import annotations
 
+import _lora_models as M
 import pytest
 import torch
 from torch import nn
@@ -22,32 +23,12 @@ from peft_plugin_lora import KasaConfig, LoraConfig
 hf_peft = pytest.importorskip("peft")
 
 X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
-CONFIG = dict(r=4, lora_alpha=8, target_modules=["q", "o"])
+CONFIG = M.QO_CONFIG
+net = M.qo
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(16, 12)
-        self.o = nn.Linear(12, 8)
-        self.emb = nn.Embedding(10, 16)
-
-    def forward(self, x):
-        return self.o(torch.relu(self.q(x)))
-
-
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
-
-
-def pair(**extra):
-    torch.manual_seed(1)
-    hf = hf_peft.get_peft_model(net(), hf_peft.LoraConfig(**CONFIG, kasa_config=hf_peft.tuners.lora.config.KasaConfig(),
-                                                          **extra))
-    torch.manual_seed(1)
-    ours = get_peft_model(net(), LoraConfig(**CONFIG, kasa_config=KasaConfig(), **extra))
-    return hf.eval(), ours.eval()
+def pair():
+    return M.variant_pair("kasa_config", KasaConfig())
 
 
 def test_same_seed_gives_hf_initial_state_and_checkpoint(tmp_path):

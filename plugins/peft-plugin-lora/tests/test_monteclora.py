@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 
+import _lora_models as M
 import pytest
 import torch
-from torch import nn
 
-from peft_kernel import get_peft_model
 from peft_kernel.testing.differential import (
     assert_checkpoints_load_both_ways,
     assert_matches_oracle,
@@ -20,38 +19,17 @@ from peft_kernel.testing.differential import (
     perturb,
     run,
 )
-from peft_plugin_lora import LoraConfig, MontecloraConfig
+from peft_plugin_lora import MontecloraConfig
 
 hf_peft = pytest.importorskip("peft")
 
 X = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
-CONFIG = dict(r=4, lora_alpha=8, target_modules=["q", "o"])
 SETTINGS = dict(num_samples=3, buffer_size=2, sample_scaler=0.05)  # refills within a few steps
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(16, 12)
-        self.o = nn.Linear(12, 8)
-
-    def forward(self, x):
-        return self.o(torch.relu(self.q(x)))
-
-
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+net = M.qo
 
 
 def pair(perturbed: bool = True, **settings):
-    from peft.tuners.lora.config import MontecloraConfig as HfMontecloraConfig
-
-    settings = {**SETTINGS, **settings}
-    torch.manual_seed(1)
-    hf = hf_peft.get_peft_model(net(), hf_peft.LoraConfig(**CONFIG, monteclora_config=HfMontecloraConfig(**settings)))
-    torch.manual_seed(1)
-    ours = get_peft_model(net(), LoraConfig(**CONFIG, monteclora_config=MontecloraConfig(**settings)))
+    hf, ours = M.variant_pair("monteclora_config", MontecloraConfig(**{**SETTINGS, **settings}))
     if perturbed:
         perturb(hf)
         ours.load_state_dict(hf.state_dict())

@@ -4,9 +4,9 @@ drops its variant state, and one adapter takes one variant."""
 
 from __future__ import annotations
 
+import _lora_models as M
 import pytest
 import torch
-from torch import nn
 
 from peft_kernel import PeftModel, get_peft_model
 from peft_kernel.testing.differential import assert_close, perturb, run
@@ -16,44 +16,17 @@ hf_peft = pytest.importorskip("peft")
 
 X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
 VARIANTS = {
-    "kasa_config": ({}, KasaConfig),
-    "use_bdlora": ({"target_modules_bd_a": ["o"], "target_modules_bd_b": ["q"], "nblocks": 2}, BdLoraConfig),
-    "velora_config": ({"num_groups": 4}, VeloraConfig),
-    "monteclora_config": ({"num_samples": 2, "buffer_size": 1}, MontecloraConfig),
+    "kasa_config": KasaConfig(),
+    "use_bdlora": BdLoraConfig(target_modules_bd_a=["o"], target_modules_bd_b=["q"], nblocks=2),
+    "velora_config": VeloraConfig(num_groups=4),
+    "monteclora_config": MontecloraConfig(num_samples=2, buffer_size=1),
 }
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(16, 12)
-        self.o = nn.Linear(12, 8)
-
-    def forward(self, x):
-        return self.o(torch.relu(self.q(x)))
-
-
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
-
-
-def hf_model(field: str, settings: dict, model=None, name: str = "default"):
-    from peft.tuners.lora import config as hf_config
-
-    sub = {"kasa_config": "KasaConfig", "use_bdlora": "BdLoraConfig", "velora_config": "VeloraConfig",
-           "monteclora_config": "MontecloraConfig"}[field]
-    config = hf_peft.LoraConfig(r=4, target_modules=["q", "o"], **{field: getattr(hf_config, sub)(**settings)})
-    if model is None:
-        return hf_peft.get_peft_model(net(), config)
-    model.add_adapter(name, config)
-    return model
+net = M.qo
 
 
 @pytest.mark.parametrize("field", list(VARIANTS))
 def test_hf_checkpoint_loads_with_low_cpu_mem_usage(field, tmp_path):
-    torch.manual_seed(1)
-    hf = hf_model(field, VARIANTS[field][0]).eval()
+    hf, _ = M.variant_pair(field, VARIANTS[field])
     perturb(hf)
     hf.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(net(), str(tmp_path), low_cpu_mem_usage=True).eval()
@@ -62,15 +35,12 @@ def test_hf_checkpoint_loads_with_low_cpu_mem_usage(field, tmp_path):
 
 
 def test_variants_share_a_layer_and_delete_cleanly():
-    torch.manual_seed(1)
-    hf = hf_model("velora_config", VARIANTS["velora_config"][0])
     names = {"velora_config": "default", "use_bdlora": "bd", "monteclora_config": "mc"}
+    hf, ours = M.variant_pair("velora_config", VARIANTS["velora_config"])
     for field in ("use_bdlora", "monteclora_config"):
-        hf_model(field, VARIANTS[field][0], hf, names[field])
-    ours = get_peft_model(net(), LoraConfig(r=4, target_modules=["q", "o"], velora_config=VeloraConfig(num_groups=4)))
-    for field in ("use_bdlora", "monteclora_config"):
-        settings, cls = VARIANTS[field]
-        ours.add_adapter(names[field], LoraConfig(r=4, target_modules=["q", "o"], **{field: cls(**settings)}))
+        other_hf, other = M.variant_pair(field, VARIANTS[field])
+        hf.add_adapter(names[field], other_hf.peft_config["default"])
+        ours.add_adapter(names[field], other.peft_config["default"])
     for model in (hf, ours):
         model.base_model.set_adapter(list(names.values()))
     perturb(hf)
@@ -132,7 +102,7 @@ def test_hotswap_keeps_the_variant_and_refuses_other_ranks(tmp_path):
     assert_close(run(model, X), run(PeftModel.from_pretrained(net(), str(second)).eval(), X), "hot-swapped KaSA")
     with pytest.raises(ValueError, match="kasa_config"):
         hotswap_adapter(model, str(saved(3, 4, "plain")), adapter_name="default")
-    bd = {"use_bdlora": BdLoraConfig(**VARIANTS["use_bdlora"][0])}
+    bd = {"use_bdlora": VARIANTS["use_bdlora"]}
     model = PeftModel.from_pretrained(net(), str(saved(1, 4, "bd4", **bd)))
     before = run(model, X)
     with pytest.raises(ValueError, match="BD-LoRA adapters hot-swap only at equal ranks"):

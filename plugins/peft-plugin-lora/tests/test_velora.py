@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import copy
 
+import _lora_models as M
 import pytest
 import torch
-from torch import nn
 
 from peft_kernel import get_peft_model
 from peft_kernel.testing.differential import (
@@ -25,31 +25,12 @@ from peft_plugin_lora import LoraConfig, VeloraConfig
 hf_peft = pytest.importorskip("peft")
 
 X = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
-CONFIG = dict(r=4, lora_alpha=8, target_modules=["q", "o"])
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(16, 12)
-        self.o = nn.Linear(12, 8)
-
-    def forward(self, x):
-        return self.o(torch.relu(self.q(x)))
-
-
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net()
+CONFIG = M.QO_CONFIG
+net = M.qo
 
 
 def pair(**velora):
-    from peft.tuners.lora.config import VeloraConfig as HfVeloraConfig
-
-    torch.manual_seed(1)
-    hf = hf_peft.get_peft_model(net(), hf_peft.LoraConfig(**CONFIG, velora_config=HfVeloraConfig(**velora)))
-    torch.manual_seed(1)
-    ours = get_peft_model(net(), LoraConfig(**CONFIG, velora_config=VeloraConfig(**velora)))
+    hf, ours = M.variant_pair("velora_config", VeloraConfig(**velora))
     perturb(hf)
     ours.load_state_dict(hf.state_dict())
     return hf.eval(), ours.eval()
