@@ -95,6 +95,14 @@ def test_init_lora_weights_false_leaves_a_block_diagonal_b_random():
     assert model.base_model.model.q.lora_B["default"].weight.abs().min() > 0
 
 
+@pytest.mark.xfail(strict=True, reason="HF PEFT 0.21.2 zeroes a block-diagonal B whatever init_lora_weights says, so "
+                                       "init_lora_weights=False (a non-identity adapter, for tests) starts as the "
+                                       "identity there")
+def test_hf_init_lora_weights_false_leaves_a_block_diagonal_b_random():
+    hf, _ = M.variant_pair("use_bdlora", BdLoraConfig(**BD), init_lora_weights=False)
+    assert hf.base_model.model.q.lora_B["default"].weight.abs().min() > 0
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="matches neither"):
         get_peft_model(net(), LoraConfig(**CONFIG, use_bdlora=BdLoraConfig(target_modules_bd_a=["o"], nblocks=2)))
