@@ -86,3 +86,45 @@ def save_hf_lora(path, model_fn, seed: int, **config) -> str:
     torch.manual_seed(seed)
     peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **config)).save_pretrained(str(path))
     return os.fspath(path)
+
+
+class QO(nn.Module):
+    """Two linear layers for the LoRA variants: ``q`` (16 -> 12) and ``o`` (12 -> 8), plus an
+    embedding that only the refusal tests target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 12)
+        self.o = nn.Linear(12, 8)
+        self.emb = nn.Embedding(10, 16)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.q(x)))
+
+
+def qo() -> QO:
+    torch.manual_seed(0)
+    return QO()
+
+
+#: the LoRA settings of the variant tests (scaling 2)
+QO_CONFIG = dict(r=4, lora_alpha=8, target_modules=["q", "o"])
+
+
+def variant_pair(field: str, sub_config, **extra):
+    """``(hf, ours)`` in eval mode: HF PEFT's and our LoRA on :func:`qo` with ``field=sub_config``
+    (ours; HF's sub-config of the same name is built from its fields), under the same seed."""
+    import dataclasses
+
+    import peft
+    from peft.tuners.lora import config as hf_config
+
+    from peft_kernel import get_peft_model
+    from peft_plugin_lora import LoraConfig
+
+    hf_sub = getattr(hf_config, type(sub_config).__name__)(**dataclasses.asdict(sub_config))
+    torch.manual_seed(1)
+    hf = peft.get_peft_model(qo(), peft.LoraConfig(**QO_CONFIG, **{field: hf_sub}, **extra))
+    torch.manual_seed(1)
+    ours = get_peft_model(qo(), LoraConfig(**QO_CONFIG, **{field: sub_config}, **extra))
+    return hf.eval(), ours.eval()

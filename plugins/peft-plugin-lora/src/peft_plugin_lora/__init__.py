@@ -18,6 +18,7 @@ from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
 from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
+from .variant_configs import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 
 if TYPE_CHECKING:
     from .arrow import create_arrow_model
@@ -41,7 +42,8 @@ __all__ = ["ArrowConfig", "LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraL
            "prepare_model_for_compiled_hotswap", "LoftQConfig", "EvaConfig", "CordaConfig",
            "replace_lora_weights_loftq", "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_corda",
            "create_loraplus_optimizer", "create_lorafa_optimizer", "LoraFAOptimizer", "convert_to_lora",
-           "save_as_lora"]
+           "save_as_lora", "KasaConfig", "BdLoraConfig", "VeloraConfig",
+           "MontecloraConfig"]
 
 #: public name -> defining submodule, imported on first access (they need torch)
 _LAZY = {

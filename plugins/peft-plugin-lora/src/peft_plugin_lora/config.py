@@ -15,10 +15,15 @@ from typing import Any, Literal
 from peft_kernel import PeftWarning, TunerConfig
 from peft_kernel.targeting import get_pattern_key
 
+from .variant_configs import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
+
+#: the variants of ``variants.VARIANTS``: config field -> sub-config class
+_VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig, "velora_config": VeloraConfig,
+                    "monteclora_config": MontecloraConfig}
+
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
-    "megatron_config", "trainable_token_indices", "lora_ga_config", "velora_config", "monteclora_config",
-    "use_bdlora", "kasa_config",
+    "megatron_config", "trainable_token_indices", "lora_ga_config",
 )
 
 
@@ -174,15 +179,21 @@ class LoraConfig(TunerConfig):
     corda_config: CordaConfig | None = field(default=None, metadata={"help": "CordaConfig for init 'corda'."})
     lora_ga_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
-    velora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    velora_config: VeloraConfig | None = field(
+        default=None, metadata={"help": "VeLoRA: A's backward keeps rank-1 projections of sub-tokens (VeloraConfig)."}
+    )
     alora_invocation_tokens: list[int] | None = field(
         default=None,
         metadata={"help": "Activated LoRA: token ids of the invocation sequence. The adapter applies from its last "
                           "occurrence on; earlier tokens see the base model (so their KV cache is the base model's)."},
     )
-    use_qalora: bool = field(default=False, metadata={"help": "Not supported yet."})
-    qalora_group_size: int = field(default=16, metadata={"help": "Not supported yet."})
-    monteclora_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    use_qalora: bool = field(
+        default=False, metadata={"help": "QA-LoRA on GPTQ layers: A sees the input mean-pooled in groups."}
+    )
+    qalora_group_size: int = field(default=16, metadata={"help": "QA-LoRA: input features pooled per group."})
+    monteclora_config: MontecloraConfig | None = field(
+        default=None, metadata={"help": "MonteCLoRA: A as a learned mixture of noisy copies in training."}
+    )
     layer_replication: list | None = field(
         default=None,
         metadata={"help": "[start, end) ranges of layers to stack, e.g. [[0, 4], [2, 5]]; repeated layers share base "
@@ -197,12 +208,17 @@ class LoraConfig(TunerConfig):
         metadata={"help": "Bare nn.Parameters to adapt, as '<module>.<parameter>' (exact or dotted suffix), e.g. "
                           "'experts.gate_up_proj' (2-D or 3-D, dim 0 = expert)."},
     )
-    use_bdlora: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    use_bdlora: BdLoraConfig | None = field(
+        default=None, metadata={"help": "BD-LoRA: a block-diagonal A or B per target (BdLoraConfig)."}
+    )
     arrow_config: ArrowConfig | None = field(
         default=None,
         metadata={"help": "Makes this adapter an Arrow router over the layer's other LoRAs (ArrowConfig)."},
     )
-    kasa_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    kasa_config: KasaConfig | None = field(
+        default=None,
+        metadata={"help": "KaSA: drop W's r smallest singular components, learn B diag(d) A (KasaConfig)."},
+    )
     ensure_weight_tying: bool = field(default=False, metadata={"help": "Accepted for compatibility."})
 
     def __post_init__(self) -> None:
@@ -228,13 +244,19 @@ class LoraConfig(TunerConfig):
                 f"init_lora_weights={init!r} is not supported by peft-plugin-lora; use one of {_INITS} "
                 "or 'pissa_niter_N' (as in HF PEFT, only 'olora' and 'gaussian' may be written in any case)."
             )
+        if self.use_qalora and (not isinstance(self.qalora_group_size, int) or self.qalora_group_size <= 0):
+            raise ValueError(f"qalora_group_size must be a positive integer, got {self.qalora_group_size!r}")
         if self.lora_bias and self.use_dora:
             raise ValueError("lora_bias=True cannot be combined with DoRA (use_dora=True); set one of them to False")
+        if self.megatron_config:
+            raise NotImplementedError(
+                "LoraConfig.megatron_config (LoRA on Megatron-LM's tensor-parallel linear layers) is not supported by "
+                "peft-plugin-lora: it needs megatron-core's ColumnParallelLinear / RowParallelLinear, which no "
+                "peft-kernel plugin wraps. Convert the model to transformers layers, or use HF PEFT with Megatron."
+            )
         for name in _NOT_YET:
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
-        if self.use_qalora:
-            raise NotImplementedError("QA-LoRA is not supported by peft-plugin-lora yet")
         self._check_init_sub_configs()
         if self.lora_bias and init not in (True, False):
             raise ValueError(
@@ -260,8 +282,12 @@ class LoraConfig(TunerConfig):
             self.alora_invocation_tokens = list(tokens)
             if self.task_type != "CAUSAL_LM":
                 warnings.warn("aLoRA (alora_invocation_tokens) is meant for task_type='CAUSAL_LM'.", stacklevel=4)
+        for name, cls in _VARIANT_CONFIGS.items():
+            setattr(self, name, _sub_config(getattr(self, name), cls, name))
         variants = [name for name, on in (("use_dora", self.use_dora), ("alora_invocation_tokens",
-                    self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None)) if on]
+                    self.alora_invocation_tokens is not None), ("arrow_config", self.arrow_config is not None),
+                    ("use_qalora", self.use_qalora),
+                    *((name, getattr(self, name) is not None) for name in _VARIANT_CONFIGS)) if on]
         if len(variants) > 1:
             raise ValueError(f"{' and '.join(variants)} cannot be combined in one LoRA adapter; choose one")
         if self.target_parameters is not None:
@@ -315,7 +341,9 @@ class LoraConfig(TunerConfig):
             self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), target_name), self.lora_alpha)
             if self.alpha_pattern else self.lora_alpha
         )
-        return {"r": r, "lora_alpha": alpha}
+        if self.use_bdlora is None:
+            return {"r": r, "lora_alpha": alpha}
+        return {"r": r, "lora_alpha": alpha, "bdlora_side": self.use_bdlora.side(target_name)}
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r

@@ -26,10 +26,12 @@ from torch import nn
 from peft_kernel import PeftConfig, load_peft_weights
 from peft_kernel.state_dict import adapter_tensors
 
+from . import variants
 from .layer import LoraLayer, ParamWrapper, _ConvNd
 
 #: config fields that change outputs beyond the weights and the scaling, so they must agree
-COMPATIBILITY_FIELDS = ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora", "alora_invocation_tokens")
+COMPATIBILITY_FIELDS = ("use_rslora", "lora_dropout", "alpha_pattern", "use_dora", "alora_invocation_tokens",
+                        *variants.VARIANTS, "qalora_group_size")
 
 
 def _peft_model(model: nn.Module) -> nn.Module:
@@ -169,11 +171,17 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict[str, torc
     stacks = {id(t) for _, layer in layers if isinstance(layer, ParamWrapper) and layer.num_experts > 1
               and adapter_name in layer.lora_A for t in (layer.lora_A[adapter_name].weight,
                                                          layer.lora_B[adapter_name].weight)}
+    # a variant's tensors have structure (blocks, groups, a diagonal tied to a truncated base): no rank padding
+    variant_of = {name: layer.variant[adapter_name].title for name, layer in layers if adapter_name in layer.variant}
     plan = []
     for key, value in new.items():
         old = live[key]
         if old.shape == value.shape:
             plan.append(("copy", old, value))
+        elif key.split("." + parameter_prefix)[0] in variant_of:
+            raise ValueError(f"{key} has shape {tuple(value.shape)} but the model holds {tuple(old.shape)}; "
+                             f"{variant_of[key.split('.' + parameter_prefix)[0]]} adapters hot-swap only at equal "
+                             "ranks")
         elif old.dim() == value.dim() and id(old) not in stacks and all(
                 n <= o for n, o in zip(value.shape, old.shape, strict=True)):
             plan.append(("pad", old, value))

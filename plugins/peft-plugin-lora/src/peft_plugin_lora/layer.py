@@ -26,7 +26,7 @@ from torch.compiler import is_dynamo_compiling
 from peft_kernel import AdapterLayer, PeftWarning, quant
 from peft_kernel.layer import ParameterLayer, bare_module, empty_module, plain_call
 
-from . import alora, arrow
+from . import alora, arrow, variants
 from .config import init_name
 
 
@@ -115,9 +115,10 @@ class LoraLayer(AdapterLayer):
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "use_dora", "lora_bias", "alora",
-                         "arrow_config")
-    #: whether this layer type supports the aLoRA and Arrow variants
+                         "arrow_config", "variant")
+    #: whether this layer type supports the aLoRA and Arrow variants, and those of ``variants.VARIANTS``
     supports_routing_variants = False
+    supports_variants = False
 
     def __init__(self, base_layer: nn.Module, ephemeral_gpu_offload: bool = False, **kwargs: Any) -> None:
         super().__init__(base_layer, **kwargs)
@@ -127,7 +128,8 @@ class LoraLayer(AdapterLayer):
         # per adapter: rank, alpha, scaling, DoRA / lora_bias flags, DoRA norms while merged
         # aLoRA / Arrow: per adapter, whether it is an aLoRA; a router's ArrowConfig and routing state
         self.set_plain_attributes(r={}, lora_alpha={}, scaling={}, use_rslora={}, use_dora={}, lora_bias={},
-                                  _dora_norm={}, fan_in_fan_out=False, alora={}, arrow_config={}, arrow_state={})
+                                  _dora_norm={}, fan_in_fan_out=False, alora={}, arrow_config={}, arrow_state={},
+                                  variant={})
 
     # -- creation ---------------------------------------------------------------------
 
@@ -154,6 +156,13 @@ class LoraLayer(AdapterLayer):
         if used and not self.supports_routing_variants:
             raise ValueError(f"{used[0]} is supported on linear layers only, not on "
                              f"{type(self.get_base_layer()).__name__}; leave those layers out of target_modules")
+        variant = variants.resolve(config)
+        if variant is not None and not variant.applies(self):
+            variant = None
+        if variant is not None and not self.supports_variants:
+            raise ValueError(f"{variant.title} ({variant.field}) is supported on linear layers only, not on "
+                             f"{type(self.get_base_layer()).__name__}; leave those layers out of target_modules")
+        self.variant.pop(adapter_name, None)
         self.alora[adapter_name] = routed["alora_invocation_tokens"] is not None
         if routed["arrow_config"] is not None:
             self.arrow_config[adapter_name] = routed["arrow_config"]
@@ -175,6 +184,10 @@ class LoraLayer(AdapterLayer):
                 self._init_loftq(adapter_name, getattr(config, "loftq_config", kwargs.get("loftq_config")) or {})
             else:
                 self.initialise(adapter_name, init)
+        if variant is not None:
+            variants.add_containers(self, variant)
+            variant.init(self, adapter_name, config, **kwargs)
+            self.variant[adapter_name] = variant
         self.use_dora[adapter_name] = use_dora
         if use_dora:
             self.create_magnitude(adapter_name)
@@ -464,9 +477,10 @@ class LoraLayer(AdapterLayer):
         return self._unorient(oriented / scale - self.scaling[adapter_name] * lora)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """Plain LoRA is a weight delta; DoRA, aLoRA and Arrow are not."""
+        """Plain LoRA is a weight delta; DoRA, aLoRA, Arrow and some variants are not."""
+        variant = self.variant.get(adapter_name)
         return not (self.use_dora.get(adapter_name) or self.alora.get(adapter_name)
-                    or adapter_name in self.arrow_config)
+                    or adapter_name in self.arrow_config or (variant is not None and not variant.converts_to_lora))
 
     def merge_bias(self, adapter_name: str, sign: int) -> None:
         if not self.lora_bias.get(adapter_name) or adapter_name not in self.lora_B:
@@ -640,6 +654,7 @@ class Linear(LoraLayer):
     """LoRA on nn.Linear, transformers Conv1D (``fan_in_fan_out``) and quantized linear layers."""
 
     supports_routing_variants = True
+    supports_variants = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  config=None, fan_in_fan_out: bool = False, **kwargs: Any) -> None:
@@ -664,7 +679,7 @@ class Linear(LoraLayer):
     def _fused_merge(self, weight: torch.Tensor, adapter_name: str, sign: int) -> torch.Tensor | None:
         """W ± s·BA as one addmm (no delta matrix is materialised); ``None`` for DoRA and
         for factors in another dtype than the weight."""
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        A, B = self._update_factors(adapter_name)
         if self.use_dora.get(adapter_name) or not (A.dtype == B.dtype == weight.dtype):
             return None
         if isinstance(self.scaling[adapter_name], torch.Tensor):
@@ -674,8 +689,15 @@ class Linear(LoraLayer):
                 return torch.addmm(weight, A.T, B.T, alpha=sign * self.scaling[adapter_name])
             return torch.addmm(weight, B, A, alpha=sign * self.scaling[adapter_name])
 
+    def _update_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with update s·B·A: the factors, or what a variant makes of them."""
+        variant = self.variant.get(adapter_name)
+        if variant is None:
+            return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return variant.update_factors(self, adapter_name)
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        A, B = self._update_factors(adapter_name)
         cast = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
         if cast:
             A, B = A.float(), B.float()
@@ -698,7 +720,8 @@ class Linear(LoraLayer):
             if A is None:
                 continue
             if (self.alora.get(name) or name in self.arrow_config or isinstance(self.scaling[name], torch.Tensor)
-                    or self.use_dora.get(name) or type(self.lora_dropout[name]) is not nn.Identity
+                    or self.use_dora.get(name) or name in self.variant
+                    or type(self.lora_dropout[name]) is not nn.Identity
                     or type(A) is not nn.Linear or type(B) is not nn.Linear):
                 return None
             plan.append((name, A, B, self.scaling[name]))
@@ -822,6 +845,9 @@ class Linear(LoraLayer):
             return result + arrow.router_delta(self, adapter_name, x).to(result.dtype)
         if self.alora.get(adapter_name):
             return self._alora_forward(x, result, adapter_name)
+        variant = self.variant.get(adapter_name)
+        if variant is not None:
+            return variant.forward(self, x, result, adapter_name)
         A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
         x = self._cast(x, A.weight)
         dropout = self.lora_dropout[adapter_name]

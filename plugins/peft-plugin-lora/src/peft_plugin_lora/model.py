@@ -12,7 +12,7 @@ from peft_kernel.dispatch import transformers_conv1d
 from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
 
-from . import alora
+from . import alora, variants
 from .config import init_name
 from .layer import Embedding, Linear, LoraLayer, ParamWrapper
 
@@ -50,6 +50,16 @@ class LoraModel(BaseTuner):
     )
     parameter_layer_cls = ParamWrapper
     special_forward_args = (alora.OFFSETS,)
+
+    def _check_new_adapter_config(self, config) -> None:
+        """KaSA changes the base weight when its adapter is added, so a plain adapter next to it
+        would see another base than it was made for (and the other way round)."""
+        kasa = config.kasa_config is not None
+        for name, other in self.peft_config.items():
+            if other is not config and (getattr(other, "kasa_config", None) is not None) != kasa:
+                raise ValueError(f"KaSA adapters cannot share a model with other LoRA adapters: KaSA truncates the "
+                                 f"base weights, so adapter {name!r} and the new one would see different bases. "
+                                 "Load them on separate copies of the base model.")
 
     def _prepare_model(self, config, model) -> None:
         """``layer_replication``: stack the layers once; later adapters must ask for the same stack."""
@@ -93,6 +103,37 @@ class LoraModel(BaseTuner):
             return None
         return alora.offsets_step(invocations, args, kwargs, generating)
 
+    def _variant_layers(self, adapter_names, field: str):
+        """``(layer, adapter, its config)`` for the adapters among ``adapter_names`` (default:
+        the active ones) whose config sets ``field``, over every LoRA layer that holds them."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        chosen = [name for name in (self.active_adapters if adapter_names is None else adapter_names)
+                  if getattr(self.peft_config.get(name), field, None) is not None]
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                for name in chosen:
+                    if module.variant.get(name) is not None and module.variant[name].field == field:
+                        yield module, name, self.peft_config[name]
+
+    def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """The KaSA regularisers, summed over layers, for the task loss: per layer
+        β·Σd² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) with β, γ from each adapter's KasaConfig
+        (HF PEFT's name). 0.0 without KaSA adapters."""
+        from .variants.kasa import kasa_loss
+
+        losses = [kasa_loss(layer, name, config.kasa_config.beta, config.kasa_config.gamma)
+                  for layer, name, config in self._variant_layers(adapter_names, "kasa_config")]
+        return torch.stack(losses).sum() if losses else 0.0
+
+    def _get_monteclora_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """The MonteCLoRA variational loss (KL terms, and Σ w² with ``use_entropy``) averaged over
+        the layers of the adapters (default: the active ones), for the task loss (HF PEFT's name).
+        0.0 in eval mode or without MonteCLoRA adapters."""
+        losses = [layer.lora_monteclora_sampler[name].variational_loss()
+                  for layer, name, _ in self._variant_layers(adapter_names, "monteclora_config")]
+        return sum(losses) / len(losses) if losses else 0.0
+
     def _set_layers(self, method: str, *args) -> None:
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
@@ -125,6 +166,11 @@ class LoraModel(BaseTuner):
                 f"add_weighted_adapter cannot combine DoRA adapters ({dora}): their magnitude vectors have no "
                 "weighted combination. Merge them into the base instead (merge_and_unload)."
             )
+        for adapter, config in zip(adapters, configs, strict=True):
+            variant = variants.resolve(config)
+            if variant is not None and not variant.combinable:
+                raise ValueError(f"add_weighted_adapter cannot combine {variant.title} adapter {adapter!r}: its update "
+                                 "is not a plain product of lora_B and lora_A. Merge it into the base instead.")
         ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
         svd = combination is not None and combination.svd
         factor_wise = combination is not None and not svd
