@@ -27,7 +27,8 @@ with a full forward of the adapted model over the prefix generated so far:
   same (padded, masked) input in both, the decoder prefix grows.
 
 :func:`generation_gap` does one such comparison and returns the worst difference; use it
-directly to report numbers.
+directly to report numbers, or set ``PEFT_KERNEL_GENERATION_REPORT=<file>`` while running the
+tests: each check appends ``{"test", "mode", "gap"}`` to that file as a JSON line.
 """
 
 from __future__ import annotations
@@ -125,6 +126,16 @@ def generation_gap(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return worst
 
 
+def _report(test: str, mode: str, gap: float) -> None:
+    import json
+    import os
+
+    path = os.environ.get("PEFT_KERNEL_GENERATION_REPORT")
+    if path:
+        with open(path, "a") as file:
+            file.write(json.dumps({"test": test, "mode": mode, "gap": gap}) + "\n")
+
+
 def _base(model: nn.Module) -> nn.Module:
     getter = getattr(model, "get_base_model", None)
     return getter() if callable(getter) else model
@@ -168,6 +179,7 @@ class GenerationConformance:
         model = self._adapted(model_fn, task_type)
         ids, mask = _inputs(model.config.vocab_size, padded)
         gap = generation_gap(model, ids, mask, row_inputs=self._row_inputs(ids.shape[0]), **kwargs)
+        _report(f"{type(self).__name__}/{task_type}", name, gap)
         assert gap <= self.atol, f"{name}: generate's logits differ from a full forward by {gap:.3g} > {self.atol}"
 
     def test_causal_lm_generation_is_exact(self, causal_mode):
@@ -194,6 +206,7 @@ class GenerationConformance:
                 embeds = torch.cat((prompt, embed(out.sequences[:, :t])), dim=1)
                 full = model(inputs_embeds=embeds, use_cache=False, **row_inputs).logits[:, -1]
                 worst = max(worst, (step_logits - full).abs().max().item())
+        _report(f"{type(self).__name__}/CAUSAL_LM", "inputs_embeds", worst)
         assert worst <= self.atol, f"generate from inputs_embeds differs from a full forward by {worst:.3g}"
 
     def test_adapter_changes_generation(self):
