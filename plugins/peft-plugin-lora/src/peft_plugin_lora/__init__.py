@@ -17,6 +17,7 @@ from peft_kernel import hookimpl
 from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
+from . import trainable_tokens
 from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
 from .variant_configs import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 
@@ -109,8 +110,18 @@ def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
 
 @hookimpl
 def peft_kernel_adapter_state_dict(model, config, adapter_name, state_dict):
-    """DoRA magnitudes are saved without their ``.weight`` suffix."""
-    if config.peft_type != "LORA" or not config.use_dora:
+    """DoRA magnitudes are saved without their ``.weight`` suffix; trainable token rows under HF's keys."""
+    if config.peft_type != "LORA":
+        return
+    trainable_tokens.to_checkpoint_keys(config, state_dict)
+    if not config.use_dora:
         return
     for key in [k for k in state_dict if k.endswith("lora_magnitude_vector.weight")]:
         state_dict[key[: -len(".weight")]] = state_dict.pop(key)
+
+
+@hookimpl
+def peft_kernel_load_state_dict(model, config, adapter_name, state_dict):
+    """Trainable token rows back from HF's keys."""
+    if config.peft_type == "LORA":
+        trainable_tokens.from_checkpoint_keys(config, state_dict)

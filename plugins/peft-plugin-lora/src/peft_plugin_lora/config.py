@@ -23,7 +23,7 @@ _VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig, "velo
 
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
-    "megatron_config", "trainable_token_indices", "lora_ga_config",
+    "megatron_config", "lora_ga_config",
 )
 
 
@@ -173,7 +173,11 @@ class LoraConfig(TunerConfig):
     alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> alpha."})
     megatron_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported yet."})
-    trainable_token_indices: list | dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    trainable_token_indices: list | dict | None = field(
+        default=None,
+        metadata={"help": "Token ids whose embedding rows train next to the adapter: a list (the input embeddings) or "
+                          "{module name: ids}; a head tied to the embeddings follows (peft-plugin-trainable-tokens)."},
+    )
     loftq_config: dict | Any = field(default_factory=dict, metadata={"help": "LoftQConfig (stored as a dict)."})
     eva_config: EvaConfig | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
     corda_config: CordaConfig | None = field(default=None, metadata={"help": "CordaConfig for init 'corda'."})
@@ -258,6 +262,7 @@ class LoraConfig(TunerConfig):
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
         self._check_init_sub_configs()
+        self._check_trainable_token_indices()
         if self.lora_bias and init not in (True, False):
             raise ValueError(
                 f"lora_bias=True works only with init_lora_weights=True or False (got {init!r}): the other inits "
@@ -308,6 +313,22 @@ class LoraConfig(TunerConfig):
                        for r in ranges):
                 raise ValueError(f"layer_replication must be a list of [start, end) pairs, got {ranges!r}")
             self.layer_replication = [list(r) for r in ranges]
+
+    def _check_trainable_token_indices(self) -> None:
+        """A list of token ids, or ``{module name: ids}``; none of those modules also fully trained."""
+        value = self.trainable_token_indices
+        if value is None:
+            return
+        per_module = value if isinstance(value, dict) else {None: value}
+        for name, ids in per_module.items():
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                where = "trainable_token_indices" + ("" if name is None else f"[{name!r}]")
+                raise ValueError(f"{where} must be a list of non-negative token ids, got {ids!r}")
+        both = sorted(n for n in per_module if n is not None and n in (self.modules_to_save or ()))
+        if both:
+            raise ValueError(f"{both} are in modules_to_save (fully trained) and in trainable_token_indices (some rows "
+                             "trained); list each module in only one of them")
 
     def _check_init_sub_configs(self) -> None:
         """Sub-configs as dataclasses (dicts when loaded from JSON); the one an init needs

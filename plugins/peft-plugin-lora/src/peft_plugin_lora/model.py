@@ -12,7 +12,7 @@ from peft_kernel.dispatch import transformers_conv1d
 from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
 
-from . import alora, variants
+from . import alora, trainable_tokens, variants
 from .config import init_name
 from .layer import Embedding, Linear, LoraLayer, ParamWrapper
 
@@ -61,8 +61,18 @@ class LoraModel(BaseTuner):
                                  f"base weights, so adapter {name!r} and the new one would see different bases. "
                                  "Load them on separate copies of the base model.")
 
+    @property
+    def adapter_prefixes(self) -> tuple[str, ...]:
+        """The rows of ``trainable_token_indices`` train with the adapter (see ``trainable_tokens.py``)."""
+        return (self.prefix, trainable_tokens.PREFIX)
+
     def _prepare_model(self, config, model) -> None:
-        """``layer_replication``: stack the layers once; later adapters must ask for the same stack."""
+        """``trainable_token_indices``: the embedding rows get their layer first (so that a LoRA target among
+        them is refused with a clear error). ``layer_replication``: stack the layers once; later adapters must
+        ask for the same stack."""
+        if config.trainable_token_indices is not None:
+            adapter_name = next(name for name, c in self.peft_config.items() if c is config)  # the one being added
+            trainable_tokens.add(model, adapter_name, config.trainable_token_indices)
         ranges = config.layer_replication
         if not ranges:
             return
