@@ -119,9 +119,3 @@ def peft_kernel_adapter_state_dict(model, config, adapter_name, state_dict):
     for key in [k for k in state_dict if k.endswith("lora_magnitude_vector.weight")]:
         state_dict[key[: -len(".weight")]] = state_dict.pop(key)
 
-
-@hookimpl
-def peft_kernel_load_state_dict(model, config, adapter_name, state_dict):
-    """Trainable token rows back from HF's keys."""
-    if config.peft_type == "LORA":
-        trainable_tokens.from_checkpoint_keys(config, state_dict)

@@ -72,7 +72,7 @@ class LoraModel(BaseTuner):
         ask for the same stack."""
         if config.trainable_token_indices is not None:
             adapter_name = next(name for name, c in self.peft_config.items() if c is config)  # the one being added
-            trainable_tokens.add(model, adapter_name, config.trainable_token_indices)
+            trainable_tokens.add(model, adapter_name, config)
         ranges = config.layer_replication
         if not ranges:
             return

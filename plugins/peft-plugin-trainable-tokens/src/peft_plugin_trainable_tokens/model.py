@@ -8,6 +8,7 @@ import copy
 from torch import nn
 
 from peft_kernel import AdapterLayer, BaseTuner
+from peft_kernel.targeting import is_target
 
 from .layer import TiedTrainableTokensLayer, TrainableTokensLayer
 
@@ -53,18 +54,20 @@ def tie_to_embeddings(model: nn.Module, layer: TrainableTokensLayer, adapter_nam
 
 
 def add_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: list[int] | dict[str, list[int]], *,
-                         tie: bool = True, save_tied: bool = False) -> list[str]:
+                         targets=None, tie: bool = True, save_tied: bool = False) -> list[str]:
     """Make rows of embedding matrices trainable for ``adapter_name``, next to another method's adapter.
 
     ``token_indices`` is a list of token ids of the input embeddings, or ``{module name: ids}``
     (a name matches a module whose qualified name is it or ends in ``"." + name``). Each module
-    gets a :class:`TrainableTokensLayer` (or the new adapter, if it has one). With ``tie`` the
-    modules sharing the input embeddings' weight follow the input embeddings' rows (listed in
-    checkpoints under their own names too only with ``save_tied``: HF PEFT's LoRA does not). The
-    rows start as the current ones. The caller's tuner must count ``trainable_tokens_`` (``PREFIX``)
-    among its ``adapter_prefixes`` so that they train. Returns the names of the adapted modules;
-    raises ``ValueError``, before changing the model, when a name matches nothing or a module that
-    another method adapts.
+    gets a :class:`TrainableTokensLayer` (or the new adapter, if it has one); the rows start as the
+    current ones. With ``tie`` the modules sharing the input embeddings' weight follow the input
+    embeddings' rows (listed in checkpoints under their own names too only with ``save_tied``: HF
+    PEFT's LoRA does not). ``targets``: the caller's config; a module it targets is refused (it cannot
+    be adapted and have trainable rows at once). The caller's tuner must count ``PREFIX``
+    (``"trainable_tokens_"``) among its ``adapter_prefixes`` so that the rows train.
+
+    Returns the names of the adapted modules. Raises ``ValueError``, before changing the model, when
+    a name matches nothing, a targeted module or one that another method adapts.
     """
     if not isinstance(token_indices, dict):
         token_indices = {input_embeddings_name(model): token_indices}
@@ -78,8 +81,9 @@ def add_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: lis
         for name, module in matches:
             if isinstance(module, TiedTrainableTokensLayer):
                 module = module.get_base_layer()
-            if isinstance(module, AdapterLayer) and not isinstance(module, TrainableTokensLayer):
-                raise ValueError(f"{name!r} is adapted by {type(module).__name__}, so its rows cannot also train; "
+            if targets is not None and is_target(targets, name) or (
+                    isinstance(module, AdapterLayer) and not isinstance(module, TrainableTokensLayer)):
+                raise ValueError(f"{name!r} is a target of the adapter, so its rows cannot also train; "
                                  "remove it from target_modules or from trainable_token_indices")
             weight = getattr(module, "weight", None)
             if weight is None or weight.dim() != 2:
