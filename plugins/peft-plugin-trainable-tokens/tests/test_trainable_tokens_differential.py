@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from _tokens_models import TOKENS, inputs, llama, perturb_and_copy
+from torch import nn
 
 from peft_kernel import get_peft_model
 from peft_kernel.testing.differential import (
@@ -87,3 +88,51 @@ def test_two_adapters_with_disjoint_tokens_match_hf():
         assert_close(run(ours, inputs()), run(hf, inputs()), "two adapters")
         hf.merge_adapter(), ours.merge_adapter()
         assert_close(run(ours, inputs()), run(hf, inputs()), "two adapters merged")
+
+
+def test_gradcheck_embedding_and_tied_head():
+    from peft_kernel.testing.layer_models import assert_gradcheck
+    from peft_plugin_trainable_tokens import TiedTrainableTokensLayer, TrainableTokensLayer
+
+    torch.manual_seed(0)
+    embedding = nn.Embedding(12, 5, padding_idx=0).double()
+    head = nn.Linear(5, 12, bias=True).double()
+    head.weight = embedding.weight
+    # not the padding row: the embedding gives it no gradient (by design, in torch and HF PEFT alike)
+    layer = TrainableTokensLayer(embedding, "default", token_indices=[2, 3, 7], init_weights=False)
+    tied = TiedTrainableTokensLayer(head, layer, "default")
+    ids = torch.tensor([[3, 1, 7, 0], [2, 3, 11, 7]])
+    assert assert_gradcheck(layer, ids) == ["trainable_tokens_delta.default"]
+    assert assert_gradcheck(tied, torch.randn(2, 4, 5, dtype=torch.float64)) == ["trainable_tokens_delta.default"]
+
+
+def test_explicitly_targeted_tied_head_still_follows_the_embeddings():
+    ours = get_peft_model(llama(True), TrainableTokensConfig(target_modules=["embed_tokens", "lm_head"],
+                                                             token_indices=TOKENS))
+    model = ours.base_model.model
+    assert model.lm_head.tied_to is model.model.embed_tokens
+
+
+@pytest.mark.parametrize("indices, match", [([1, 1], "more than once"), ([-1], "non-negative"), ("12", "list")])
+def test_bad_token_indices_are_refused(indices, match):
+    with pytest.raises(ValueError, match=match):
+        TrainableTokensConfig(token_indices=indices)
+
+
+def test_overlapping_active_adapters_are_refused():
+    _, ours = pair()
+    ours.add_adapter("other", TrainableTokensConfig(token_indices=[5, 6]))
+    ours.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="disjoint"):
+        ours(**inputs())
+    with pytest.raises(ValueError, match="disjoint"):
+        ours.merge_adapter()
+
+
+def test_full_embeddings_are_not_saved_by_default(tmp_path):
+    _, ours = pair()
+    ours.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert list(load_file(tmp_path / "adapter_model.safetensors")) == [
+        "base_model.model.model.embed_tokens.trainable_tokens_delta"]

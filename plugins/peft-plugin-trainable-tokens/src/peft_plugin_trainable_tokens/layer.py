@@ -54,10 +54,13 @@ class TrainableTokensLayer(AdapterLayer):
             raise ValueError(f"token ids {out_of_range[:5]} are out of range for a weight of {weight.shape[0]} rows; "
                              "resize the embeddings first (model.resize_token_embeddings) or fix the ids")
         originals = weight.detach()[indices].clone()
-        if init_weights:
+        shape = (len(indices), weight.shape[1])
+        if torch.empty(0).device.type == "meta":  # low_cpu_mem_usage: the rows come from a checkpoint
+            rows = torch.empty(shape, dtype=weight.dtype)
+        elif init_weights:
             rows = originals.clone()
         else:
-            rows = torch.randn((len(indices), weight.shape[1]), dtype=weight.dtype, device=weight.device)
+            rows = torch.randn(shape, dtype=weight.dtype, device=weight.device)
         self.token_indices[adapter_name] = indices
         self.trainable_tokens_delta[adapter_name] = nn.Parameter(rows)
         self.trainable_tokens_original[adapter_name] = originals
