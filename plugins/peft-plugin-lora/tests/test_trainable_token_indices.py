@@ -170,3 +170,21 @@ def test_bad_config_values_are_refused(value):
 def test_module_both_in_modules_to_save_and_trainable_tokens_is_refused():
     with pytest.raises(ValueError, match="only one of them"):
         LoraConfig(**CONFIG, modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [1]})
+
+
+def test_tied_head_with_its_own_ids_trains_apart_as_in_hf():
+    hf, ours = pair(tied=True, trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [9, 40]})
+    assert trainable(ours) == trainable(hf)
+    assert not hasattr(ours.base_model.model.lm_head, "tied_to")
+    with torch.no_grad():
+        assert_close(run(ours, inputs()), run(hf, inputs()), "forward")
+
+
+def test_ensure_weight_tying_with_other_ids_for_the_tied_head_is_refused():
+    kw = dict(CONFIG, trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [9]}, ensure_weight_tying=True)
+    with pytest.raises(ValueError, match="Cannot ensure weight tying"):
+        hf_peft.get_peft_model(llama(tied=True), hf_peft.LoraConfig(**kw))
+    model = llama(tied=True)
+    with pytest.raises(ValueError, match="cannot stay tied"):
+        get_peft_model(model, LoraConfig(**kw))
+    assert type(model.lm_head).__name__ == "Linear" and type(model.model.embed_tokens).__name__ == "Embedding"

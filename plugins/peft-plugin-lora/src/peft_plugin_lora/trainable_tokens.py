@@ -21,7 +21,8 @@ def add(model, adapter_name: str, config) -> list[str]:
     except ImportError as error:
         raise ImportError("LoraConfig.trainable_token_indices needs peft-plugin-trainable-tokens: "
                           "pip install peft-plugin-trainable-tokens") from error
-    return add_trainable_tokens(model, adapter_name, config.trainable_token_indices, targets=config)
+    return add_trainable_tokens(model, adapter_name, config.trainable_token_indices, targets=config,
+                                require_tie=config.ensure_weight_tying)
 
 
 def to_checkpoint_keys(config, state_dict: dict) -> None:

@@ -4,6 +4,7 @@ trained next to another method's adapter (e.g. a LoRA config's ``trainable_token
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -40,12 +41,14 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def tie_to_embeddings(model: nn.Module, layer: TrainableTokensLayer, adapter_name: str, saved: bool = True) -> None:
-    """Wrap every module sharing ``layer``'s weight (a tied output head; wrapped already or not) in
-    a :class:`TiedTrainableTokensLayer` that applies ``layer``'s adapters."""
+def tie_to_embeddings(model: nn.Module, layer: TrainableTokensLayer, adapter_name: str, saved: bool = True,
+                      apart: Iterable[str] = ()) -> None:
+    """Wrap every module sharing ``layer``'s weight (a tied output head; wrapped already or not),
+    except those named in ``apart``, in a :class:`TiedTrainableTokensLayer` that applies ``layer``'s
+    adapters."""
     weight = layer.get_base_layer().weight
     for name, module in list(_plain_modules(model)):
-        if module is layer or isinstance(module, TiedTrainableTokensLayer):
+        if module is layer or name in apart or isinstance(module, TiedTrainableTokensLayer):
             continue
         base = module.get_base_layer() if isinstance(module, TrainableTokensLayer) else module
         if isinstance(base, AdapterLayer) or getattr(base, "weight", None) is not weight:
@@ -54,7 +57,8 @@ def tie_to_embeddings(model: nn.Module, layer: TrainableTokensLayer, adapter_nam
 
 
 def add_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: list[int] | dict[str, list[int]], *,
-                         targets=None, tie: bool = True, save_tied: bool = False) -> list[str]:
+                         targets=None, tie: bool = True, save_tied: bool = False,
+                         require_tie: bool = False) -> list[str]:
     """Make rows of embedding matrices trainable for ``adapter_name``, next to another method's adapter.
 
     ``token_indices`` is a list of token ids of the input embeddings, or ``{module name: ids}``
@@ -62,7 +66,8 @@ def add_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: lis
     gets a :class:`TrainableTokensLayer` (or the new adapter, if it has one); the rows start as the
     current ones. With ``tie`` the modules sharing the input embeddings' weight follow the input
     embeddings' rows (listed in checkpoints under their own names too only with ``save_tied``: HF
-    PEFT's LoRA does not). ``targets``: the caller's config; a module it targets is refused (it cannot
+    PEFT's LoRA does not), unless they are listed with other ids, which breaks the tie (refused
+    with ``require_tie``). ``targets``: the caller's config; a module it targets is refused (it cannot
     be adapted and have trainable rows at once). The caller's tuner must count ``PREFIX``
     (``"trainable_tokens_"``) among its ``adapter_prefixes`` so that the rows train.
 
@@ -90,6 +95,15 @@ def add_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: lis
                 raise ValueError(f"{name!r} ({type(module).__name__}) has no 2-D weight whose rows are tokens; "
                                  "trainable tokens need an embedding (or a tied output head)")
             plan.append((name, module, indices))
+    embeddings = _input_embeddings(model)
+    embedding_ids = next((list(ids) for _, module, ids in plan if module is embeddings), None)
+    shared = getattr(embeddings, "weight", None)
+    apart = {name: ids for name, module, ids in plan if module is not embeddings and embedding_ids is not None
+             and getattr(module, "weight", None) is shared and list(ids) != embedding_ids}
+    if apart and tie and require_tie:
+        raise ValueError(f"{sorted(apart)} share the input embeddings' weight but list other token ids "
+                         f"({apart}) than the embeddings ({embedding_ids}), so they cannot stay tied; list the same "
+                         "ids for all of them, or do not ask for the tie (ensure_weight_tying=False)")
     layers = []
     for name, module, indices in plan:
         if isinstance(module, TrainableTokensLayer):
@@ -100,7 +114,7 @@ def add_trainable_tokens(model: nn.Module, adapter_name: str, token_indices: lis
         layers.append(module)
     embeddings = _input_embeddings(model)
     if tie and embeddings in layers:
-        tie_to_embeddings(model, embeddings, adapter_name, save_tied)
+        tie_to_embeddings(model, embeddings, adapter_name, save_tied, apart)
     return [name for name, *_ in plan]
 
 
