@@ -136,3 +136,20 @@ def test_full_embeddings_are_not_saved_by_default(tmp_path):
 
     assert list(load_file(tmp_path / "adapter_model.safetensors")) == [
         "base_model.model.model.embed_tokens.trainable_tokens_delta"]
+
+
+def test_mixed_batch_gives_each_sample_its_adapters_rows():
+    _, ours = pair()
+    ours.add_adapter("other", TrainableTokensConfig(token_indices=[1, 2]))
+    ours.eval()
+    with torch.no_grad():
+        for name, shift in (("default", 0.5), ("other", 1.0)):
+            ours.base_model.model.model.embed_tokens.trainable_tokens_delta[name].add_(shift)
+    x = inputs()
+    x["input_ids"][1, :2] = torch.tensor([1, 2])
+    mixed = run(ours, x, adapter_names=["default", "other"])
+    for row, name in enumerate(("default", "other")):
+        ours.set_adapter(name)
+        assert_close(mixed[row], run(ours, x)[row], f"sample {row} ({name})")
+    with ours.disable_adapter():
+        assert (mixed - run(ours, x)).abs().amax(dim=(1, 2)).min() > 1e-3  # both samples changed
