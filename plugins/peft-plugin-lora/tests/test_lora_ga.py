@@ -154,3 +154,31 @@ def test_without_preprocessing_the_plain_init_is_used():
     model = get_peft_model(M.llama(1), LoraConfig(**config_kwargs()))
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.abs().sum() == 0
     assert isinstance(model.peft_config["default"].lora_ga_config, LoraGAConfig)
+
+
+def test_saved_relative_to_the_original_base_as_plain_lora(tmp_path):
+    torch.manual_seed(0)
+    original = M.llama(1).eval()
+    base = copy.deepcopy(original)
+    config = LoraConfig(**config_kwargs())
+    preprocess_loraga(base, config, steps(base))
+    model = get_peft_model(base, config)
+    model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():  # "training"
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    x = batch()["input_ids"]
+    expected = run(model, x)
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    converted = PeftModel.from_pretrained(original, tmp_path / "converted")
+    assert converted.peft_config["default"].init_lora_weights is True
+    assert_close(run(converted, x), expected, "plain LoRA on the original base", atol=1e-4)
+
+
+def test_a_rank_beyond_half_the_layer_is_refused():
+    base = M.llama(1)
+    config = LoraConfig(**{**config_kwargs(), "r": 12, "target_modules": ["v_proj"]})  # v_proj is 16 × 32
+    preprocess_loraga(base, config, steps(base, count=1))
+    with pytest.raises(ValueError, match="lower r"):
+        get_peft_model(base, config)
