@@ -16,6 +16,7 @@ from peft_kernel.testing.differential import (
     assert_close,
     assert_matches_oracle,
     run,
+    tiny_llama,
     token_ids,
 )
 from peft_plugin_lora import LoraConfig
@@ -30,14 +31,8 @@ CONFIG = dict(target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False)
 
 
 def llama(tied: bool = False):
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   tie_word_embeddings=tied)
-    cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tied).eval()
 
 
 def inputs():

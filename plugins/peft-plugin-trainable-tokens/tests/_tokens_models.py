@@ -6,20 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peft_kernel.testing.differential import VOCAB, token_ids
+from peft_kernel.testing.differential import tiny_llama, token_ids
 
 TOKENS = [1, 5, 9, 40]  # some appear in the inputs below, some do not
 
 
-def llama(tied: bool = False) -> nn.Module:
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                                   tie_word_embeddings=tied)
-    cfg._attn_implementation = "eager"
+def llama(tied: bool = False):
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tied).eval()
 
 
 def inputs() -> dict[str, torch.Tensor]:

@@ -25,9 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peft_kernel import quant
-
-from .model import linear_targets
+from .corda import _load, _save, _usable
+from .model import data_init_targets
 
 #: attribute of a base layer that holds its averaged gradient until the adapter is built
 GRAD_ATTR = "loraga_grad"
@@ -53,16 +52,9 @@ def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], No
             raise ValueError("preprocess_loraga: set target_modules in the LoraConfig (no default targets for model "
                              f"type {model_type!r})")
         lora_config.target_modules = set(DEFAULT_TARGETS[model_type])
-    targets = linear_targets(model, lora_config)
-    if not targets:
-        raise ValueError("preprocess_loraga: no nn.Linear / Conv1D layer matches the config's target_modules")
-    quantized = [name for name, module in targets if quant.is_quantized(module)]
-    if quantized:
-        raise ValueError(f"LoRA-GA needs full-precision gradients, but {quantized} are quantized; run it on the "
-                         "unquantized model.")
-    if cache_file is not None and os.path.isfile(cache_file) and os.path.getsize(cache_file) > 0:
-        device = next(iter(model.parameters())).device
-        cache = torch.load(cache_file, map_location=device, weights_only=True)
+    targets = data_init_targets(model, lora_config, "LoRA-GA")
+    if cache_file is not None and _usable(cache_file):
+        cache = _load(cache_file, next(iter(model.parameters())).device)
         for name, module in targets:
             if name + _CACHE_SUFFIX not in cache:
                 raise ValueError(f"LoRA-GA cache {os.fspath(cache_file)!r} has no gradient for layer {name!r}; was it "
@@ -72,10 +64,7 @@ def preprocess_loraga(model: nn.Module, lora_config, train_step: Callable[[], No
     for name, gradient in estimate_gradients(model, targets, train_step).items():
         setattr(model.get_submodule(name), GRAD_ATTR, gradient)
     if cache_file is not None:
-        directory = os.path.dirname(os.fspath(cache_file))
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        torch.save({name + _CACHE_SUFFIX: getattr(module, GRAD_ATTR) for name, module in targets}, cache_file)
+        _save({name + _CACHE_SUFFIX: getattr(module, GRAD_ATTR) for name, module in targets}, cache_file)
 
 
 def estimate_gradients(model: nn.Module, targets: list[tuple[str, nn.Module]],

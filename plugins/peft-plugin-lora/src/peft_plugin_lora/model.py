@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from peft_kernel import BaseTuner
+from peft_kernel import BaseTuner, quant
 from peft_kernel.dispatch import transformers_conv1d
 from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
@@ -38,6 +38,19 @@ def linear_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
         return [(name, m) for name, m in model.named_modules() if name in chosen and isinstance(m, kinds)]
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, kinds) and (config.target_modules is None or is_target(config, name))]
+
+
+def data_init_targets(model: nn.Module, config, init: str) -> list[tuple[str, nn.Module]]:
+    """:func:`linear_targets` for a data-driven init that reads full-precision weights (CorDA,
+    LoRA-GA): at least one, none quantized, else ``ValueError``."""
+    targets = linear_targets(model, config)
+    if not targets:
+        raise ValueError(f"{init}: no nn.Linear / Conv1D layer matches the config's target_modules")
+    quantized = [name for name, module in targets if quant.is_quantized(module)]
+    if quantized:
+        raise ValueError(f"{init} needs full-precision weights, but {quantized} are quantized; run it on the "
+                         "unquantized model (and quantize the result afterwards).")
+    return targets
 
 
 class LoraModel(BaseTuner):
