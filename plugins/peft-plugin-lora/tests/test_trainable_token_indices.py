@@ -183,3 +183,8 @@ def test_ensure_weight_tying_with_other_ids_for_the_tied_head_is_refused():
     with pytest.raises(ValueError, match="cannot stay tied"):
         get_peft_model(model, LoraConfig(**kw))
     assert type(model.lm_head).__name__ == "Linear" and type(model.model.embed_tokens).__name__ == "Embedding"
+
+
+def test_rows_train_in_a_mixed_model_too():
+    model = get_peft_model(llama(), LoraConfig(**CONFIG, trainable_token_indices=TOKENS), mixed=True)
+    assert "base_model.model.model.embed_tokens.trainable_tokens_delta.default" in trainable(model)
