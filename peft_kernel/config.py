@@ -100,6 +100,12 @@ class PeftConfig:
     #: fields it does not offer): written to ``adapter_config.json`` only when they differ
     #: from their default, so that the files stay identical to HF PEFT's
     fields_written_when_set: ClassVar[tuple[str, ...]] = ()
+    #: whether ``save_embedding_layers="auto"`` saves the full weights of targeted embeddings;
+    #: ``False`` for a method that trains only part of a targeted embedding and saves that part
+    saves_targeted_embeddings: ClassVar[bool] = True
+    #: whether the method itself keeps modules that share the input embeddings' weight (a tied
+    #: output head) tied, so that ``ensure_weight_tying`` is not needed and not warned about
+    keeps_weight_tying: ClassVar[bool] = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "peft_type" and type(value) is str:

@@ -120,7 +120,7 @@ class MixedTuner(BaseTuner):
 
     @property
     def adapter_prefixes(self) -> tuple[str, ...]:
-        return tuple(tuner.prefix for tuner in self._method_tuners.values())
+        return tuple(dict.fromkeys(p for tuner in self._method_tuners.values() for p in tuner.adapter_prefixes))
 
     @property
     def special_forward_args(self) -> tuple[str, ...]:

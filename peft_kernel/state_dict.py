@@ -204,7 +204,8 @@ def _embedding_keys(model, config, save_embedding_layers) -> list[str]:
     elif targets:
         targeted = any(name in targets for name in EMBEDDING_LAYER_NAMES)
     if save_embedding_layers == "auto":
-        if not targeted or getattr(config, "trainable_token_indices", None) is not None:
+        partial = not config.saves_targeted_embeddings or getattr(config, "trainable_token_indices", None) is not None
+        if not targeted or partial:
             return []
         warnings.warn("Setting `save_embedding_layers` to True because embedding layers are in target_modules.",
                       PeftWarning, stacklevel=3)

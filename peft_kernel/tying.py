@@ -83,6 +83,8 @@ def plan(config, model: nn.Module, is_target) -> TyingPlan | None:
     nothing to tie. Warns as HF PEFT does when the model ties weights that the adapter
     touches but ``ensure_weight_tying`` is off, or when it is on and there is nothing to tie."""
     wanted = getattr(config, "ensure_weight_tying", False)
+    if config.keeps_weight_tying:
+        return None
     found = tied_to_input_embeddings(model)
     if found is None:
         if wanted:

@@ -163,12 +163,13 @@ def assert_same_gradients(hf: nn.Module, ours: nn.Module, inputs: Any, atol: flo
 VOCAB = 64
 
 
-def tiny_llama() -> nn.Module:
+def tiny_llama(tied: bool = False) -> nn.Module:
+    """A seeded-by-the-caller 2-layer Llama; ``tied``: its output head shares the input embeddings' weight."""
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
+                                   tie_word_embeddings=tied)
     cfg._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(cfg)
 

@@ -130,7 +130,7 @@ def _layer_methods():
 
 
 #: size options that some methods require (no usable default), set whenever a method has the field
-SIZE_OPTIONS = {"num_virtual_tokens": 4, "adapter_len": 4, "adapter_layers": 1}
+SIZE_OPTIONS = {"num_virtual_tokens": 4, "adapter_len": 4, "adapter_layers": 1, "token_indices": "[32,101,116]"}
 #: options a method needs to train on the built-in data: CPT's prompt must hold a label (type 4) for
 #: the input to become a target, and its corrections room to move
 TRAINING_OPTIONS = {"CPT": ["cpt_token_ids=[116,104,101,32]", "cpt_tokens_type_mask=[1,2,3,4]",

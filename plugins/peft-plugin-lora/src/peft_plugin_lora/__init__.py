@@ -17,7 +17,8 @@ from peft_kernel import hookimpl
 from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
-from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraRuntimeConfig
+from . import trainable_tokens
+from .config import ArrowConfig, CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig
 from .variant_configs import BdLoraConfig, KasaConfig, MontecloraConfig, VeloraConfig
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     )
     from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention, ParamWrapper
     from .loftq import replace_lora_weights_loftq
+    from .loraga import preprocess_loraga
     from .model import LoraModel
     from .optimizers import LoraFAOptimizer, create_lorafa_optimizer, create_loraplus_optimizer
 
@@ -43,7 +45,7 @@ __all__ = ["ArrowConfig", "LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraL
            "replace_lora_weights_loftq", "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_corda",
            "create_loraplus_optimizer", "create_lorafa_optimizer", "LoraFAOptimizer", "convert_to_lora",
            "save_as_lora", "KasaConfig", "BdLoraConfig", "VeloraConfig",
-           "MontecloraConfig"]
+           "MontecloraConfig", "LoraGAConfig", "preprocess_loraga"]
 
 #: public name -> defining submodule, imported on first access (they need torch)
 _LAZY = {
@@ -67,6 +69,7 @@ _LAZY = {
     "get_eva_state_dict": ".eva",
     "initialize_lora_eva_weights": ".eva",
     "preprocess_corda": ".corda",
+    "preprocess_loraga": ".loraga",
     "create_loraplus_optimizer": ".optimizers",
     "create_lorafa_optimizer": ".optimizers",
     "LoraFAOptimizer": ".optimizers",
@@ -109,8 +112,12 @@ def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
 
 @hookimpl
 def peft_kernel_adapter_state_dict(model, config, adapter_name, state_dict):
-    """DoRA magnitudes are saved without their ``.weight`` suffix."""
-    if config.peft_type != "LORA" or not config.use_dora:
+    """DoRA magnitudes are saved without their ``.weight`` suffix; trainable token rows under HF's keys."""
+    if config.peft_type != "LORA":
+        return
+    trainable_tokens.to_checkpoint_keys(config, state_dict)
+    if not config.use_dora:
         return
     for key in [k for k in state_dict if k.endswith("lora_magnitude_vector.weight")]:
         state_dict[key[: -len(".weight")]] = state_dict.pop(key)
+

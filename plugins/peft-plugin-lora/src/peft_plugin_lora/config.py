@@ -23,12 +23,12 @@ _VARIANT_CONFIGS = {"kasa_config": KasaConfig, "use_bdlora": BdLoraConfig, "velo
 
 #: fields HF PEFT knows whose features this plugin does not implement yet
 _NOT_YET = (
-    "megatron_config", "trainable_token_indices", "lora_ga_config",
+    "megatron_config",
 )
 
 
 #: init_lora_weights values besides "pissa_niter_N"
-_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda")
+_INITS = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda", "lora_ga")
 
 
 @dataclass
@@ -86,6 +86,35 @@ class CordaConfig:
     def __post_init__(self) -> None:
         if self.corda_method not in ("ipm", "kpm"):
             raise ValueError(f"CordaConfig.corda_method must be 'ipm' or 'kpm', got {self.corda_method!r}")
+
+
+@dataclass
+class LoraGAConfig:
+    """LoRA-GA (``init_lora_weights="lora_ga"``): the adapter starts from the singular vectors of
+    the weight's gradient on sample data (``preprocess_loraga``), so that its first steps follow
+    full fine-tuning; the base keeps ``W - scaling · B A``."""
+
+    direction: Literal["ArBr", "A2rBr", "ArB2r", "random"] = field(
+        default="ArB2r",
+        metadata={"help": "Which of the top 2r gradient components go to A and B: 'ArB2r' (A the first r, B the "
+                          "next r), 'A2rBr' (the reverse), 'ArBr' (alternating: B even, A odd) or 'random'."},
+    )
+    scale: Literal["stable", "weight_svd", "gd_scale", "unit"] = field(
+        default="stable",
+        metadata={"help": "Scale of the start: 'stable' (B · out^¼ / √stable_gamma), 'weight_svd' (B's top singular "
+                          "value set to the weight's), 'gd_scale' (A and B divided by the LoRA scaling) or 'unit'."},
+    )
+    stable_gamma: int = field(default=16, metadata={"help": "γ of the 'stable' scale."})
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("ArBr", "A2rBr", "ArB2r", "random"):
+            raise ValueError(f"LoraGAConfig.direction must be 'ArBr', 'A2rBr', 'ArB2r' or 'random', got "
+                             f"{self.direction!r}")
+        if self.scale not in ("stable", "weight_svd", "gd_scale", "unit"):
+            raise ValueError(f"LoraGAConfig.scale must be 'stable', 'weight_svd', 'gd_scale' or 'unit', got "
+                             f"{self.scale!r}")
+        if not self.stable_gamma > 0:
+            raise ValueError(f"LoraGAConfig.stable_gamma must be positive, got {self.stable_gamma!r}")
 
 
 def _sub_config(value, cls, name: str):
@@ -167,17 +196,23 @@ class LoraConfig(TunerConfig):
     init_lora_weights: bool | str = field(
         default=True,
         metadata={"help": "True (Kaiming A, zero B), False (random, for tests), 'gaussian', 'pissa', "
-                          "'pissa_niter_N', 'olora', 'orthogonal', 'loftq', 'eva' or 'corda'."},
+                          "'pissa_niter_N', 'olora', 'orthogonal', 'loftq', 'eva', 'corda' or 'lora_ga'."},
     )
     rank_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> rank."})
     alpha_pattern: dict | None = field(default_factory=dict, metadata={"help": "Module name/regex -> alpha."})
     megatron_config: dict | None = field(default=None, metadata={"help": "Not supported yet."})
     megatron_core: str | None = field(default="megatron.core", metadata={"help": "Not supported yet."})
-    trainable_token_indices: list | dict | None = field(default=None, metadata={"help": "Not supported yet."})
+    trainable_token_indices: list | dict | None = field(
+        default=None,
+        metadata={"help": "Token ids whose embedding rows train next to the adapter: a list (the input embeddings) or "
+                          "{module name: ids}; a head tied to the embeddings follows (peft-plugin-trainable-tokens)."},
+    )
     loftq_config: dict | Any = field(default_factory=dict, metadata={"help": "LoftQConfig (stored as a dict)."})
     eva_config: EvaConfig | None = field(default=None, metadata={"help": "EvaConfig for init_lora_weights='eva'."})
     corda_config: CordaConfig | None = field(default=None, metadata={"help": "CordaConfig for init 'corda'."})
-    lora_ga_config: Any | None = field(default=None, metadata={"help": "Not supported yet."})
+    lora_ga_config: LoraGAConfig | None = field(
+        default=None, metadata={"help": "LoraGAConfig for init_lora_weights='lora_ga' (see preprocess_loraga)."}
+    )
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
     velora_config: VeloraConfig | None = field(
         default=None, metadata={"help": "VeLoRA: A's backward keeps rank-1 projections of sub-tokens (VeloraConfig)."}
@@ -258,6 +293,7 @@ class LoraConfig(TunerConfig):
             if getattr(self, name):
                 raise NotImplementedError(f"LoraConfig.{name} is not supported by peft-plugin-lora yet")
         self._check_init_sub_configs()
+        self._check_trainable_token_indices()
         if self.lora_bias and init not in (True, False):
             raise ValueError(
                 f"lora_bias=True works only with init_lora_weights=True or False (got {init!r}): the other inits "
@@ -265,7 +301,7 @@ class LoraConfig(TunerConfig):
             )
         self._check_structural_fields()
         if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and isinstance(init, str) and (
-            init.startswith("pissa") or init in ("olora", "corda")
+            init.startswith("pissa") or init in ("olora", "corda", "lora_ga")
         ):
             warnings.warn("rsLoRA with rank_pattern/alpha_pattern cannot be converted to plain LoRA on save.",
                           stacklevel=3)
@@ -309,12 +345,31 @@ class LoraConfig(TunerConfig):
                 raise ValueError(f"layer_replication must be a list of [start, end) pairs, got {ranges!r}")
             self.layer_replication = [list(r) for r in ranges]
 
+    def _check_trainable_token_indices(self) -> None:
+        """A list of token ids, or ``{module name: ids}``; none of those modules also fully trained."""
+        value = self.trainable_token_indices
+        if value is None:
+            return
+        per_module = value if isinstance(value, dict) else {None: value}
+        for name, ids in per_module.items():
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                where = "trainable_token_indices" + ("" if name is None else f"[{name!r}]")
+                raise ValueError(f"{where} must be a list of non-negative token ids, got {ids!r}")
+        both = sorted(n for n in per_module if n is not None and n in (self.modules_to_save or ()))
+        if both:
+            raise ValueError(f"{both} are in modules_to_save (fully trained) and in trainable_token_indices (some rows "
+                             "trained); list each module in only one of them")
+
     def _check_init_sub_configs(self) -> None:
         """Sub-configs as dataclasses (dicts when loaded from JSON); the one an init needs
         is required (LoftQ) or defaulted (EVA, CorDA), the others are ignored with a warning."""
         init = self.init_lora_weights
         self.eva_config = _sub_config(self.eva_config, EvaConfig, "eva_config")
         self.corda_config = _sub_config(self.corda_config, CordaConfig, "corda_config")
+        self.lora_ga_config = _sub_config(self.lora_ga_config, LoraGAConfig, "lora_ga_config")
+        if self.lora_ga_config is not None and init != "lora_ga":
+            warnings.warn("lora_ga_config is ignored unless init_lora_weights='lora_ga'.", PeftWarning, stacklevel=4)
         if init == "loftq":
             if not self.loftq_config:
                 raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. LoftQConfig(loftq_bits=4)")

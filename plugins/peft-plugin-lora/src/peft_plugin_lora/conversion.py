@@ -156,10 +156,10 @@ def relative_to_initial(peft_model, adapter_name: str, config: LoraConfig, state
         raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter: its magnitude "
                          "rescales the whole weight, which no LoRA on the original base expresses")
     init = str(config.init_lora_weights).lower()
-    if not init.startswith(("pissa", "olora", "true")):
+    if not init.startswith(("pissa", "olora", "corda", "lora_ga", "true")):
         warnings.warn("path_initial_model_for_weight_conversion is meant for adapters whose initialisation changed "
-                      f"the base weights (PiSSA, OLoRA); init_lora_weights={config.init_lora_weights!r}", PeftWarning,
-                      stacklevel=3)
+                      "the base weights (PiSSA, OLoRA, CorDA, LoRA-GA); "
+                      f"init_lora_weights={config.init_lora_weights!r}", PeftWarning, stacklevel=3)
     # the initial adapter is loaded with a plain init, so that loading does not decompose the base again
     initial_config = copy.deepcopy(config)
     initial_config.init_lora_weights = True

@@ -30,11 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peft_kernel import quant
 from peft_kernel.dispatch import stores_weight_transposed
 from peft_kernel.targeting import get_pattern_key
 
-from .model import linear_targets
+from .model import data_init_targets, linear_targets
 
 #: attribute of a base layer that holds its decomposition until the adapter is built
 EIGENS_ATTR = "corda_eigens"
@@ -157,13 +156,7 @@ def preprocess_corda(model: nn.Module, lora_config, run_model: Callable[[], None
     if corda is None:
         raise ValueError("preprocess_corda needs lora_config.corda_config (a CordaConfig)")
     device = _model_device(model)
-    targets = linear_targets(model, lora_config)
-    if not targets:
-        raise ValueError("preprocess_corda: no nn.Linear / Conv1D layer matches the config's target_modules")
-    quantized = [name for name, module in targets if quant.is_quantized(module)]
-    if quantized:
-        raise ValueError(f"CorDA decomposes full-precision weights, but {quantized} are quantized; run it on the "
-                         "unquantized model and quantize the residual model afterwards.")
+    targets = data_init_targets(model, lora_config, "CorDA")
     if _usable(corda.cache_file):
         cache = _load(corda.cache_file, device)
         for name, module in targets:

@@ -180,8 +180,10 @@ class LoraLayer(AdapterLayer):
         self.lora_bias[adapter_name] = lora_bias
         self.make_factors(adapter_name, r, lora_bias)
         if not self._is_meta(adapter_name):
-            if init == "loftq":  # the one init that needs settings beyond its name
+            if init == "loftq":  # inits that need settings beyond their name
                 self._init_loftq(adapter_name, getattr(config, "loftq_config", kwargs.get("loftq_config")) or {})
+            elif init == "lora_ga":
+                self._init_lora_ga(adapter_name, getattr(config, "lora_ga_config", kwargs.get("lora_ga_config")))
             else:
                 self.initialise(adapter_name, init)
         if variant is not None:
@@ -215,6 +217,8 @@ class LoraLayer(AdapterLayer):
             return self._init_orthogonal(adapter_name)
         if init == "corda":
             return self._init_corda(adapter_name)
+        if init == "lora_ga":  # without its settings (a combined or re-created adapter): nothing to follow
+            init = True
         if init == "eva":
             # A keeps its construction draw until initialize_lora_eva_weights() overwrites it
             self._require_linear(init)
@@ -313,6 +317,28 @@ class LoraLayer(AdapterLayer):
         A, B = factors_from_svd(U, S, V.T, s)
         self._set_factors(adapter_name, A, B)
         self._write_base_matrix(self._base_matrix() - s * B @ A)
+
+    def _init_lora_ga(self, adapter_name: str, settings) -> None:
+        """LoRA-GA: factors from the gradient ``preprocess_loraga`` left on the base layer; the base
+        keeps ``W - scaling · B A``. Without a gradient (loading a saved adapter, or a layer that
+        is not linear) the plain init: the factors are overwritten or the layer is not LoRA-GA's."""
+        from .loraga import lora_ga_factors, take_gradient
+
+        gradient = take_gradient(self.get_base_layer())
+        if gradient is None or not isinstance(self, Linear):
+            return self.initialise(adapter_name, True)
+        if settings is None:
+            raise ValueError("init_lora_weights='lora_ga' needs lora_ga_config=LoraGAConfig(...) in the LoraConfig")
+        if quant.is_quantized(self.get_base_layer()):
+            raise ValueError("init_lora_weights='lora_ga' rewrites the base weight, which is quantized here; run "
+                             "LoRA-GA on the unquantized model")
+        gradient = gradient.T if self.fan_in_fan_out else gradient
+        weight, s = self._base_matrix(), self.scaling[adapter_name]
+        A, B = lora_ga_factors(gradient.to(weight.device), weight, self.r[adapter_name], s, settings)
+        dtype = quant.base_weight(self.get_base_layer()).dtype
+        A, B = A.to(dtype), B.to(dtype)  # the base keeps exactly what the adapter's precision adds back
+        self._set_factors(adapter_name, A, B)
+        self._write_base_matrix(weight - s * B.float() @ A.float())
 
     def _init_olora(self, adapter_name: str) -> None:
         """Orthonormal (QR) factors from the base weight; the base keeps the residual."""

@@ -7,12 +7,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from peft_kernel import BaseTuner
+from peft_kernel import BaseTuner, quant
 from peft_kernel.dispatch import transformers_conv1d
 from peft_kernel.targeting import ALL_LINEAR, expand_all_linear, is_target
 from peft_kernel.tuner import replicate_layers
 
-from . import alora, variants
+from . import alora, trainable_tokens, variants
 from .config import init_name
 from .layer import Embedding, Linear, LoraLayer, ParamWrapper
 
@@ -40,6 +40,19 @@ def linear_targets(model: nn.Module, config) -> list[tuple[str, nn.Module]]:
             if isinstance(m, kinds) and (config.target_modules is None or is_target(config, name))]
 
 
+def data_init_targets(model: nn.Module, config, init: str) -> list[tuple[str, nn.Module]]:
+    """:func:`linear_targets` for a data-driven init that reads full-precision weights (CorDA,
+    LoRA-GA): at least one, none quantized, else ``ValueError``."""
+    targets = linear_targets(model, config)
+    if not targets:
+        raise ValueError(f"{init}: no nn.Linear / Conv1D layer matches the config's target_modules")
+    quantized = [name for name, module in targets if quant.is_quantized(module)]
+    if quantized:
+        raise ValueError(f"{init} needs full-precision weights, but {quantized} are quantized; run it on the "
+                         "unquantized model (and quantize the result afterwards).")
+    return targets
+
+
 class LoraModel(BaseTuner):
     prefix = "lora_"
     layer_cls = LoraLayer
@@ -61,8 +74,18 @@ class LoraModel(BaseTuner):
                                  f"base weights, so adapter {name!r} and the new one would see different bases. "
                                  "Load them on separate copies of the base model.")
 
+    @property
+    def adapter_prefixes(self) -> tuple[str, ...]:
+        """The rows of ``trainable_token_indices`` train with the adapter (see ``trainable_tokens.py``)."""
+        return (self.prefix, trainable_tokens.PREFIX)
+
     def _prepare_model(self, config, model) -> None:
-        """``layer_replication``: stack the layers once; later adapters must ask for the same stack."""
+        """``trainable_token_indices``: the embedding rows get their layer first (so that a LoRA target among
+        them is refused with a clear error). ``layer_replication``: stack the layers once; later adapters must
+        ask for the same stack."""
+        if config.trainable_token_indices is not None:
+            adapter_name = next(name for name, c in self.peft_config.items() if c is config)  # the one being added
+            trainable_tokens.add(model, adapter_name, config)
         ranges = config.layer_replication
         if not ranges:
             return

@@ -1,0 +1,190 @@
+"""``LoraConfig.trainable_token_indices`` against HF PEFT 0.21.2: embedding rows trained next to the
+LoRA adapter (peft-plugin-trainable-tokens' layer); outputs, merging, gradients, tied heads, several
+adapters and checkpoints (HF's ``token_adapter.trainable_tokens_delta`` keys) both ways."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peft_kernel import PeftModel, get_peft_model
+from peft_kernel.testing.differential import (
+    VOCAB,
+    assert_checkpoints_load_both_ways,
+    assert_close,
+    assert_matches_oracle,
+    run,
+    tiny_llama,
+    token_ids,
+)
+from peft_plugin_lora import LoraConfig
+
+hf_peft = pytest.importorskip("peft")
+pytest.importorskip("peft_plugin_trainable_tokens")
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TOKENS = [1, 5, 9, 40]
+CONFIG = dict(target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False)
+
+
+def llama(tied: bool = False):
+    torch.manual_seed(0)
+    return tiny_llama(tied).eval()
+
+
+def inputs():
+    ids = token_ids(batch=2, length=6)
+    ids["input_ids"][0, :3] = torch.tensor(TOKENS[:3])
+    return ids
+
+
+def ours_name(hf_name: str) -> str:
+    """HF's LoRA wraps the embedding's layer in a module of its own (``token_adapter``); ours is the layer."""
+    return hf_name.replace(".token_adapter.", ".")
+
+
+def pair(tied=False, **kw):
+    kw = {**CONFIG, "trainable_token_indices": TOKENS, **kw}
+    torch.manual_seed(3)
+    hf = hf_peft.get_peft_model(llama(tied), hf_peft.LoraConfig(**copy.deepcopy(kw)))
+    torch.manual_seed(3)
+    ours = get_peft_model(llama(tied), LoraConfig(**copy.deepcopy(kw)))
+    perturb_and_copy(hf, ours)
+    return hf, ours
+
+
+def perturb_and_copy(hf, ours, seed=1, adapter=None):
+    """Noise on HF's trainable tensors (or on those of ``adapter``), copied into ours (the same names
+    but for ``token_adapter.``)."""
+    generator = torch.Generator().manual_seed(seed)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, param in sorted(hf.named_parameters()):
+            if param.requires_grad if adapter is None else f".{adapter}." in name or name.endswith(f".{adapter}"):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+                mine[ours_name(name)].copy_(param)
+    hf.eval(), ours.eval()
+
+
+def trainable(model):
+    return {ours_name(n) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_outputs_merge_disable_unload_match_hf(tied):
+    hf, ours = pair(tied)
+    assert trainable(ours) == trainable(hf)
+    assert any("trainable_tokens_delta" in n for n in trainable(ours))
+    with torch.no_grad():
+        assert_matches_oracle(hf, ours, inputs(), run(llama(tied), inputs()))
+
+
+def test_a_tied_head_follows_the_rows_and_is_not_saved_twice(tmp_path):
+    _, ours = pair(tied=True)
+    model = ours.base_model.model
+    assert model.lm_head.tied_to is model.model.embed_tokens
+    ours.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = [k for k in load_file(tmp_path / "adapter_model.safetensors") if "token" in k]
+    assert keys == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+
+
+def test_rows_per_module_match_hf():
+    hf, ours = pair(trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [5, 9, 40]})
+    assert trainable(ours) == trainable(hf)
+    with torch.no_grad():
+        assert_matches_oracle(hf, ours, inputs(), run(llama(), inputs()))
+
+
+def test_gradients_match_hf():
+    hf, ours = pair()
+    for model in (hf, ours):
+        model.train()
+        model(**inputs()).logits.square().sum().backward()
+    theirs = {ours_name(n): p.grad for n, p in hf.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert_close(param.grad, theirs[name], f"gradient of {name}")
+    rows = ours.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].grad
+    assert rows[:3].abs().sum() > 0 and rows[3].abs().sum() == 0  # token 40 is not in the batch
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_checkpoints_load_both_ways(tied, tmp_path):
+    hf, ours = pair(tied)
+    assert_checkpoints_load_both_ways(hf, ours, lambda: llama(tied), inputs(), tmp_path)
+
+
+def test_second_adapter_with_its_own_rows_matches_hf(tmp_path):
+    hf, ours = pair()
+    for model, cls in ((hf, hf_peft.LoraConfig), (ours, LoraConfig)):
+        model.add_adapter("other", cls(**CONFIG, trainable_token_indices=[2, 5]))
+    perturb_and_copy(hf, ours, seed=2, adapter="other")
+    x = inputs()
+    x["input_ids"][1, :2] = torch.tensor([2, 5])
+    with torch.no_grad():
+        for name in ("other", "default"):
+            hf.set_adapter(name), ours.set_adapter(name)
+            assert_close(run(ours, x), run(hf, x), f"adapter {name}")
+    ours.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(), tmp_path / "other", adapter_name="other")
+    hf.set_adapter("other")
+    with torch.no_grad():
+        assert_close(run(loaded, x), run(hf, x), "the second adapter loaded alone")
+    ours.delete_adapter("other")
+    assert "other" not in ours.base_model.model.model.embed_tokens.trainable_tokens_delta
+
+
+def test_embedding_both_target_and_trainable_tokens_is_refused_unchanged():
+    model = llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="remove it from target_modules or from trainable_token_indices"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"], trainable_token_indices=[1]))
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("value, match", [
+    ({"no_such_module": [1]}, "matches no module"),
+    ([VOCAB + 3], "out of range"),
+])
+def test_bad_modules_and_ids_are_refused(value, match):
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(llama(), LoraConfig(**CONFIG, trainable_token_indices=value))
+
+
+@pytest.mark.parametrize("value", [[1, -2], "12", {"embed_tokens": [1.5]}])
+def test_bad_config_values_are_refused(value):
+    with pytest.raises(ValueError, match="trainable_token_indices"):
+        LoraConfig(**CONFIG, trainable_token_indices=value)
+
+
+def test_module_both_in_modules_to_save_and_trainable_tokens_is_refused():
+    with pytest.raises(ValueError, match="only one of them"):
+        LoraConfig(**CONFIG, modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [1]})
+
+
+def test_tied_head_with_its_own_ids_trains_apart_as_in_hf():
+    hf, ours = pair(tied=True, trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [9, 40]})
+    assert trainable(ours) == trainable(hf)
+    assert not hasattr(ours.base_model.model.lm_head, "tied_to")
+    with torch.no_grad():
+        assert_close(run(ours, inputs()), run(hf, inputs()), "forward")
+
+
+def test_ensure_weight_tying_with_other_ids_for_the_tied_head_is_refused():
+    kw = dict(CONFIG, trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [9]}, ensure_weight_tying=True)
+    with pytest.raises(ValueError, match="Cannot ensure weight tying"):
+        hf_peft.get_peft_model(llama(tied=True), hf_peft.LoraConfig(**kw))
+    model = llama(tied=True)
+    with pytest.raises(ValueError, match="cannot stay tied"):
+        get_peft_model(model, LoraConfig(**kw))
+    assert type(model.lm_head).__name__ == "Linear" and type(model.model.embed_tokens).__name__ == "Embedding"
+
+
+def test_rows_train_in_a_mixed_model_too():
+    model = get_peft_model(llama(), LoraConfig(**CONFIG, trainable_token_indices=TOKENS), mixed=True)
+    assert "base_model.model.model.embed_tokens.trainable_tokens_delta.default" in trainable(model)
