@@ -4,11 +4,11 @@ See :mod:`peft_kernel.testing.conformance`; quantization backend plugins use
 :mod:`peft_kernel.testing.quant` (imported on first use: it needs pytest).
 """
 
-from .conformance import Case, MethodConformance, perturb
+from .conformance import Case, MethodConformance, assert_gradcheck, perturb
 
 _QUANT = ("QuantBackendConformance", "QuantCase", "QuantPluginContract", "ToyQuantConformance", "quantize_layers")
 
-__all__ = ["Case", "MethodConformance", "perturb", *_QUANT]
+__all__ = ["Case", "MethodConformance", "assert_gradcheck", "perturb", *_QUANT]
 
 
 def __getattr__(name):

@@ -34,7 +34,7 @@ from .. import PeftModel, get_peft_model
 from ..layer import BASE_ADAPTER, AdapterLayer
 from ..plugins import manager
 from ..state_dict import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict, set_peft_model_state_dict
-from .differential import output
+from .differential import assert_close, assert_differs, perturb, run
 from .mixed_partner import can_partner, partner_method
 
 
@@ -55,30 +55,27 @@ class Case:
 
 def _run(model: nn.Module, inputs: Any, **extra: Any) -> torch.Tensor:
     model.eval()
-    with torch.no_grad():
-        if isinstance(inputs, dict):
-            out = model(**inputs, **extra)
-        else:
-            out = model(inputs, **extra)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    out = output(out).detach().float()
+    out = run(model, inputs, **extra).detach().float()
     out.virtual_tokens = _virtual_tokens(model)
     return out
 
 
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    """Move every trainable adapter tensor away from its initial value (methods often
-    start as an identity; a contract check on an identity proves nothing)."""
-    generator = torch.Generator().manual_seed(seed)
-    adapters = set(getattr(model, "peft_config", {}) or {})
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if adapters and not adapters & set(name.split(".")):
-                continue  # trainable base tensors (e.g. biases) are not the adapter's
-            if param.requires_grad and param.is_floating_point() and param.device.type != "meta":
-                noise = torch.randn(param.shape, generator=generator) * scale
-                param.add_(noise.to(param.device, param.dtype))
+def assert_gradcheck(layer: nn.Module, x: torch.Tensor, adapter_name: str = "default") -> list[str]:
+    """``torch.autograd.gradcheck`` of an adapter layer (already in float64) with respect to every
+    tensor of ``adapter_name`` in its ``adapter_layer_names`` containers and, when it is floating
+    point, the input ``x``. Returns the names of the tensors checked."""
+    names = [f"{container}.{adapter_name}" for container in layer.adapter_layer_names
+             if adapter_name in getattr(layer, container)]
+    tensors = [layer.get_parameter(name).detach().clone().requires_grad_() for name in names]
+    inputs = [x.detach().clone().requires_grad_()] if x.is_floating_point() else []
+
+    def forward(*args):
+        given = list(args)
+        x_in = given.pop(0) if inputs else x
+        return torch.func.functional_call(layer, dict(zip(names, given, strict=True)), (x_in,))
+
+    assert torch.autograd.gradcheck(forward, (*inputs, *tensors), fast_mode=True)
+    return names
 
 
 def _base_weight_ids(model: nn.Module) -> set[int]:
@@ -125,17 +122,11 @@ def _align(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_close(actual, expected, atol, what):
-    actual = _align(actual, expected)
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    diff = (actual - expected).abs().max().item()
-    assert diff <= atol, f"{what}: max abs difference {diff:.3g} > {atol}"
+    assert_close(_align(actual, expected), expected, what, atol=atol)
 
 
 def _assert_differs(actual, expected, what):
-    actual = _align(actual, expected)
-    diff = (actual - expected).abs().max().item()
-    assert diff > 1e-6, f"{what}: outputs did not change ({diff:.3g}); the check would be vacuous"
+    assert_differs(_align(actual, expected), expected, what, at_least=1e-6)
 
 
 class MethodConformance:

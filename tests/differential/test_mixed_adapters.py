@@ -13,6 +13,7 @@ The LoKr and OFT combinations run when those plugins are installed.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 
 import pytest
@@ -21,6 +22,7 @@ from torch import nn
 
 import peft_kernel
 from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 
 hf_peft = pytest.importorskip("peft")
 
@@ -36,15 +38,6 @@ TARGETS = {"mlp": [["lin0", "lin1"], ["lin1", "lin2"], ["lin0", "lin1", "lin2"],
            "conv": [["conv0", "conv1"], ["conv1"], ["conv0", "conv1"], ["conv0"]]}
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1, self.lin2 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
-
-
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -54,7 +47,7 @@ class ConvNet(nn.Module):
         return self.conv1(torch.relu(self.conv0(x))).flatten(1)
 
 
-BUILDERS = {"mlp": MLP, "conv": ConvNet}
+BUILDERS = {"mlp": functools.partial(M.MLP, (8, 16, 16, 4)), "conv": ConvNet}
 INPUTS = {"mlp": lambda: torch.randn(5, 8, generator=torch.Generator().manual_seed(5)),
           "conv": lambda: torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))}
 
@@ -71,8 +64,7 @@ def configs(method: str, targets: list[str]):
 
 
 def build(model: str) -> nn.Module:
-    torch.manual_seed(0)
-    return BUILDERS[model]().eval()
+    return M.build(BUILDERS[model])
 
 
 def save_hf_adapters(model: str, methods: tuple[str, ...], tmp_path) -> tuple[list[str], list]:
@@ -187,7 +179,7 @@ def test_transformers_model_with_default_targets_generates_as_hf():
     for library in (hf_peft, peft_kernel):
         side = 0 if library is hf_peft else 1
         torch.manual_seed(3)
-        mixed = library.get_peft_model(D.build({"llama": D.tiny_llama}, "llama"),
+        mixed = library.get_peft_model(M.build("llama"),
                                        configs("LORA", None)[side], "first", mixed=True)
         mixed.add_adapter("second", configs("LOHA", None)[side])
         mixed.set_adapter(["first", "second"])
@@ -195,7 +187,7 @@ def test_transformers_model_with_default_targets_generates_as_hf():
     hf, ours = built["peft"], built["peft_kernel"]
     D.perturb(hf)
     ours.load_state_dict(hf.state_dict())
-    inputs = D.token_ids()
+    inputs = M.inputs("llama")
     D.assert_close(D.run(ours, inputs), D.run(hf, inputs), "logits")
     with torch.no_grad():
         generated = [m.generate(**inputs, max_new_tokens=4, do_sample=False) for m in (hf, ours)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 
-import _ap_models as M
+import _ap_models as AP
 import pytest
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from torch import nn
 import peft_kernel
 from peft_kernel import MergeNotSupportedError, PeftModel, get_peft_model
 from peft_kernel.testing import perturb
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_adaption_prompt import AdaptedAttention, AdaptionPromptConfig, FusedQKVAttention, RotaryAttention
 
 pytest.importorskip("transformers")
@@ -36,11 +37,11 @@ def adapted_names(model) -> list[str]:
 # -- what is adapted ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", list(M.MODELS))
+@pytest.mark.parametrize("model", list(AP.MODELS))
 def test_new_adapter_is_an_exact_identity(model):
     """Gate 0 at init: outputs are bit-identical to the base model's (with attention biases
     too: o_proj's bias is not added a second time)."""
-    base = M.MODELS[model]()
+    base = AP.MODELS[model]()
     expected = logits(copy.deepcopy(base))
     adapted = get_peft_model(base, config())
     layer_cls = FusedQKVAttention if model == "gpt2" else RotaryAttention
@@ -102,7 +103,7 @@ def test_attention_it_cannot_reproduce_is_refused():
     """Qwen3 normalises queries and keys per head; the prompt keys would need it too."""
     with pytest.raises(ValueError, match=r"'model.layers.1.self_attn' of type .*Qwen3Attention is not supported by "
                                          r"ADAPTION_PROMPT.*rotary position_embeddings"):
-        get_peft_model(M.qwen3(), config(target_modules="self_attn", adapter_layers=1))
+        get_peft_model(M.decoder("Qwen3", head_dim=8), config(target_modules="self_attn", adapter_layers=1))
     with pytest.raises(ValueError, match="'model.layers.1.mlp' of type .*LlamaMLP is not supported"):
         get_peft_model(M.llama(), config(target_modules="mlp", adapter_layers=1))
 
@@ -183,7 +184,7 @@ def test_missing_rotary_tables_are_named():
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_gradcheck(model):
     """Analytic gradients of the prompt, the gate and the hidden states match finite differences."""
-    base = M.MODELS[model]().double()
+    base = AP.MODELS[model]().double()
     adapted = get_peft_model(base, config(adapter_len=2, adapter_layers=1))
     layer = next(m for m in adapted.modules() if isinstance(m, AdaptedAttention))
     x = torch.randn(1, 3, 32, dtype=torch.double, generator=torch.Generator().manual_seed(0), requires_grad=True)
@@ -235,13 +236,13 @@ def test_half_precision_base_keeps_float32_adapters():
 
 
 def test_sequence_classification_head_is_trained_saved_and_loaded(tmp_path):
-    model = get_peft_model(M.llama_seq_cls(), config(task_type="SEQ_CLS"))
+    model = get_peft_model(M.decoder("Llama", "ForSequenceClassification", num_labels=3), config(task_type="SEQ_CLS"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".score.modules_to_save.default." in n for n in trainable)
     perturb(model)
     expected = logits(model)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(M.llama_seq_cls(), tmp_path)
+    loaded = PeftModel.from_pretrained(M.decoder("Llama", "ForSequenceClassification", num_labels=3), tmp_path)
     assert torch.equal(logits(loaded), expected)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import _ap_models as M
+import _ap_models as AP
 import pytest
 
 from peft_kernel.testing import Case, MethodConformance
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.conformance, pytest.mark.filterwarnings("ignore")]
 
 
 def _case(model: str, **config):
-    return Case(model, model_fn=M.MODELS[model], input_fn=M.inputs,
+    return Case(model, model_fn=AP.MODELS[model], input_fn=AP.inputs,
                 config_fn=lambda: AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, **config))
 
 

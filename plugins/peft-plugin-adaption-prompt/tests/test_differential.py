@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 
-import _ap_models as M
+import _ap_models as AP
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import peft_kernel
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_adaption_prompt import AdaptionPromptConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -49,8 +50,8 @@ def make_pair(model: str = "llama", seed: int = 1, perturb: bool = True, **confi
     """(hf, ours) on the same base; ours gets HF's (perturbed) adapter tensors."""
     config = {**CONFIG, **config}
     torch.manual_seed(seed)
-    hf = hf_peft.get_peft_model(M.MODELS[model](), hf_peft.AdaptionPromptConfig(**config)).eval()
-    ours = peft_kernel.get_peft_model(M.MODELS[model](), AdaptionPromptConfig(**config)).eval()
+    hf = hf_peft.get_peft_model(AP.MODELS[model](), hf_peft.AdaptionPromptConfig(**config)).eval()
+    ours = peft_kernel.get_peft_model(AP.MODELS[model](), AdaptionPromptConfig(**config)).eval()
     if perturb:
         perturb_hf(hf, "default", seed)
         copy_into_ours(hf, ours, "default")
@@ -78,7 +79,7 @@ def run(model, ids=None, **kwargs):
 # -- structure and initialisation -----------------------------------------------------
 
 
-@pytest.mark.parametrize("model", M.HF_MODELS)
+@pytest.mark.parametrize("model", AP.HF_MODELS)
 def test_same_targets_trainables_and_initial_prompts(model):
     hf, ours = make_pair(model, perturb=False)
     theirs = hf_adapter_tensors(hf, "default")
@@ -94,14 +95,14 @@ def test_same_targets_trainables_and_initial_prompts(model):
 # -- forward ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", M.HF_MODELS)
+@pytest.mark.parametrize("model", AP.HF_MODELS)
 def test_same_logits_loss_and_gradients(model):
     hf, ours = make_pair(model)
     ids = M.ids()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     close(run(ours, ids, attention_mask=mask).logits, run(hf, ids, attention_mask=mask).logits, "logits")
     with torch.no_grad():
-        base = M.MODELS[model]()(input_ids=ids).logits
+        base = AP.MODELS[model]()(input_ids=ids).logits
     assert (run(ours, ids).logits - base).abs().max() > 1e-3, "the adapter changes nothing; the check is vacuous"
     hf.train(), ours.train()
     losses = []
@@ -209,8 +210,8 @@ def test_generate_agrees(kwargs):
                                        "new adapter (gate 0) adds o_proj.bias a second time: not an identity")
 def test_hf_is_identity_at_init_with_attention_bias():
     torch.manual_seed(1)
-    hf = hf_peft.get_peft_model(M.llama_biased(), hf_peft.AdaptionPromptConfig(**CONFIG)).eval()
-    close(run(hf).logits, run(M.llama_biased()).logits, "HF at init", atol=0)
+    hf = hf_peft.get_peft_model(AP.llama_biased(), hf_peft.AdaptionPromptConfig(**CONFIG)).eval()
+    close(run(hf).logits, run(AP.llama_biased()).logits, "HF at init", atol=0)
 
 
 def test_biased_model_differs_from_hf_by_the_gated_bias_only():

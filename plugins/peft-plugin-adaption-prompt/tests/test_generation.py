@@ -4,9 +4,10 @@ batches, beam search, inputs_embeds), on a grouped-query Llama and on GPT-2."""
 
 from __future__ import annotations
 
-import _ap_models as M
+import _ap_models as AP
 import pytest
 
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.generation import GenerationConformance, generation_gap
 from peft_plugin_adaption_prompt import AdaptionPromptConfig
 
@@ -22,7 +23,7 @@ class TestAdaptionPromptGeneration(GenerationConformance):
 
 @pytest.mark.parametrize("model", ["gpt2", "qwen2", "llama-wide-heads"])
 def test_other_layouts_generate_exactly(model):
-    adapted = TestAdaptionPromptGeneration()._adapted(M.MODELS[model], "CAUSAL_LM")
+    adapted = TestAdaptionPromptGeneration()._adapted(AP.MODELS[model], "CAUSAL_LM")
     ids = M.ids()
     mask = ids.new_ones(ids.shape)
     mask[0, :2] = 0

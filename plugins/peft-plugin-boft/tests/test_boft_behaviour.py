@@ -8,7 +8,7 @@ from torch import nn
 import peft_kernel
 from peft_kernel.plugins import manager
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import tiny_nets as M
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_boft import BOFTConfig, BOFTLayer, BOFTModel
 
 
@@ -34,7 +34,7 @@ def test_bad_configs_are_refused(kwargs, message):
     ({"boft_block_size": 2, "boft_n_butterfly_factor": 4}, "multiple of 8; this layer .* has 4 blocks of 2"),
 ])
 def test_layouts_that_do_not_fit_the_layer_are_refused_and_change_nothing(kwargs, message):
-    model = M.build("mlp")
+    model = M.build("mlp8")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         peft_kernel.get_peft_model(model, BOFTConfig(target_modules=["lin0"], **kwargs))
@@ -61,8 +61,8 @@ def test_the_butterfly_is_the_product_of_permuted_block_diagonal_factors():
 def test_transformers_conv1d_layers():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = peft_kernel.get_peft_model(D.tiny_gpt2(), BOFTConfig(target_modules=["c_attn", "c_fc"],
+    model = peft_kernel.get_peft_model(M.gpt2(), BOFTConfig(target_modules=["c_attn", "c_fc"],
                                                                  boft_block_size=4, boft_n_butterfly_factor=2))
     assert model.base_model.model.transformer.h[0].attn.c_attn.boft_s["default"].shape == (96, 1)
     D.perturb(model, scale=0.1)
-    D.assert_merge_keeps_outputs(model, D.token_ids())
+    D.assert_merge_keeps_outputs(model, M.inputs("gpt2"))

@@ -6,7 +6,7 @@ import pytest
 
 from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import tiny_nets as M
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
 from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_boft import BOFTConfig
@@ -14,8 +14,8 @@ from peft_plugin_boft import BOFTConfig
 
 class TestBOFTConformance(MethodConformance):
     cases = [
-        Case("linear", M.MLP, lambda: BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=2,
-                                                 boft_n_butterfly_factor=3), lambda: M.inputs("mlp")),
+        Case("linear", M.MODELS["mlp8"], lambda: BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=2,
+                                                 boft_n_butterfly_factor=3), lambda: M.inputs("mlp8")),
         Case("conv", lambda: M.build("odd-conv2"),
              lambda: BOFTConfig(target_modules=["conv0", "conv1", "conv2"], boft_block_size=2,
                                 boft_n_butterfly_factor=2, modules_to_save=["head"]),

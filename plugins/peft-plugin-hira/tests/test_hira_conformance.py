@@ -4,13 +4,13 @@ backend: ΔW reads the dequantized weight)."""
 
 
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_hira import HiraConfig
 
 
 def case(name, model, **kwargs):
-    return Case(name, lambda: L.build(model), lambda: HiraConfig(**kwargs), lambda: L.inputs(model))
+    return Case(name, lambda: M.build(model), lambda: HiraConfig(**kwargs), lambda: M.inputs(model))
 
 
 class TestHiraConformance(MethodConformance):

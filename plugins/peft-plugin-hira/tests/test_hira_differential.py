@@ -8,7 +8,7 @@ import pytest
 
 import peft_kernel
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_hira import HiraConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -35,7 +35,7 @@ HF_CONV3D_BUG = ("HF PEFT 0.21.2 takes its 1×1 Conv2d shortcut for every convol
                  "and a Conv3d with a 1×1×1 kernel then fails in a batched matmul")
 
 
-class TestHiraAgainstHF(L.OracleSuite):
+class TestHiraAgainstHF(D.OracleSuite):
     config_cls, hf_config, cases = HiraConfig, "HiraConfig", CASES
     init_values = (True, False, "gaussian")
     training = [(name, {"hira_dropout": 0.3}) for name in ("linear", "conv2d", "embedding")]  # HF's dropout draws
@@ -45,26 +45,26 @@ class TestHiraAgainstHF(L.OracleSuite):
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.HiraConfig(**kwargs), HiraConfig(**kwargs), perturb)
+    return D.make_pair(lambda: M.build(model), hf_peft.HiraConfig(**kwargs), HiraConfig(**kwargs), perturb=perturb)
 
 
 RANK_PATTERN = {"target_modules": ["lin0", "lin1"], "r": 2, "rank_pattern": {"lin1": 4}}
 
 
 def test_rank_pattern_sets_the_rank_per_layer():
-    ours = peft_kernel.get_peft_model(L.build("mlp"), HiraConfig(**RANK_PATTERN))
+    ours = peft_kernel.get_peft_model(M.build("mlp"), HiraConfig(**RANK_PATTERN))
     assert ours.base_model.model.lin0.hira_A["default"].shape == (2, 10)
     assert ours.base_model.model.lin1.hira_A["default"].shape == (4, 16)
 
 
 @pytest.mark.xfail(strict=True, reason=HF_RANK_PATTERN_BUG)
 def test_rank_pattern_in_hf():
-    hf = hf_peft.get_peft_model(L.build("mlp"), hf_peft.HiraConfig(**RANK_PATTERN))
+    hf = hf_peft.get_peft_model(M.build("mlp"), hf_peft.HiraConfig(**RANK_PATTERN))
     assert hf.base_model.model.lin1.hira_A["default"].shape == (4, 16)
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=HF_CONV3D_BUG)
 def test_pointwise_conv3d_matches_hf():
     hf, ours = make_pair("conv3d", {"target_modules": ["conv1"], "r": 2})
-    x = L.inputs("conv3d")
+    x = M.inputs("conv3d")
     D.assert_close(D.run(ours, x), D.run(hf, x), "forward")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel.testing.layer_models import assert_gradcheck
+from peft_kernel.testing import assert_gradcheck
 from peft_plugin_hira import HiraConfig, HiraLayer
 
 LAYERS = {

@@ -6,7 +6,7 @@ import pytest
 
 from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import tiny_nets as M
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
 from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_hra import HRAConfig
@@ -14,7 +14,8 @@ from peft_plugin_hra import HRAConfig
 
 class TestHRAConformance(MethodConformance):
     cases = [
-        Case("linear", M.MLP, lambda: HRAConfig(target_modules=["lin0", "lin1"], r=4), lambda: M.inputs("mlp")),
+        Case("linear", M.MODELS["mlp8"], lambda: HRAConfig(target_modules=["lin0", "lin1"], r=4),
+             lambda: M.inputs("mlp8")),
         Case("conv", M.OddConvNet, lambda: HRAConfig(target_modules=["conv0", "conv1", "conv2"], r=2,
                                                      modules_to_save=["head"]), lambda: M.inputs("odd-conv3")),
     ]

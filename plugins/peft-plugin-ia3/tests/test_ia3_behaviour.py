@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _ia3_models as M
 import pytest
 import torch
 from torch import nn
@@ -10,13 +9,15 @@ from torch import nn
 import peft_kernel
 from peft_kernel import PeftWarning, get_peft_model
 from peft_kernel.plugins import manager
+from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_ia3 import IA3Config, IA3Model
 
 
 def _model(**config):
     torch.manual_seed(0)
-    return get_peft_model(M.build("mlp"), IA3Config(**config))
+    return get_peft_model(M.build("mlp_wide"), IA3Config(**config))
 
 
 # -- registration -------------------------------------------------------------------------
@@ -46,12 +47,12 @@ def test_feedforward_subset_checked_after_model_defaults():
 
 def test_missing_feedforward_default_for_custom_model():
     with pytest.raises(ValueError, match="feedforward_modules"):
-        get_peft_model(M.build("mlp"), IA3Config(target_modules=["lin0"]))
+        get_peft_model(M.build("mlp_wide"), IA3Config(target_modules=["lin0"]))
 
 
 def test_missing_target_default_for_custom_model():
     with pytest.raises(ValueError, match="target_modules"):
-        get_peft_model(M.build("mlp"), IA3Config(feedforward_modules=[]))
+        get_peft_model(M.build("mlp_wide"), IA3Config(feedforward_modules=[]))
 
 
 def test_fields_hf_does_not_have_are_rejected():
@@ -135,21 +136,21 @@ def test_mixed_batch_equals_separate_runs():
     model = _model(**config)
     model.add_adapter("b", IA3Config(**config))
     model.base_model.set_adapter(["default", "b"])
-    M.perturb(model)
+    D.perturb(model)
     model.set_adapter("default")
     model.eval()  # mixed adapter batches are an inference feature
-    x = M.inputs("mlp", batch=3)
+    x = M.inputs("mlp_wide", batch=3)
     names = ["default", "b", "__base__"]
-    mixed = M.run(model, x, adapter_names=names)
+    mixed = D.run(model, x, adapter_names=names)
     expected = []
     for i, name in enumerate(names):
         if name == "__base__":
             with model.disable_adapter():
-                expected.append(M.run(model, x[i : i + 1]))
+                expected.append(D.run(model, x[i : i + 1]))
         else:
             model.set_adapter(name)
-            expected.append(M.run(model, x[i : i + 1]))
-    M.assert_close(mixed, torch.cat(expected), "mixed batch")
+            expected.append(D.run(model, x[i : i + 1]))
+    D.assert_close(mixed, torch.cat(expected), "mixed batch")
 
 
 def test_feedforward_role_is_per_layer():
@@ -162,18 +163,18 @@ def test_feedforward_role_is_per_layer():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_base_keeps_dtype(dtype):
     torch.manual_seed(0)
-    base = M.build("mlp").to(dtype)
+    base = M.build("mlp_wide").to(dtype)
     model = get_peft_model(base, IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]))
     assert model.base_model.model.lin0.ia3_l["default"].dtype == torch.float32
-    M.perturb(model)
-    x = M.inputs("mlp").to(dtype)
-    out = M.run(model, x)
+    D.perturb(model)
+    x = M.inputs("mlp_wide").to(dtype)
+    out = D.run(model, x)
     assert out.dtype == dtype
     model.merge_adapter()
     assert model.base_model.model.lin0.base_layer.weight.dtype == dtype
-    merged = M.run(model, x)
+    merged = D.run(model, x)
     assert merged.dtype == dtype
-    M.assert_close(merged.float(), out.float(), "half-precision merge", atol=5e-2)
+    D.assert_close(merged.float(), out.float(), "half-precision merge", atol=5e-2)
     model.unmerge_adapter()
 
 
@@ -210,20 +211,20 @@ def toy_backend():
 
 
 def _quantized_mlp():
-    model = M.build("mlp")
+    model = M.build("mlp_wide")
     model.lin0, model.lin1 = ToyInt8Linear(model.lin0), ToyInt8Linear(model.lin1)
     return model
 
 
 def test_quantized_base_forward_and_merge(toy_backend):
     model = get_peft_model(_quantized_mlp(), IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]))
-    M.perturb(model)
+    D.perturb(model)
     layer0, layer1 = model.base_model.model.lin0, model.base_model.model.lin1
     assert isinstance(layer0.get_base_layer(), ToyInt8Linear)
-    x = M.inputs("mlp")
+    x = M.inputs("mlp_wide")
     h0 = layer0.get_base_layer()(x) * layer0.ia3_l["default"].flatten()
     h1 = layer1.get_base_layer()(torch.relu(h0) * layer1.ia3_l["default"].flatten())
     expected = model.base_model.model.lin2(torch.relu(h1))
-    M.assert_close(M.run(model, x), expected.detach(), "quantized forward")
+    D.assert_close(D.run(model, x), expected.detach(), "quantized forward")
     model.merge_adapter()
-    M.assert_close(M.run(model, x), expected.detach(), "quantized merge (requantization error)", atol=0.05)
+    D.assert_close(D.run(model, x), expected.detach(), "quantized merge (requantization error)", atol=0.05)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
-import _ia3_models as M
 import pytest
 
 from peft_kernel.testing import Case, MethodConformance
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_ia3 import IA3Config
 
 pytestmark = [pytest.mark.conformance, pytest.mark.filterwarnings("ignore")]
@@ -20,10 +20,10 @@ def _case(name: str, model: str, **config):
 
 class TestIA3Conformance(MethodConformance):
     cases = [
-        _case("mlp-output", "mlp", target_modules=["lin0", "lin1"], feedforward_modules=[]),
-        _case("mlp-feedforward", "mlp", target_modules=["lin0", "lin1", "lin2"], feedforward_modules=["lin1"]),
+        _case("mlp-output", "mlp_wide", target_modules=["lin0", "lin1"], feedforward_modules=[]),
+        _case("mlp-feedforward", "mlp_wide", target_modules=["lin0", "lin1", "lin2"], feedforward_modules=["lin1"]),
         _case("conv2d-groups-ff", "conv2d", target_modules=["conv0", "conv1"], feedforward_modules=["conv1"]),
-        _case("conv3d", "conv3d", target_modules=["conv"], feedforward_modules=[]),
+        _case("conv3d", "conv3d", target_modules=["conv0"], feedforward_modules=[]),
         _case("gpt2-conv1d", "gpt2", target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]),
         _case("llama-defaults", "llama"),
     ]

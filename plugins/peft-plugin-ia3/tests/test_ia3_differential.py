@@ -3,15 +3,14 @@ merging, checkpoints load both ways with identical keys and config fields."""
 
 from __future__ import annotations
 
-import copy
 import json
 
-import _ia3_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_ia3 import IA3Config
 
 hf_peft = pytest.importorskip("peft")
@@ -20,16 +19,16 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CASES = [
-    ("mlp-output", "mlp", {"target_modules": ["lin0", "lin1"], "feedforward_modules": []}),
-    ("mlp-ff", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "feedforward_modules": ["lin1", "lin2"]}),
-    ("mlp-regex", "mlp", {"target_modules": r"lin[01]", "feedforward_modules": r"lin1"}),
-    ("mlp-exclude", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "exclude_modules": ["lin2"],
+    ("mlp-output", "mlp_wide", {"target_modules": ["lin0", "lin1"], "feedforward_modules": []}),
+    ("mlp-ff", "mlp_wide", {"target_modules": ["lin0", "lin1", "lin2"], "feedforward_modules": ["lin1", "lin2"]}),
+    ("mlp-regex", "mlp_wide", {"target_modules": r"lin[01]", "feedforward_modules": r"lin1"}),
+    ("mlp-exclude", "mlp_wide", {"target_modules": ["lin0", "lin1", "lin2"], "exclude_modules": ["lin2"],
                             "feedforward_modules": ["lin1"]}),
-    ("mlp-modules_to_save", "mlp", {"target_modules": ["lin0"], "feedforward_modules": ["lin0"],
+    ("mlp-modules_to_save", "mlp_wide", {"target_modules": ["lin0"], "feedforward_modules": ["lin0"],
                                     "modules_to_save": ["lin2"]}),
     ("conv2d-output", "conv2d", {"target_modules": ["conv0", "conv1"], "feedforward_modules": []}),
     ("conv2d-ff-groups", "conv2d", {"target_modules": ["conv0", "conv1"], "feedforward_modules": ["conv1"]}),
-    ("conv3d-ff", "conv3d", {"target_modules": ["conv"], "feedforward_modules": ["conv"]}),
+    ("conv3d-ff", "conv3d", {"target_modules": ["conv0"], "feedforward_modules": ["conv0"]}),
     ("gpt2-conv1d", "gpt2", {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]}),
     ("gpt2-defaults", "gpt2", {}),
     ("gpt2-all-linear", "gpt2", {"target_modules": "all-linear", "feedforward_modules": r".*mlp\.c_proj"}),
@@ -42,18 +41,8 @@ IDS = [c[0] for c in CASES]
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True, adapter_name: str = "default"):
-    """(hf, ours) from the same base; with ``perturb`` HF's perturbed weights are copied into ours."""
-    torch.manual_seed(42)
-    hf = hf_peft.get_peft_model(M.build(model), hf_peft.IA3Config(**copy.deepcopy(kwargs)), adapter_name=adapter_name)
-    torch.manual_seed(42)
-    ours = peft_kernel.get_peft_model(M.build(model), IA3Config(**copy.deepcopy(kwargs)), adapter_name=adapter_name)
-    hf.eval(), ours.eval()
-    if perturb:
-        M.perturb(hf)
-        assert set(hf.state_dict()) == set(ours.state_dict()), (
-            f"state dict keys differ: {sorted(set(hf.state_dict()) ^ set(ours.state_dict()))[:10]}")
-        ours.load_state_dict(hf.state_dict())
-    return hf, ours
+    return D.make_pair(lambda: M.build(model), hf_peft.IA3Config(**kwargs), IA3Config(**kwargs), perturb=perturb,
+                       adapter_name=adapter_name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -75,14 +64,14 @@ def test_outputs_merge_unmerge(case):
     _, model, kwargs = case
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
-    base = M.run(M.build(model), x)
+    base = D.run(M.build(model), x)
     D.assert_matches_oracle(hf, ours, x, base)
 
 
 def test_random_init_matches():
     """init_ia3_weights=False draws the vectors from the global generator, as HF does."""
     kwargs = {"target_modules": ["lin0", "lin1", "lin2"], "feedforward_modules": ["lin1"], "init_ia3_weights": False}
-    hf, ours = make_pair("mlp", kwargs, perturb=False)
+    hf, ours = make_pair("mlp_wide", kwargs, perturb=False)
     for key, value in hf.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
 
@@ -99,40 +88,40 @@ def test_checkpoints_both_ways(case, tmp_path):
 
 def test_second_adapter_checkpoint_subfolder(tmp_path):
     kwargs = {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"]}
-    hf, ours = make_pair("mlp", kwargs, perturb=False)
+    hf, ours = make_pair("mlp_wide", kwargs, perturb=False)
     for model in (hf, ours):
         model.add_adapter("other", (hf_peft.IA3Config if model is hf else IA3Config)(**kwargs))
-    M.perturb(hf)  # (only the active adapter is trainable)
+    D.perturb(hf)  # (only the active adapter is trainable)
     hf.base_model.set_adapter("other")
-    M.perturb(hf, seed=5)
+    D.perturb(hf, seed=5)
     ours.load_state_dict(hf.state_dict())
-    x = M.inputs("mlp")
+    x = M.inputs("mlp_wide")
     for name in ("default", "other"):
         hf.set_adapter(name), ours.set_adapter(name)
-        M.assert_close(M.run(ours, x), M.run(hf, x), f"adapter {name}")
+        D.assert_close(D.run(ours, x), D.run(hf, x), f"adapter {name}")
     hf.save_pretrained(tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours")
     assert (tmp_path / "ours" / "other" / "adapter_model.safetensors").is_file()
-    mine = peft_kernel.PeftModel.from_pretrained(M.build("mlp"), str(tmp_path / "hf" / "other"))
-    theirs = hf_peft.PeftModel.from_pretrained(M.build("mlp"), str(tmp_path / "ours"), adapter_name="x")
+    mine = peft_kernel.PeftModel.from_pretrained(M.build("mlp_wide"), str(tmp_path / "hf" / "other"))
+    theirs = hf_peft.PeftModel.from_pretrained(M.build("mlp_wide"), str(tmp_path / "ours"), adapter_name="x")
     theirs.load_adapter(str(tmp_path / "ours" / "other"), adapter_name="other")
     theirs.set_adapter("other")
-    M.assert_close(M.run(mine, x), M.run(theirs, x), "second adapter across libraries")
+    D.assert_close(D.run(mine, x), D.run(theirs, x), "second adapter across libraries")
 
 
 def test_several_active_adapters_multiply():
     kwargs = {"target_modules": ["lin0", "lin1", "lin2"], "feedforward_modules": ["lin1"]}
-    hf, ours = make_pair("mlp", kwargs, perturb=False)
+    hf, ours = make_pair("mlp_wide", kwargs, perturb=False)
     hf.add_adapter("b", hf_peft.IA3Config(**kwargs))
     ours.add_adapter("b", IA3Config(**kwargs))
     hf.base_model.set_adapter(["default", "b"])
-    M.perturb(hf)
+    D.perturb(hf)
     ours.load_state_dict(hf.state_dict())
     ours.base_model.set_adapter(["default", "b"])
-    x = M.inputs("mlp")
-    M.assert_close(M.run(ours, x), M.run(hf, x), "two active adapters")
+    x = M.inputs("mlp_wide")
+    D.assert_close(D.run(ours, x), D.run(hf, x), "two active adapters")
     hf.merge_adapter(), ours.merge_adapter()
-    M.assert_close(M.run(ours, x), M.run(hf, x), "two merged adapters")
+    D.assert_close(D.run(ours, x), D.run(hf, x), "two merged adapters")
 
 
 @pytest.mark.parametrize("kind", ["lists", "regex", "different-targets"])
@@ -145,11 +134,11 @@ def test_add_weighted_adapter_matches(kind):
     else:
         first = {"target_modules": ["lin0"], "feedforward_modules": []}
         second = {"target_modules": ["lin1", "lin2"], "feedforward_modules": ["lin2"]}
-    hf, ours = make_pair("mlp", first, perturb=False)
+    hf, ours = make_pair("mlp_wide", first, perturb=False)
     hf.add_adapter("b", hf_peft.IA3Config(**second))
     ours.add_adapter("b", IA3Config(**second))
     hf.base_model.set_adapter(["default", "b"])
-    M.perturb(hf)
+    D.perturb(hf)
     hf.base_model.set_adapter("default")
     ours.load_state_dict(hf.state_dict())
     hf.add_weighted_adapter(["default", "b"], [0.7, 0.3], "mix")
@@ -158,13 +147,13 @@ def test_add_weighted_adapter_matches(kind):
     assert ours.peft_config["mix"].feedforward_modules == hf.peft_config["mix"].feedforward_modules
     assert ours.active_adapters == ["default"]
     assert not any("mix" in n.split(".") for n, p in ours.named_parameters() if p.requires_grad)
-    x = M.inputs("mlp")
-    M.assert_close(M.run(ours, x), M.run(hf, x), "still the old adapter")
+    x = M.inputs("mlp_wide")
+    D.assert_close(D.run(ours, x), D.run(hf, x), "still the old adapter")
     hf.set_adapter("mix"), ours.set_adapter("mix")
-    M.assert_close(M.run(ours, x), M.run(hf, x), "combined adapter")
+    D.assert_close(D.run(ours, x), D.run(hf, x), "combined adapter")
     for key, value in hf.state_dict().items():
         if ".mix" in key:
-            M.assert_close(ours.state_dict()[key], value, key)
+            D.assert_close(ours.state_dict()[key], value, key)
 
 
 def test_default_targets_match_hf():

@@ -1,6 +1,5 @@
 """LoHa beyond the oracle: registration, bad input, and layers HF PEFT's LoHa does not adapt."""
 
-import _loha_models as M
 import pytest
 import torch
 from torch import nn
@@ -8,6 +7,7 @@ from torch import nn
 import peft_kernel
 from peft_kernel.plugins import manager
 from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_loha import LoHaConfig, LoHaLayer, LoHaModel
 
 
@@ -34,12 +34,12 @@ def test_transformers_conv1d_layers_keep_the_linear_layout():
     (out, r) x (r, in) and the kernel handles the layout, in forward and merge."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = peft_kernel.get_peft_model(D.tiny_gpt2(), LoHaConfig(target_modules=["c_attn"], r=2))
+    model = peft_kernel.get_peft_model(M.gpt2(), LoHaConfig(target_modules=["c_attn"], r=2))
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(layer, LoHaLayer) and layer.hada_w1_a["default"].shape == (96, 2)
     assert layer.hada_w1_b["default"].shape == (2, 32)
     D.perturb(model)
-    x = D.token_ids()
+    x = M.inputs("gpt2")
     unmerged = D.run(model, x)
     model.merge_adapter()
     D.assert_close(D.run(model, x), unmerged, "merged Conv1D", atol=1e-4)

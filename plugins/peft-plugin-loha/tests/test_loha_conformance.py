@@ -1,9 +1,9 @@
 """LoHa passes the kernel's conformance kit: for linear layers, Conv1d and the CP form of Conv2d,
 and on a quantized base (the kit's toy int8 backend)."""
 
-import _loha_models as M
 
 from peft_kernel.testing import Case, MethodConformance
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_loha import LoHaConfig
 

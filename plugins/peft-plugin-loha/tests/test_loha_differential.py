@@ -4,11 +4,10 @@ load both ways with identical keys and config fields."""
 
 from __future__ import annotations
 
-import _loha_models as M
 import pytest
 
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_loha import LoHaConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -39,7 +38,7 @@ HF_CP_BACKWARD_BUG = ("HF PEFT 0.21.2's custom backward of the CP form (HadaWeig
 DROPOUTS = {"rank_dropout": 0.4, "module_dropout": 0.3}
 
 
-class TestLoHaAgainstHF(L.OracleSuite):
+class TestLoHaAgainstHF(D.OracleSuite):
     config_cls, hf_config, cases = LoHaConfig, "LoHaConfig", CASES
     # module and rank dropout draw from torch's generator as HF's do: the same outputs, and outside
     # the CP form (HF_CP_BACKWARD_BUG) the same gradients
@@ -51,7 +50,7 @@ class TestLoHaAgainstHF(L.OracleSuite):
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.LoHaConfig(**kwargs), LoHaConfig(**kwargs), perturb=perturb)
+    return D.make_pair(lambda: M.build(model), hf_peft.LoHaConfig(**kwargs), LoHaConfig(**kwargs), perturb=perturb)
 
 
 @pytest.mark.xfail(strict=True, reason=HF_CP_BACKWARD_BUG)

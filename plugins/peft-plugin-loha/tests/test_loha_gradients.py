@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
-from peft_kernel.testing.layer_models import assert_gradcheck
+from peft_kernel.testing import assert_gradcheck
 from peft_plugin_loha import LoHaConfig, LoHaLayer
 
 LAYERS = {

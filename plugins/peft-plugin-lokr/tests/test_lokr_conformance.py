@@ -4,13 +4,13 @@ Conv2d, and on a quantized base (the kit's toy int8 backend)."""
 
 
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_lokr import LoKrConfig
 
 
 def case(name, model, **kwargs):
-    return Case(name, lambda: L.build(model), lambda: LoKrConfig(**kwargs), lambda: L.inputs(model))
+    return Case(name, lambda: M.build(model), lambda: LoKrConfig(**kwargs), lambda: M.inputs(model))
 
 
 class TestLoKrConformance(MethodConformance):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_lokr import LoKrConfig
 from peft_plugin_lokr.layer import factorization
 
@@ -43,7 +43,7 @@ HF_CONV1D_CP_CRASH = ("HF PEFT 0.21.2: the CP form of a Conv1d with r = 1 fails 
                       "compatible with input tensor's size and stride'); ours runs (conformance kit)")
 
 
-class TestLoKrAgainstHF(L.OracleSuite):
+class TestLoKrAgainstHF(D.OracleSuite):
     config_cls, hf_config, cases = LoKrConfig, "LoKrConfig", CASES
     init_values = (True, False, "lycoris")
     # module and rank dropout draw from torch's generator as HF's do; HF's LoKr CP form is plain
@@ -57,7 +57,7 @@ class TestLoKrAgainstHF(L.OracleSuite):
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.LoKrConfig(**kwargs), LoKrConfig(**kwargs), perturb)
+    return D.make_pair(lambda: M.build(model), hf_peft.LoKrConfig(**kwargs), LoKrConfig(**kwargs), perturb=perturb)
 
 
 def test_conv1d_with_a_full_w2_is_the_kronecker_product():
@@ -70,7 +70,7 @@ def test_conv1d_with_a_full_w2_is_the_kronecker_product():
         b, d, k = w2.shape
         expected = torch.einsum("il,jmk->ijlmk", w1, w2).reshape(a * b, c * d, k) * layer.scaling["default"]
         D.assert_close(layer.delta_weight("default"), expected.detach(), name)
-    x = L.inputs("conv1d")
+    x = M.inputs("conv1d")
     merged = D.run(ours, x)
     ours.merge_adapter()
     D.assert_close(D.run(ours, x), merged, "merged", atol=1e-4)
@@ -79,29 +79,29 @@ def test_conv1d_with_a_full_w2_is_the_kronecker_product():
 @pytest.mark.xfail(strict=True, reason=HF_CONV1D_BUG)
 def test_conv1d_with_a_full_w2_matches_hf():
     hf, ours = make_pair(*CONV1D_FULL_W2)
-    x = L.inputs("conv1d")
+    x = M.inputs("conv1d")
     D.assert_close(D.run(ours, x), D.run(hf, x), "forward")
 
 
 @pytest.mark.xfail(strict=True, raises=RuntimeError, reason=HF_CONV1D_CP_CRASH)
 def test_conv1d_cp_form_of_rank_1_runs_in_hf():
     hf, ours = make_pair("conv1d", {"target_modules": ["conv0"], "r": 1, "use_effective_conv2d": True})
-    x = L.inputs("conv1d")
+    x = M.inputs("conv1d")
     D.assert_close(D.run(ours, x), D.run(hf, x), "forward")
 
 
 def test_rank_dropout_of_every_row_drops_the_update():
     _, ours = make_pair("mlp", {"target_modules": ["lin0", "lin1"], "rank_dropout": 1.0, "rank_dropout_scale": True})
-    x = L.inputs("mlp")
+    x = M.inputs("mlp")
     ours.train()
-    D.assert_close(ours(x).detach(), D.run(L.build("mlp"), x), "every row dropped")
+    D.assert_close(ours(x).detach(), D.run(M.build("mlp"), x), "every row dropped")
 
 
 @pytest.mark.xfail(strict=True, reason="HF PEFT 0.21.2: with rank_dropout_scale, rank dropout that drops every row "
                                        "divides by their zero mean, and the layer outputs NaN")
 def test_rank_dropout_of_every_row_matches_hf():
     hf, ours = make_pair("mlp", {"target_modules": ["lin0", "lin1"], "rank_dropout": 1.0, "rank_dropout_scale": True})
-    x = L.inputs("mlp")
+    x = M.inputs("mlp")
     hf.train(), ours.train()
     D.assert_close(hf(x).detach(), ours(x).detach(), "HF with every row dropped")
 

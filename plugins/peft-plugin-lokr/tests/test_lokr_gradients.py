@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel.testing.layer_models import assert_gradcheck
+from peft_kernel.testing import assert_gradcheck
 from peft_plugin_lokr import LoKrConfig, LoKrLayer
 
 # (base layer, input shape, config, the factors that form must have)

@@ -1,4 +1,5 @@
-"""Tiny, deterministically seeded models for the LoRA feature tests."""
+"""Tiny, deterministically seeded models for the LoRA feature tests (besides the kernel's
+:mod:`peft_kernel.testing.tiny_models`): a mixture of experts with bare 3-D parameters."""
 
 from __future__ import annotations
 
@@ -8,18 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-VOCAB = 64
+from peft_kernel.testing import tiny_models
+
+VOCAB = tiny_models.VOCAB
 
 
 def llama(layers: int = 2):
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_models.llama(num_hidden_layers=layers)
 
 
 class Experts(nn.Module):
@@ -63,19 +59,10 @@ def moe(transposed: bool = False) -> MoE:
     return MoE(transposed)
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(10, 20)
-        self.lin1 = nn.Linear(20, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
-
-
-def mlp() -> MLP:
+def mlp() -> tiny_models.MLP:
+    """Two linear layers, 10 → 20 → 4."""
     torch.manual_seed(0)
-    return MLP()
+    return tiny_models.MLP((10, 20, 4))
 
 
 def save_hf_lora(path, model_fn, seed: int, **config) -> str:

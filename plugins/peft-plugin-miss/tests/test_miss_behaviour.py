@@ -6,7 +6,7 @@ import torch
 import peft_kernel
 from peft_kernel.plugins import manager
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_miss import MissBatLayer, MissConfig, MissLayer, MissModel
 
 
@@ -17,7 +17,7 @@ def test_registered_through_the_entry_point():
 
 
 def _layer(**kwargs):
-    model = peft_kernel.get_peft_model(L.build("mlp"), MissConfig(target_modules=["lin0"], **kwargs))
+    model = peft_kernel.get_peft_model(M.build("mlp"), MissConfig(target_modules=["lin0"], **kwargs))
     layer = model.base_model.model.lin0
     block = layer.miss_block["default"]
     with torch.no_grad():  # seeded: the test must not depend on what ran before it
@@ -58,7 +58,7 @@ def test_bat_transforms_each_block_and_unmerges_exactly():
 def test_bat_and_other_variants_cannot_share_a_layer():
     """HF PEFT silently reads a second adapter with the first one's variant; here it is refused and
     the model stays as it was."""
-    model = peft_kernel.get_peft_model(L.build("mlp"), MissConfig(target_modules=["lin0"], r=2))
+    model = peft_kernel.get_peft_model(M.build("mlp"), MissConfig(target_modules=["lin0"], r=2))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="'bat' variant transforms the weight and cannot share a layer"):
         model.add_adapter("b", MissConfig(target_modules=["lin0"], r=2, init_weights="bat"))
@@ -73,7 +73,7 @@ def test_bat_and_other_variants_cannot_share_a_layer():
     ({"r": 2, "mini_r": 3, "init_weights": "mini"}, "divisible by mini_r"),
 ])
 def test_bad_sizes_are_clear_errors(kwargs, message):
-    model = L.build("mlp")
+    model = M.build("mlp")
     with pytest.raises(ValueError, match=message):
         peft_kernel.get_peft_model(model, MissConfig(target_modules=["lin0"], **kwargs))
     assert type(model.lin0) is torch.nn.Linear
@@ -87,10 +87,10 @@ def test_unknown_variant_is_a_clear_error():
 def test_transformers_conv1d_layers_keep_the_linear_layout():
     torch.manual_seed(0)
     for variant in (True, "bat"):
-        model = peft_kernel.get_peft_model(L.build("gpt2"), MissConfig(target_modules=["c_attn"], r=4,
+        model = peft_kernel.get_peft_model(M.build("gpt2"), MissConfig(target_modules=["c_attn"], r=4,
                                                                        init_weights=variant))
         D.perturb(model)
-        x = L.inputs("gpt2")
+        x = M.inputs("gpt2")
         unmerged = D.run(model, x)
         model.merge_adapter()
         D.assert_close(D.run(model, x), unmerged, f"merged Conv1D ({variant})", atol=1e-4)

@@ -3,14 +3,14 @@ toy int8 backend; "bat" reads the dequantized weight)."""
 
 
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_miss import MissConfig
 
 
 def case(name, **kwargs):
-    return Case(name, lambda: L.build("mlp"), lambda: MissConfig(target_modules=["lin0", "lin1"], **kwargs),
-                lambda: L.inputs("mlp"))
+    return Case(name, lambda: M.build("mlp"), lambda: MissConfig(target_modules=["lin0", "lin1"], **kwargs),
+                lambda: M.inputs("mlp"))
 
 
 class TestMissConformance(MethodConformance):

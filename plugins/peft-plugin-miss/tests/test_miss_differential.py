@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_miss import MissConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -27,7 +27,7 @@ CASES = [
 ]
 
 
-class TestMissAgainstHF(L.OracleSuite):
+class TestMissAgainstHF(D.OracleSuite):
     config_cls, hf_config, cases = MissConfig, "MissConfig", CASES
     init_values = ()  # the variant is the case's init_weights: test_same_seed_same_initial_shard
     training = [("default", {"miss_dropout": 0.3}), ("mini", {"miss_dropout": 0.3})]  # HF's dropout draws
@@ -37,7 +37,7 @@ class TestMissAgainstHF(L.OracleSuite):
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.MissConfig(**kwargs), MissConfig(**kwargs), perturb)
+    return D.make_pair(lambda: M.build(model), hf_peft.MissConfig(**kwargs), MissConfig(**kwargs), perturb=perturb)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] == "mlp"], ids=lambda c: c[0])

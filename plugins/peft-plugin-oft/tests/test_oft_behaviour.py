@@ -8,7 +8,7 @@ from torch import nn
 import peft_kernel
 from peft_kernel.plugins import manager
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import tiny_nets as M
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_oft import OFTConfig, OFTLayer, OFTModel
 
 
@@ -26,7 +26,7 @@ def test_r_and_block_size_are_exclusive():
 
 def test_a_block_size_that_does_not_divide_becomes_the_nearest_divisor():
     with pytest.warns(peft_kernel.PeftWarning, match=r"Invalid `oft_block_size` \(5\).*Adjusted.*\(4\)"):
-        model = peft_kernel.get_peft_model(M.build("mlp"), OFTConfig(target_modules=["lin0"], oft_block_size=5))
+        model = peft_kernel.get_peft_model(M.build("mlp8"), OFTConfig(target_modules=["lin0"], oft_block_size=5))
     assert model.base_model.model.lin0.oft_block_size["default"] == 4
 
 
@@ -39,8 +39,8 @@ def test_transformers_conv1d_rotates_the_input_of_the_linear_map():
     """GPT-2's Conv1D stores (in, out); the rotation acts on the 32 inputs either way."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = peft_kernel.get_peft_model(D.tiny_gpt2(), OFTConfig(target_modules=["c_attn", "c_fc"], oft_block_size=8))
+    model = peft_kernel.get_peft_model(M.gpt2(), OFTConfig(target_modules=["c_attn", "c_fc"], oft_block_size=8))
     layer = model.base_model.model.transformer.h[0].attn.c_attn
     assert isinstance(layer, OFTLayer) and layer.r["default"] == 4
     D.perturb(model, scale=0.05)
-    D.assert_merge_keeps_outputs(model, D.token_ids())
+    D.assert_merge_keeps_outputs(model, M.inputs("gpt2"))

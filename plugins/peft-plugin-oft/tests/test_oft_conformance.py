@@ -6,7 +6,7 @@ import pytest
 
 from peft_kernel.plugins import manager
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import tiny_nets as M
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import QuantBackendConformance, QuantCase, quantize_layers
 from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_oft import OFTConfig
@@ -14,12 +14,12 @@ from peft_plugin_oft import OFTConfig
 
 class TestOFTConformance(MethodConformance):
     cases = [
-        Case("linear", M.MLP, lambda: OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=4),
-             lambda: M.inputs("mlp")),
+        Case("linear", M.MODELS["mlp8"], lambda: OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=4),
+             lambda: M.inputs("mlp8")),
         Case("conv", M.OddConvNet, lambda: OFTConfig(target_modules=["conv0", "conv1", "conv2"], oft_block_size=6,
                                                      modules_to_save=["head"]), lambda: M.inputs("odd-conv3")),
         Case("embedding", M.EmbeddingNet, lambda: OFTConfig(target_modules=["emb"], r=2, oft_block_size=0),
-             lambda: M.inputs("emb")),
+             lambda: M.inputs("embedding")),
     ]
 
 

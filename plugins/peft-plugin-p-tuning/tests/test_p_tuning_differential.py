@@ -11,11 +11,12 @@ import torch
 
 from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.differential import (
-    assert_checkpoints_interchangeable,
+    ATOL,
+    assert_checkpoints_load_both_ways,
     assert_close,
-    assert_same_gradients,
     assert_same_outputs,
     assert_same_structure,
+    assert_same_training,
     make_pair,
     transformers_renamed_the_cache,
 )
@@ -35,7 +36,7 @@ LSTM = {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 8}
 def pair(model: str, perturb: bool = True, **kwargs):
     kwargs = {"task_type": M.TASK_TYPES[model], "num_virtual_tokens": 3, **kwargs}
     return make_pair(getattr(M, model), hf_peft.PromptEncoderConfig(**copy.deepcopy(kwargs)),
-                     PromptEncoderConfig(**kwargs), perturb=perturb)
+                     PromptEncoderConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
 
 
 @pytest.mark.parametrize("model, kwargs", [("llama", {}), ("t5", LSTM), ("bert_cls", {"encoder_hidden_size": 12})])
@@ -72,8 +73,8 @@ def test_forward_and_loss(case):
 
 @pytest.mark.parametrize("kwargs", [{}, LSTM], ids=["mlp", "lstm"])
 def test_gradients_match(kwargs):
-    assert_same_gradients(*pair("llama", **kwargs), {"input_ids": M.ids(), "attention_mask": MASK,
-                                                     "labels": M.ids(seed=3)})
+    assert_same_training(*pair("llama", **kwargs), {"input_ids": M.ids(), "attention_mask": MASK,
+                                                    "labels": M.ids(seed=3)}, steps=1)
 
 
 @pytest.mark.parametrize("model, kwargs", [("llama", LSTM), ("t5", {}), ("bert_cls", {})])
@@ -83,7 +84,8 @@ def test_checkpoints_load_both_ways(model, kwargs, tmp_path):
     inputs = {"input_ids": M.ids(), "attention_mask": MASK}
     if model == "t5":
         inputs["decoder_input_ids"] = M.ids(length=3, seed=2)
-    assert_checkpoints_interchangeable(hf, ours, getattr(M, model), lambda: inputs, tmp_path)
+    # the saved virtual tokens are the encoder's output, computed by each library at save time
+    assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path, tensor_atol=ATOL)
 
 
 # -- generate: token ids equal HF's where HF is right ---------------------------------------------

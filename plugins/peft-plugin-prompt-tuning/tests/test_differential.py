@@ -8,11 +8,11 @@ import copy
 import json
 import os
 
-import _pt_models as M
 import pytest
 import torch
 
 import peft_kernel
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_prompt_tuning import PromptTuningConfig
 
 hf_peft = pytest.importorskip("peft")

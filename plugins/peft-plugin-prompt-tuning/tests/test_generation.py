@@ -1,9 +1,9 @@
 """Prompt tuning generates exactly: cached logits equal a full forward at every step
 (the kernel's exact-generation kit, on a tiny Llama and a tiny T5)."""
 
-import _pt_models as M
 import pytest
 
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.generation import GenerationConformance
 from peft_plugin_prompt_tuning import PromptTuningConfig
 

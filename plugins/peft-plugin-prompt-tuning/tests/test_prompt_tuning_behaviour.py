@@ -6,12 +6,12 @@ import json
 import shutil
 import warnings
 
-import _pt_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_kernel import PeftModel, PeftWarning, get_peft_model
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import torch
 import peft_kernel
 from peft_kernel.plugins import manager
 from peft_kernel.testing import differential as D
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_road import RoadConfig, RoadModel
 
 
@@ -21,7 +21,7 @@ def test_registered_through_the_entry_point():
 def test_pairs_rotate_by_their_angle():
     """road_2, group_size 4 on lin1 (12 outputs): features (0, 2) and (1, 3) of each group are pairs;
     θ = π/2 on both members of a pair with α = 1 maps (u, v) to (−v, u)."""
-    model = peft_kernel.get_peft_model(L.build("mlp"), RoadConfig(target_modules=["lin1"], variant="road_2",
+    model = peft_kernel.get_peft_model(M.build("mlp"), RoadConfig(target_modules=["lin1"], variant="road_2",
                                                                    group_size=4))
     layer = model.base_model.model.lin1
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_pairs_rotate_by_their_angle():
 
 
 def test_unmerge_inverts_each_pair_exactly():
-    model = peft_kernel.get_peft_model(L.build("mlp"), RoadConfig(target_modules=["lin0"], variant="road_4",
+    model = peft_kernel.get_peft_model(M.build("mlp"), RoadConfig(target_modules=["lin0"], variant="road_4",
                                                                    group_size=8, init_weights=False))
     base = model.base_model.model.lin0.get_base_layer()
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -50,7 +50,7 @@ def test_unmerge_inverts_each_pair_exactly():
 
 
 def test_group_size_must_divide_the_outputs():
-    model = L.build("mlp")
+    model = M.build("mlp")
     with pytest.raises(ValueError, match=r"group_size \(8\), which must divide out_features \(12\)"):
         peft_kernel.get_peft_model(model, RoadConfig(target_modules=["lin1"], group_size=8))
     assert type(model.lin1) is torch.nn.Linear
@@ -65,11 +65,11 @@ def test_bad_config_is_a_clear_error(kwargs, message):
 
 def test_transformers_conv1d_layers_rotate_their_outputs():
     torch.manual_seed(0)
-    model = peft_kernel.get_peft_model(L.build("gpt2"), RoadConfig(target_modules=["c_attn", "c_proj"], group_size=8,
+    model = peft_kernel.get_peft_model(M.build("gpt2"), RoadConfig(target_modules=["c_attn", "c_proj"], group_size=8,
                                                                     variant="road_4"))
     D.perturb(model)
-    x = L.inputs("gpt2")
+    x = M.inputs("gpt2")
     unmerged = D.run(model, x)
-    D.assert_differs(unmerged, D.run(L.build("gpt2"), x), "adapter")
+    D.assert_differs(unmerged, D.run(M.build("gpt2"), x), "adapter")
     model.merge_adapter()
     D.assert_close(D.run(model, x), unmerged, "merged Conv1D", atol=1e-4)

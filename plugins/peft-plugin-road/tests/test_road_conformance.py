@@ -4,21 +4,21 @@ and on a quantized base (the kit's toy int8 backend: the rotation acts on its ou
 from torch import nn
 
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.quant import ToyQuantConformance
 from peft_plugin_road import RoadConfig
 
 
 def without_biases():
-    model = L.build("mlp")
+    model = M.build("mlp")
     for name in ("lin0", "lin1"):
         setattr(model, name, nn.Linear(getattr(model, name).in_features, getattr(model, name).out_features, bias=False))
     return model
 
 
-def case(name, model_fn=lambda: L.build("mlp"), **kwargs):
+def case(name, model_fn=lambda: M.build("mlp"), **kwargs):
     return Case(name, model_fn, lambda: RoadConfig(target_modules=["lin0", "lin1"], group_size=4, **kwargs),
-                lambda: L.inputs("mlp"))
+                lambda: M.inputs("mlp"))
 
 
 class TestRoadConformance(MethodConformance):

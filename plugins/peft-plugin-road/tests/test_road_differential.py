@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_kernel.testing import layer_models as L
+from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_road import RoadConfig
 
 hf_peft = pytest.importorskip("peft")
@@ -26,7 +27,7 @@ CASES = [
 ]
 
 
-class TestRoadAgainstHF(L.OracleSuite):
+class TestRoadAgainstHF(D.OracleSuite):
     config_cls, hf_config, cases = RoadConfig, "RoadConfig", CASES
     checkpoint_cases = ("road_2", "road_4", "llama-defaults")
     two_adapter_cases = ("road_4",)
@@ -34,7 +35,7 @@ class TestRoadAgainstHF(L.OracleSuite):
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    return L.oracle_pair(model, hf_peft.RoadConfig(**kwargs), RoadConfig(**kwargs), perturb)
+    return D.make_pair(lambda: M.build(model), hf_peft.RoadConfig(**kwargs), RoadConfig(**kwargs), perturb=perturb)
 
 
 def test_merged_weights_match_hf():

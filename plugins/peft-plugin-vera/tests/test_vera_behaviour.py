@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import _vera_models as M
 import pytest
 import torch
 from torch import nn
@@ -12,6 +11,8 @@ from torch import nn
 import peft_kernel
 from peft_kernel import PeftModel, PeftWarning, get_peft_model
 from peft_kernel.plugins import manager
+from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.toy_quant import ToyBackendPlugin, ToyInt8Linear
 from peft_plugin_vera import VeraConfig, VeraModel
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:save_projection=False")
 def _model(**config):
     torch.manual_seed(0)
     config.setdefault("r", 4)
-    return get_peft_model(M.build("mlp"), VeraConfig(**config))
+    return get_peft_model(M.build("mlp_wide"), VeraConfig(**config))
 
 
 def _save(model, path, **kwargs):
@@ -99,11 +100,11 @@ def test_delete_adapter_removes_its_projections():
 
 def test_inject_adapter_in_model_carries_projections():
     torch.manual_seed(0)
-    base = M.build("mlp")
-    reference = M.run(M.build("mlp"), M.inputs("mlp"))
+    base = M.build("mlp_wide")
+    reference = D.run(M.build("mlp_wide"), M.inputs("mlp_wide"))
     model = peft_kernel.inject_adapter_in_model(VeraConfig(target_modules=["lin0", "lin1"], r=4), base)
     assert "lin0.vera_A.default" in model.state_dict()
-    M.assert_close(M.run(model, M.inputs("mlp")), reference, "identity at init")
+    D.assert_close(D.run(model, M.inputs("mlp_wide")), reference, "identity at init")
 
 
 def test_unsupported_layer_names_module_type_and_supported():
@@ -159,28 +160,28 @@ def test_missing_projections_when_expected_is_an_error(tmp_path):
     del tensors["base_model.vera_A"], tensors["base_model.vera_B"]
     save_file(tensors, f"{path}/adapter_model.safetensors")
     with pytest.raises(ValueError, match="lacks"):
-        PeftModel.from_pretrained(M.build("mlp"), path)
+        PeftModel.from_pretrained(M.build("mlp_wide"), path)
 
 
 def test_regenerated_projections_warn_and_match(tmp_path):
     model = _model(target_modules=["lin0", "lin1"], save_projection=False)
-    M.perturb(model)
-    x = M.inputs("mlp")
-    expected = M.run(model, x)
+    D.perturb(model)
+    x = M.inputs("mlp_wide")
+    expected = D.run(model, x)
     path = _save(model, tmp_path)
     from safetensors.torch import load_file
 
     assert not any("vera_A" in k or "vera_B" in k for k in load_file(f"{path}/adapter_model.safetensors"))
     with pytest.warns(PeftWarning, match="regenerated"):
-        loaded = PeftModel.from_pretrained(M.build("mlp"), path)
-    M.assert_close(M.run(loaded, x), expected, "regenerated projections")
+        loaded = PeftModel.from_pretrained(M.build("mlp_wide"), path)
+    D.assert_close(D.run(loaded, x), expected, "regenerated projections")
 
 
 def test_present_projections_with_save_projection_false_are_ignored(tmp_path):
     model = _model(target_modules=["lin0", "lin1"])
-    M.perturb(model)
-    x = M.inputs("mlp")
-    expected = M.run(model, x)
+    D.perturb(model)
+    x = M.inputs("mlp_wide")
+    expected = D.run(model, x)
     path = _save(model, tmp_path)
     with open(f"{path}/adapter_config.json") as fh:
         config = json.load(fh)
@@ -188,8 +189,8 @@ def test_present_projections_with_save_projection_false_are_ignored(tmp_path):
     with open(f"{path}/adapter_config.json", "w") as fh:
         json.dump(config, fh)
     with pytest.warns(PeftWarning, match="ignored"):
-        loaded = PeftModel.from_pretrained(M.build("mlp"), path)
-    M.assert_close(M.run(loaded, x), expected, "same key, same projections")
+        loaded = PeftModel.from_pretrained(M.build("mlp_wide"), path)
+    D.assert_close(D.run(loaded, x), expected, "same key, same projections")
 
 
 def test_projections_load_from_checkpoint_not_key(tmp_path):
@@ -197,21 +198,21 @@ def test_projections_load_from_checkpoint_not_key(tmp_path):
     model = _model(target_modules=["lin0", "lin1"])
     with torch.no_grad():
         model.base_model.vera_A["default"].mul_(2.0)
-    M.perturb(model)
-    x = M.inputs("mlp")
-    expected = M.run(model, x)
-    loaded = PeftModel.from_pretrained(M.build("mlp"), _save(model, tmp_path))
-    M.assert_close(M.run(loaded, x), expected, "stored projections")
+    D.perturb(model)
+    x = M.inputs("mlp_wide")
+    expected = D.run(model, x)
+    loaded = PeftModel.from_pretrained(M.build("mlp_wide"), _save(model, tmp_path))
+    D.assert_close(D.run(loaded, x), expected, "stored projections")
 
 
 def test_low_cpu_mem_usage_without_stored_projections(tmp_path):
     model = _model(target_modules=["lin0", "lin1"], save_projection=False)
-    M.perturb(model)
-    x = M.inputs("mlp")
-    expected = M.run(model, x)
-    loaded = PeftModel.from_pretrained(M.build("mlp"), _save(model, tmp_path), low_cpu_mem_usage=True)
+    D.perturb(model)
+    x = M.inputs("mlp_wide")
+    expected = D.run(model, x)
+    loaded = PeftModel.from_pretrained(M.build("mlp_wide"), _save(model, tmp_path), low_cpu_mem_usage=True)
     assert not any(t.device.type == "meta" for t in list(loaded.parameters()) + list(loaded.buffers()))
-    M.assert_close(M.run(loaded, x), expected, "low_cpu_mem_usage")
+    D.assert_close(D.run(loaded, x), expected, "low_cpu_mem_usage")
 
 
 # -- forward ------------------------------------------------------------------------------
@@ -221,42 +222,42 @@ def test_mixed_batch_equals_separate_runs():
     model = _model(target_modules=["lin0", "lin1"])
     model.add_adapter("b", VeraConfig(target_modules=["lin0", "lin1"], r=4))
     model.base_model.set_adapter(["default", "b"])
-    M.perturb(model)
+    D.perturb(model)
     model.set_adapter("default")
     model.eval()  # mixed adapter batches are an inference feature
-    x = M.inputs("mlp", batch=3)
+    x = M.inputs("mlp_wide", batch=3)
     names = ["b", "__base__", "default"]
-    mixed = M.run(model, x, adapter_names=names)
+    mixed = D.run(model, x, adapter_names=names)
     expected = []
     for i, name in enumerate(names):
         if name == "__base__":
             with model.disable_adapter():
-                expected.append(M.run(model, x[i : i + 1]))
+                expected.append(D.run(model, x[i : i + 1]))
         else:
             model.set_adapter(name)
-            expected.append(M.run(model, x[i : i + 1]))
-    M.assert_close(mixed, torch.cat(expected), "mixed batch")
+            expected.append(D.run(model, x[i : i + 1]))
+    D.assert_close(mixed, torch.cat(expected), "mixed batch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_base_keeps_dtype(dtype):
     torch.manual_seed(0)
-    model = get_peft_model(M.build("mlp").to(dtype), VeraConfig(target_modules=["lin0", "lin1"], r=4))
+    model = get_peft_model(M.build("mlp_wide").to(dtype), VeraConfig(target_modules=["lin0", "lin1"], r=4))
     assert model.base_model.model.lin0.vera_lambda_b["default"].dtype == torch.float32
-    M.perturb(model)
-    x = M.inputs("mlp").to(dtype)
-    out = M.run(model, x)
+    D.perturb(model)
+    x = M.inputs("mlp_wide").to(dtype)
+    out = D.run(model, x)
     assert out.dtype == dtype
     model.merge_adapter()
     assert model.base_model.model.lin0.base_layer.weight.dtype == dtype
-    M.assert_close(M.run(model, x).float(), out.float(), "half-precision merge", atol=5e-2)
+    D.assert_close(D.run(model, x).float(), out.float(), "half-precision merge", atol=5e-2)
 
 
 def test_state_dict_injection_sizes_projections_from_the_keys():
     source = _model(target_modules=["lin0", "lin1"])
     state = peft_kernel.get_peft_model_state_dict(source)
     with pytest.warns(PeftWarning, match="state_dict keys decide"):
-        model = peft_kernel.inject_adapter_in_model(VeraConfig(target_modules=["lin2"], r=4), M.build("mlp"),
+        model = peft_kernel.inject_adapter_in_model(VeraConfig(target_modules=["lin2"], r=4), M.build("mlp_wide"),
                                                     state_dict=state)
     assert hasattr(model.lin0, "vera_lambda_b") and hasattr(model.lin1, "vera_lambda_b")
     assert not hasattr(model.lin2, "vera_lambda_b")
@@ -277,7 +278,7 @@ def toy_backend():
 
 
 def _quantized_mlp():
-    model = M.build("mlp")
+    model = M.build("mlp_wide")
     model.lin0, model.lin1 = ToyInt8Linear(model.lin0), ToyInt8Linear(model.lin1)
     return model
 
@@ -285,13 +286,13 @@ def _quantized_mlp():
 def test_quantized_base_forward_and_merge(toy_backend):
     model = get_peft_model(_quantized_mlp(), VeraConfig(target_modules=["lin0", "lin1"], r=4))
     assert model.base_model.vera_A["default"].shape == (4, 20)
-    M.perturb(model)
+    D.perturb(model)
     layer0 = model.base_model.model.lin0
     assert isinstance(layer0.get_base_layer(), ToyInt8Linear)
-    x = M.inputs("mlp")
+    x = M.inputs("mlp_wide")
     base0 = layer0.get_base_layer()
     expected0 = nn.functional.linear(x, base0.dequantize() + layer0.delta_weight("default"), base0.bias)
-    M.assert_close(layer0(x).detach(), expected0.detach(), "quantized forward")
-    out = M.run(model, x)
+    D.assert_close(layer0(x).detach(), expected0.detach(), "quantized forward")
+    out = D.run(model, x)
     model.merge_adapter()
-    M.assert_close(M.run(model, x), out, "quantized merge (requantization error)", atol=0.05)
+    D.assert_close(D.run(model, x), out, "quantized merge (requantization error)", atol=0.05)

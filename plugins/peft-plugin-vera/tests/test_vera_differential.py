@@ -4,14 +4,12 @@ config fields, with and without stored projections."""
 
 from __future__ import annotations
 
-import copy
-
-import _vera_models as M
 import pytest
 import torch
 
 import peft_kernel
 from peft_kernel.testing import differential as D
+from peft_kernel.testing import tiny_models as M
 from peft_plugin_vera import VeraConfig, make_projections
 
 hf_peft = pytest.importorskip("peft")
@@ -20,14 +18,14 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 CASES = [
-    ("mlp", "mlp", {"target_modules": ["lin0", "lin1"], "r": 4}),
-    ("mlp-all-r16", "mlp", {"target_modules": ["lin0", "lin1", "lin2"], "r": 16, "d_initial": 0.5,
+    ("mlp_wide", "mlp_wide", {"target_modules": ["lin0", "lin1"], "r": 4}),
+    ("mlp-all-r16", "mlp_wide", {"target_modules": ["lin0", "lin1", "lin2"], "r": 16, "d_initial": 0.5,
                             "projection_prng_key": 123}),
-    ("mlp-no-projection", "mlp", {"target_modules": ["lin0", "lin1"], "r": 4, "save_projection": False}),
-    ("mlp-bias-vera_only", "mlp", {"target_modules": ["lin0", "lin1"], "r": 4, "bias": "vera_only"}),
-    ("mlp-bias-all", "mlp", {"target_modules": ["lin1"], "r": 4, "bias": "all"}),
-    ("mlp-regex-mts", "mlp", {"target_modules": r"lin[01]", "r": 4, "modules_to_save": ["lin2"]}),
-    ("mlp_nobias", "mlp_nobias", {"target_modules": ["lin0", "lin2"], "r": 4}),
+    ("mlp-no-projection", "mlp_wide", {"target_modules": ["lin0", "lin1"], "r": 4, "save_projection": False}),
+    ("mlp-bias-vera_only", "mlp_wide", {"target_modules": ["lin0", "lin1"], "r": 4, "bias": "vera_only"}),
+    ("mlp-bias-all", "mlp_wide", {"target_modules": ["lin1"], "r": 4, "bias": "all"}),
+    ("mlp-regex-mts", "mlp_wide", {"target_modules": r"lin[01]", "r": 4, "modules_to_save": ["lin2"]}),
+    ("mlp_wide_nobias", "mlp_wide_nobias", {"target_modules": ["lin0", "lin2"], "r": 4}),
     ("gpt2-conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "r": 8}),
     ("gpt2-defaults", "gpt2", {"r": 8, "save_projection": False}),
     ("llama-defaults", "llama", {"r": 8}),
@@ -39,18 +37,7 @@ IDS = [c[0] for c in CASES]
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    """(hf, ours) from the same base; with ``perturb`` HF's perturbed weights are copied into ours."""
-    torch.manual_seed(42)
-    hf = hf_peft.get_peft_model(M.build(model), hf_peft.VeraConfig(**copy.deepcopy(kwargs)))
-    torch.manual_seed(42)
-    ours = peft_kernel.get_peft_model(M.build(model), VeraConfig(**copy.deepcopy(kwargs)))
-    hf.eval(), ours.eval()
-    if perturb:
-        M.perturb(hf)
-        assert set(hf.state_dict()) == set(ours.state_dict()), (
-            f"state dict keys differ: {sorted(set(hf.state_dict()) ^ set(ours.state_dict()))[:10]}")
-        ours.load_state_dict(hf.state_dict())
-    return hf, ours
+    return D.make_pair(lambda: M.build(model), hf_peft.VeraConfig(**kwargs), VeraConfig(**kwargs), perturb=perturb)
 
 
 @pytest.mark.parametrize("shape", [(4, 10, 30), (256, 32, 48), (3, 1, 1), (7, 300, 5)])
@@ -84,7 +71,7 @@ def test_structure_and_init_match(case):
 
 def test_random_init_matches():
     kwargs = {"target_modules": ["lin0", "lin1", "lin2"], "r": 6, "init_weights": False}
-    hf, ours = make_pair("mlp", kwargs, perturb=False)
+    hf, ours = make_pair("mlp_wide", kwargs, perturb=False)
     for key, value in hf.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
 
@@ -94,12 +81,12 @@ def test_outputs_merge_unmerge(case):
     _, model, kwargs = case
     hf, ours = make_pair(model, kwargs)
     x = M.inputs(model)
-    base = M.run(M.build(model), x)
+    base = D.run(M.build(model), x)
     D.assert_matches_oracle(hf, ours, x, base, disabled_is_base=kwargs.get("bias", "none") == "none")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
-    "mlp", "mlp-no-projection", "mlp-bias-vera_only", "mlp-regex-mts", "gpt2-conv1d", "gpt2-defaults",
+    "mlp_wide", "mlp-no-projection", "mlp-bias-vera_only", "mlp-regex-mts", "gpt2-conv1d", "gpt2-defaults",
     "llama-defaults", "llama-layers")], ids=lambda c: c[0])
 def test_checkpoints_both_ways(case, tmp_path):
     _, model, kwargs = case
@@ -112,19 +99,19 @@ def test_checkpoints_both_ways(case, tmp_path):
 def test_second_adapter_matches_hf():
     first = {"target_modules": ["lin0", "lin1"], "r": 8}
     second = {"target_modules": ["lin1"], "r": 8, "d_initial": 0.3}
-    hf, ours = make_pair("mlp", first, perturb=False)
+    hf, ours = make_pair("mlp_wide", first, perturb=False)
     hf.add_adapter("b", hf_peft.VeraConfig(**second))
     ours.add_adapter("b", VeraConfig(**second))
     assert torch.equal(ours.base_model.vera_A["b"], hf.base_model.vera_A["b"])
     hf.base_model.set_adapter(["default", "b"])
-    M.perturb(hf)
+    D.perturb(hf)
     ours.load_state_dict(hf.state_dict())
     ours.base_model.set_adapter(["default", "b"])
-    x = M.inputs("mlp")
-    M.assert_close(M.run(ours, x), M.run(hf, x), "two active adapters")
+    x = M.inputs("mlp_wide")
+    D.assert_close(D.run(ours, x), D.run(hf, x), "two active adapters")
     for name in ("default", "b"):
         hf.set_adapter(name), ours.set_adapter(name)
-        M.assert_close(M.run(ours, x), M.run(hf, x), f"adapter {name}")
+        D.assert_close(D.run(ours, x), D.run(hf, x), f"adapter {name}")
     hf_sd = hf_peft.get_peft_model_state_dict(hf, adapter_name="b")
     our_sd = peft_kernel.get_peft_model_state_dict(ours, adapter_name="b")
     assert set(our_sd) == set(hf_sd)
@@ -134,12 +121,12 @@ def test_second_adapter_matches_hf():
 
 def test_smaller_second_adapter_matches_hf(tmp_path):
     """A second adapter on smaller layers slices the first adapter's projections."""
-    hf, ours = make_pair("mlp", {"target_modules": ["lin1"], "r": 4}, perturb=False)
+    hf, ours = make_pair("mlp_wide", {"target_modules": ["lin1"], "r": 4}, perturb=False)
     hf.add_adapter("b", hf_peft.VeraConfig(target_modules=["lin0"], r=4))
     ours.add_adapter("b", VeraConfig(target_modules=["lin0"], r=4))
     hf.set_adapter("b")
-    M.perturb(hf)
+    D.perturb(hf)
     ours.load_state_dict(hf.state_dict())
     ours.set_adapter("b")
-    x = M.inputs("mlp")
-    M.assert_close(M.run(ours, x), M.run(hf, x), "second, smaller adapter")
+    x = M.inputs("mlp_wide")
+    D.assert_close(D.run(ours, x), D.run(hf, x), "second, smaller adapter")
