@@ -9,29 +9,23 @@ code generation, which takes tens of seconds per graph on a small CPU. With
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
 
 import pytest
 import torch
-from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from peft_kernel import get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoraConfig
 
 X = torch.randn(3, 8)
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(8, 8)
-        self.lin1 = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (8, 8, 4))
 
 
 @pytest.fixture(autouse=True)

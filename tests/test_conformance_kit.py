@@ -3,6 +3,7 @@ broken method and must fail there (and pass on the fixed one)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 import peft_kernel
 from peft_kernel import AdapterLayer, TunerConfig, get_peft_model, hookimpl
 from peft_kernel.plugins import manager
-from peft_kernel.testing import Case, MethodConformance
+from peft_kernel.testing import Case, MethodConformance, tiny_models
 
 
 @dataclass
@@ -126,13 +127,7 @@ def probe_method():
     manager().unregister(name)
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(6, 8), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (6, 8, 3))
 
 
 class TwoInputs(nn.Module):

@@ -8,6 +8,7 @@ child's file-system operations under the directory and SIGKILLs the child just b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,9 +17,9 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 from peft_kernel import PeftModel, get_peft_model, io
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoraConfig
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and flock (POSIX)")
@@ -32,14 +33,7 @@ X = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
 SUBSAMPLE = 1 if os.environ.get("PEFT_KERNEL_FUZZ") == "1" else 3
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(6, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (6, 8, 3))
 
 
 def base():

@@ -7,6 +7,7 @@ downloaded back from. Also the model card an adapter is saved with."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -18,21 +19,15 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
-from torch import nn
 
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoraConfig
 
 TOKEN = "hf_stand_in_token"
 
 
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0, self.lin1 = nn.Linear(6, 8), nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+TinyNet = functools.partial(tiny_models.MLP, (6, 8, 4))
 
 
 def base() -> TinyNet:

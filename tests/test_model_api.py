@@ -1,5 +1,6 @@
 """The PeftModel API as a user drives it."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -19,19 +20,11 @@ from peft_kernel import (
     register_layer_mapping,
     unregister_layer_mapping,
 )
-from peft_kernel.testing import perturb
+from peft_kernel.testing import perturb, tiny_models
 from peft_plugin_lora import LoraConfig
 from peft_plugin_lora.layer import Linear as LoraLinear
 
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(6, 8)
-        self.lin1 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (6, 8, 3))
 
 
 def fresh():

@@ -6,6 +6,7 @@ copies), has to give the same outputs as the general path."""
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 
 import pytest
@@ -13,17 +14,10 @@ import torch
 from torch import nn
 
 from peft_kernel import get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoraConfig
 
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(8, 8)
-        self.lin1 = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (8, 8, 4))
 
 
 def reference(model: nn.Module, layer, x):

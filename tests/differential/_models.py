@@ -16,12 +16,16 @@ targets ``peft_kernel`` / ``peft_plugin_lora``.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+
+from peft_kernel.testing import tiny_models as M
+from peft_kernel.testing.differential import perturb
 
 hf_peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -62,19 +66,7 @@ OURS = SimpleNamespace(
 # tiny models
 # ----------------------------------------------------------------------------------------
 
-VOCAB = 64
-
-
-class MLP(nn.Module):
-    def __init__(self, bias=True):
-        super().__init__()
-        self.lin0 = nn.Linear(10, 20, bias=bias)
-        self.relu = nn.ReLU()
-        self.lin1 = nn.Linear(20, 20, bias=bias)
-        self.lin2 = nn.Linear(20, 4, bias=bias)
-
-    def forward(self, x):
-        return self.lin2(self.relu(self.lin1(self.relu(self.lin0(x)))))
+VOCAB = M.VOCAB
 
 
 class ConvModel(nn.Module):
@@ -111,80 +103,20 @@ class MHAModel(nn.Module):
         return self.lin(self.mha(x, x, x, need_weights=False)[0])
 
 
-def _llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    cfg._attn_implementation = "eager"
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg._attn_implementation = "eager"
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def _t5():
-    cfg = transformers.T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return transformers.T5ForConditionalGeneration(cfg)
-
-
-def _bert_cls():
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    cfg._attn_implementation = "eager"
-    return transformers.BertForSequenceClassification(cfg)
+# the kernel's tiny transformers models, as this harness has always built them: a wider Llama MLP and
+# untied embeddings, T5 with fewer position buckets, no dropout in T5 and BERT
+_llama = functools.partial(M.llama, intermediate_size=64, tie_word_embeddings=False)
+_t5 = functools.partial(M.t5, relative_attention_num_buckets=8, dropout_rate=0.0)
+_bert_cls = functools.partial(M.bert_cls, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 BUILDERS = {
     "llama": _llama,
-    "gpt2": _gpt2,
+    "gpt2": M.gpt2,
     "t5": _t5,
     "bert_cls": _bert_cls,
-    "mlp": MLP,
-    "mlp_nobias": lambda: MLP(bias=False),
+    "mlp": functools.partial(M.MLP, (10, 20, 20, 4)),
+    "mlp_nobias": functools.partial(M.MLP, (10, 20, 20, 4), bias=False),
     "conv1d": lambda: ConvModel(1, 4, 8, 3, 8 * 8),
     "conv2d": lambda: ConvModel(2, 3, 8, 3, 8 * 6 * 6),
     "conv3d": lambda: ConvModel(3, 2, 4, 3, 4 * 3 * 3 * 3),
@@ -213,20 +145,9 @@ DEFAULT_TARGETS = {
 }
 
 
-_BASE_CACHE: dict = {}
-
-
 def build_base(name: str, seed: int = 0) -> nn.Module:
-    """A fresh copy of the tiny base model ``name`` in eval mode, identical for identical seeds.
-
-    Each (name, seed) is constructed once under ``torch.manual_seed(seed)`` and deep-copied
-    afterwards (constructing transformers models is comparatively slow).
-    """
-    key = (name, seed)
-    if key not in _BASE_CACHE:
-        torch.manual_seed(seed)
-        _BASE_CACHE[key] = BUILDERS[name]().eval()
-    return copy.deepcopy(_BASE_CACHE[key])
+    """A fresh copy of the tiny base model ``name`` in eval mode, identical for identical seeds."""
+    return M.build(BUILDERS[name], seed)
 
 
 def make_inputs(name: str, batch: int = 4, seed: int = 1) -> dict:
@@ -256,20 +177,6 @@ def make_inputs(name: str, batch: int = 4, seed: int = 1) -> dict:
     return {"x": torch.randn(*shapes[name], generator=g)}
 
 
-def output(model, inputs: dict, **extra) -> torch.Tensor:
-    """Run ``model`` without grad and return the main output tensor (logits)."""
-    with torch.no_grad():
-        if "x" in inputs and len(inputs) == 1:
-            out = model(inputs["x"], **extra)
-        else:
-            out = model(**inputs, **extra)
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # configs and pairs
 # ----------------------------------------------------------------------------------------
@@ -290,17 +197,10 @@ def lora_kwargs(model_name: str, **overrides) -> dict:
     return kw
 
 
-@torch.no_grad()
 def perturb_trainable(model: nn.Module, seed: int = 1234, scale: float = 0.1) -> None:
-    """Add seeded noise to every trainable parameter, simulating a training run.
-
-    Makes zero-initialised LoRA B, modules_to_save copies, trained biases and DoRA
-    magnitudes observable in the outputs.
-    """
-    g = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    """Seeded noise on every trainable tensor, simulating a training run: makes zero-initialised
+    LoRA B, modules_to_save copies, trained biases and DoRA magnitudes observable in the outputs."""
+    perturb(model, seed, scale, base_tensors=True)
 
 
 def make_pair(model_name: str, *, seed: int = 0, init_seed: int = 42, adapter_name: str = "default",

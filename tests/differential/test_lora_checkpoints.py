@@ -17,9 +17,10 @@ from _models import (
     expect_hf_mha_bug,
     make_inputs,
     make_pair,
-    output,
     trainable_names,
 )
+
+from peft_kernel.testing.differential import run
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -116,7 +117,7 @@ def test_hf_save_ours_load(case, tmp_path, request):
     assert type(ours).__name__ == type(hf2).__name__, "from_pretrained returned a different task class"
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), "state_dict after loading HF checkpoint")
     inputs = make_inputs(model)
-    assert_close(output(ours, inputs), output(hf, inputs), "output of ours loaded from HF checkpoint")
+    assert_close(run(ours, inputs), run(hf, inputs), "output of ours loaded from HF checkpoint")
     # from_pretrained loads for inference by default
     if case[2].get("bias", "none") != "none":
         # Deliberate difference: HF PEFT leaves the base biases trainable in inference mode; ours
@@ -136,7 +137,7 @@ def test_ours_save_hf_load(case, tmp_path):
     hf2 = HF.PeftModel.from_pretrained(build_base(model), tmp_path)
     assert_state_dicts_close(hf2.state_dict(), hf.state_dict(), "HF state_dict after loading our checkpoint")
     inputs = make_inputs(model)
-    assert_close(output(hf2, inputs), output(hf, inputs), "output of HF loaded from our checkpoint")
+    assert_close(run(hf2, inputs), run(hf, inputs), "output of HF loaded from our checkpoint")
 
 
 # Deliberate difference: with bias="all" and modules_to_save, HF PEFT also writes the wrapper's
@@ -190,7 +191,7 @@ def test_get_set_peft_model_state_dict(case, request):
     assert sorted(ours_res.unexpected_keys) == sorted(hf_res.unexpected_keys), "unexpected_keys differ"
     fresh.eval()
     inputs = make_inputs(model)
-    assert_close(output(fresh, inputs), output(hf, inputs), "output after set_peft_model_state_dict")
+    assert_close(run(fresh, inputs), run(hf, inputs), "output after set_peft_model_state_dict")
 
 
 @pytest.mark.parametrize("direction", ["hf_to_ours", "ours_to_hf"])
@@ -206,7 +207,7 @@ def test_pickle_checkpoint(direction, tmp_path):
     }
     loaded = dst_lib.PeftModel.from_pretrained(build_base("mlp"), tmp_path)
     inputs = make_inputs("mlp")
-    assert_close(output(loaded, inputs), output(hf, inputs), f"{direction} via adapter_model.bin")
+    assert_close(run(loaded, inputs), run(hf, inputs), f"{direction} via adapter_model.bin")
 
 
 _TRAINABLE_CASES = [

@@ -19,11 +19,11 @@ from _models import (
     assert_state_dicts_close,
     build_base,
     make_inputs,
-    output,
     perturb_trainable,
 )
 
 import peft_plugin_lora as ours_lora
+from peft_kernel.testing.differential import run
 
 hf_lora = pytest.importorskip("peft.tuners.lora")
 hf_config = pytest.importorskip("peft.tuners.lora.config")
@@ -106,7 +106,7 @@ def test_eva_redistributes_and_keeps_the_output():
     assert sum(ranks.values()) == 3 * 4, f"the rank budget (3 layers × r=4) must be kept: {ranks}"
     assert len(set(ranks.values())) > 1, f"this data should move ranks between layers: {ranks}"
     inputs = make_inputs("mlp")
-    assert_close(output(ours, inputs), output(build_base("mlp"), inputs), "EVA init must not change the output")
+    assert_close(run(ours, inputs), run(build_base("mlp"), inputs), "EVA init must not change the output")
     # A's rows are orthonormal principal directions of the layer inputs
     lin0 = ours.base_model.model.lin0
     A = lin0.lora_A["default"].weight
@@ -195,7 +195,7 @@ def test_eva_checkpoints_both_ways(direction, tmp_path):
     src.save_pretrained(tmp_path)
     loaded = dst_lib.PeftModel.from_pretrained(build_base("mlp"), str(tmp_path)).eval()
     inputs = make_inputs("mlp")
-    assert_close(output(loaded, inputs), output(src, inputs), f"EVA adapter loaded {direction}")
+    assert_close(run(loaded, inputs), run(src, inputs), f"EVA adapter loaded {direction}")
     assert dict(loaded.peft_config["default"].rank_pattern) == dict(src.peft_config["default"].rank_pattern)
 
 
@@ -219,7 +219,7 @@ def _corda_pair(model_name, method, targets, tmp_path=None, batch=4, **lora_kwar
 
         def run_model(base=base):
             for inputs in data:
-                output(base, inputs)
+                run(base, inputs)
 
         preprocess(base, config, run_model=run_model)
         results.append(lib.get_peft_model(base, config).eval())
@@ -232,7 +232,7 @@ def test_corda_matches_hf(method):
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), f"CorDA {method}")
     inputs = make_inputs("mlp")
     # the residual base plus the adapter is the original layer
-    assert_close(output(ours, inputs), output(build_base("mlp"), inputs), "CorDA init keeps the output", atol=1e-4)
+    assert_close(run(ours, inputs), run(build_base("mlp"), inputs), "CorDA init keeps the output", atol=1e-4)
 
 
 def test_corda_gpt2_conv1d_matches_hf():

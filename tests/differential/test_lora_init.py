@@ -21,8 +21,9 @@ from _models import (
     make_inputs,
     make_pair,
     max_abs_diff,
-    output,
 )
+
+from peft_kernel.testing.differential import run
 
 # (id, model, overrides); overrides always contain init_lora_weights
 INIT_CASES = [
@@ -125,8 +126,8 @@ def test_init_properties(case):
     init = _init(case)
     hf, ours = _pair(case)
     inputs = make_inputs(model)
-    base_out = output(build_base(model), inputs)
-    ours_out = output(ours, inputs)
+    base_out = run(build_base(model), inputs)
+    ours_out = run(ours, inputs)
 
     if init is not False:
         # identity-preserving inits (orthogonal too: B @ A == 0 by construction): the

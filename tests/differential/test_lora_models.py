@@ -16,10 +16,11 @@ from _models import (
     hf_mha_out_proj_bug,
     make_inputs,
     max_abs_diff,
-    output,
     pair_copy,
     trainable_names,
 )
+
+from peft_kernel.testing.differential import run
 
 # (id, model name, LoraConfig overrides)
 CASES = [
@@ -193,8 +194,8 @@ def test_forward_unmerged(case, request):
     model = case[1]
     hf, ours = _readonly_pair(case)
     inputs = make_inputs(model)
-    base_out = output(build_base(model), inputs)
-    hf_out, ours_out = output(hf, inputs), output(ours, inputs)
+    base_out = run(build_base(model), inputs)
+    hf_out, ours_out = run(hf, inputs), run(ours, inputs)
     # harness sanity: the adapter must actually change the output
     assert max_abs_diff(hf_out, base_out) > 1e-4, "test is vacuous: HF adapter output equals base output"
     assert_close(ours_out, hf_out, "unmerged output")
@@ -211,14 +212,14 @@ def test_merge_unmerge(case, request):
     )
     if raised:
         # unmergeable layer (e.g. groups > 1): the adapter must still work unmerged
-        assert_close(output(ours, inputs), output(hf, inputs), "output after failed merge")
+        assert_close(run(ours, inputs), run(hf, inputs), "output after failed merge")
         return
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), "state_dict after merge_adapter()")
-    assert_close(output(ours, inputs), output(hf, inputs), "output after merge_adapter()")
+    assert_close(run(ours, inputs), run(hf, inputs), "output after merge_adapter()")
     hf.unmerge_adapter()
     ours.unmerge_adapter()
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), "state_dict after unmerge_adapter()")
-    assert_close(output(ours, inputs), output(hf, inputs), "output after unmerge_adapter()")
+    assert_close(run(ours, inputs), run(hf, inputs), "output after unmerge_adapter()")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -227,7 +228,7 @@ def test_merge_and_unload(case, request):
     model = case[1]
     hf, ours = _mutable_pair(case)
     inputs = make_inputs(model)
-    hf_out = output(hf, inputs)
+    hf_out = run(hf, inputs)
     hf_m, ours_m, raised = _same_outcome(
         lambda: hf.merge_and_unload(),
         lambda: ours.merge_and_unload(),
@@ -237,9 +238,9 @@ def test_merge_and_unload(case, request):
         return
     assert type(ours_m).__name__ == type(hf_m).__name__, "merge_and_unload returned a different model class"
     assert_state_dicts_close(ours_m.state_dict(), hf_m.state_dict(), "merged base model state_dict")
-    assert_close(output(ours_m, inputs), output(hf_m, inputs), "merge_and_unload() output")
+    assert_close(run(ours_m, inputs), run(hf_m, inputs), "merge_and_unload() output")
     # and merging preserves the adapter's function
-    assert_close(output(ours_m, inputs), hf_out, "merge_and_unload() output vs HF unmerged output", atol=1e-4)
+    assert_close(run(ours_m, inputs), hf_out, "merge_and_unload() output vs HF unmerged output", atol=1e-4)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -250,7 +251,7 @@ def test_unload(case):
     hf_u, ours_u = hf.unload(), ours.unload()
     assert type(ours_u).__name__ == type(hf_u).__name__
     assert_state_dicts_close(ours_u.state_dict(), hf_u.state_dict(), "unloaded base model state_dict")
-    assert_close(output(ours_u, inputs), output(hf_u, inputs), "unload() output")
+    assert_close(run(ours_u, inputs), run(hf_u, inputs), "unload() output")
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_rslora": True, "r": 8, "lora_alpha": 16}], ids=["default", "rslora"])
@@ -273,12 +274,12 @@ def test_mha_matches_reference(overrides):
         ref.mha.in_proj_weight += d_in
         ref.mha.out_proj.weight += d_out
     inputs = make_inputs("mha")
-    assert_close(output(ours, inputs), output(ref, inputs), "MHA unmerged output vs reference")
+    assert_close(run(ours, inputs), run(ref, inputs), "MHA unmerged output vs reference")
     ours.merge_adapter()
-    assert_close(output(ours, inputs), output(ref, inputs), "MHA merged output vs reference")
+    assert_close(run(ours, inputs), run(ref, inputs), "MHA merged output vs reference")
     ours.unmerge_adapter()
     with ours.disable_adapter():
-        assert_close(output(ours, inputs), output(build_base("mha"), inputs), "MHA disabled output vs base")
+        assert_close(run(ours, inputs), run(build_base("mha"), inputs), "MHA disabled output vs base")
     merged = ours.merge_and_unload()
     assert_state_dicts_close(merged.state_dict(), ref.state_dict(), "MHA merge_and_unload() vs reference")
 
@@ -333,13 +334,13 @@ def test_disable_adapter_while_merged(case):
     hf.merge_adapter()
     ours.merge_adapter()
     with hf.disable_adapter():
-        hf_out = output(hf, inputs)
+        hf_out = run(hf, inputs)
     with ours.disable_adapter():
-        ours_out = output(ours, inputs)
+        ours_out = run(ours, inputs)
     assert_close(ours_out, hf_out, "output inside disable_adapter() on a merged model")
-    assert_close(ours_out, output(build_base(model), inputs), "... vs the base model")
+    assert_close(ours_out, run(build_base(model), inputs), "... vs the base model")
     hf_merged = sorted(n for n, m in hf.named_modules() if getattr(m, "merged", False) is True)
     ours_merged = sorted(n for n, m in ours.named_modules() if getattr(m, "merged", False) is True)
     assert ours_merged == hf_merged, f"merged layers afterwards: ours {ours_merged} vs hf {hf_merged}"
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), "state_dict after disable_adapter() on merged")
-    assert_close(output(ours, inputs), output(hf, inputs), "output after leaving disable_adapter()")
+    assert_close(run(ours, inputs), run(hf, inputs), "output after leaving disable_adapter()")

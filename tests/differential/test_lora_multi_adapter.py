@@ -19,10 +19,11 @@ from _models import (
     expect_hf_mha_bug,
     lora_kwargs,
     make_inputs,
-    output,
     perturb_trainable,
     trainable_names,
 )
+
+from peft_kernel.testing.differential import run
 
 # (id, model, overrides for adapter "a", overrides for adapter "b")
 MULTI_CASES = [
@@ -83,8 +84,8 @@ def test_set_adapter(case, request):
         assert ours.active_adapters == hf.active_adapters
         assert_same_keys(trainable_names(ours), trainable_names(hf),
                          f"trainable parameters after set_adapter({name!r})")
-        outs[name] = output(ours, inputs)
-        assert_close(outs[name], output(hf, inputs), f"output with adapter {name!r}")
+        outs[name] = run(ours, inputs)
+        assert_close(outs[name], run(hf, inputs), f"output with adapter {name!r}")
     assert not torch.allclose(outs["a"], outs["b"]), "test is vacuous: adapters a and b give the same output"
     # several active adapters at once (tuner-level set_adapter takes a list)
     _, hf_exc = _outcome(lambda: hf.base_model.set_adapter(["a", "b"]))
@@ -92,7 +93,7 @@ def test_set_adapter(case, request):
     assert_same_exception(ours_exc, hf_exc, "base_model.set_adapter(['a', 'b'])")
     if hf_exc is None:
         assert ours.active_adapters == hf.active_adapters
-        assert_close(output(ours, inputs), output(hf, inputs), "output with adapters a and b both active")
+        assert_close(run(ours, inputs), run(hf, inputs), "output with adapters a and b both active")
 
 
 @pytest.mark.parametrize("case", MULTI_CASES, ids=IDS)
@@ -107,15 +108,15 @@ def test_disable_adapter(case, request):
     expect_hf_mha_bug(request, model)
     hf, ours = _build(case)
     inputs = make_inputs(model)
-    base_out = output(build_base(model), inputs)
-    with_adapter = output(ours, inputs)
+    base_out = run(build_base(model), inputs)
+    with_adapter = run(ours, inputs)
     with ours.disable_adapter():
-        assert_close(output(ours, inputs), base_out, "output inside disable_adapter() vs base model")
+        assert_close(run(ours, inputs), base_out, "output inside disable_adapter() vs base model")
     with hf.disable_adapter():
-        hf_disabled = output(hf, inputs)
+        hf_disabled = run(hf, inputs)
     assert_close(base_out, hf_disabled, "harness: HF disabled vs base")
-    assert_close(output(ours, inputs), with_adapter, "output after leaving disable_adapter()")
-    assert_close(with_adapter, output(hf, inputs), "output with adapter a")
+    assert_close(run(ours, inputs), with_adapter, "output after leaving disable_adapter()")
+    assert_close(with_adapter, run(hf, inputs), "output with adapter a")
 
 
 @pytest.mark.parametrize("case", MULTI_CASES, ids=IDS)
@@ -123,8 +124,8 @@ def test_mixed_batch(case):
     model = case[1]
     hf, ours = _build(case)
     inputs = make_inputs(model, batch=len(MIXED))
-    hf_mixed, hf_exc = _outcome(lambda: output(hf, inputs, adapter_names=MIXED))
-    ours_mixed, ours_exc = _outcome(lambda: output(ours, inputs, adapter_names=MIXED))
+    hf_mixed, hf_exc = _outcome(lambda: run(hf, inputs, adapter_names=MIXED))
+    ours_mixed, ours_exc = _outcome(lambda: run(ours, inputs, adapter_names=MIXED))
     if hf_exc is not None and ours_exc is not None:
         assert_same_exception(ours_exc, hf_exc, "mixed batch")
         return
@@ -138,14 +139,14 @@ def test_mixed_batch(case):
     per = {}
     for name in ("a", "b"):
         ours.set_adapter(name)
-        per[name] = output(ours, inputs)
+        per[name] = run(ours, inputs)
     with ours.disable_adapter():
-        per["__base__"] = output(ours, inputs)
+        per["__base__"] = run(ours, inputs)
     ours.set_adapter("a")
     for i, name in enumerate(MIXED):
         assert_close(ours_mixed[i], per[name][i], f"mixed batch row {i} ({name}) vs a run with only {name}")
     # the active adapter is unchanged by a mixed batch
-    assert_close(output(ours, inputs), per["a"], "output after mixed batch")
+    assert_close(run(ours, inputs), per["a"], "output after mixed batch")
 
 
 @pytest.mark.parametrize("case", MULTI_CASES, ids=IDS)
@@ -160,11 +161,11 @@ def test_merge_two_adapters(case, request):
     if hf_exc is not None:
         return
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), "state_dict after merging a and b")
-    assert_close(output(ours, inputs), output(hf, inputs), "output with a and b merged")
+    assert_close(run(ours, inputs), run(hf, inputs), "output with a and b merged")
     hf.unmerge_adapter()
     ours.unmerge_adapter()
     assert_state_dicts_close(ours.state_dict(), hf.state_dict(), "state_dict after unmerging a and b")
-    assert_close(output(ours, inputs), output(hf, inputs), "output after unmerging a and b")
+    assert_close(run(ours, inputs), run(hf, inputs), "output after unmerging a and b")
 
 
 @pytest.mark.parametrize("case", MULTI_CASES, ids=IDS)
@@ -180,7 +181,7 @@ def test_delete_adapter(case, request):
     assert sorted(ours.peft_config) == sorted(hf.peft_config) == ["b"]
     assert ours.active_adapters == hf.active_adapters
     assert_same_keys(ours.state_dict().keys(), hf.state_dict().keys(), "state_dict after delete_adapter('a')")
-    assert_close(output(ours, inputs), output(hf, inputs), "output after delete_adapter('a')")
+    assert_close(run(ours, inputs), run(hf, inputs), "output after delete_adapter('a')")
 
 
 @pytest.mark.parametrize("case", MULTI_CASES, ids=IDS)
@@ -212,7 +213,7 @@ def test_save_load_two_adapters(case, tmp_path, request):
     for name in ("a", "b"):
         loaded.set_adapter(name)
         hf.set_adapter(name)
-        assert_close(output(loaded, inputs), output(hf, inputs), f"adapter {name!r} loaded from HF checkpoint")
+        assert_close(run(loaded, inputs), run(hf, inputs), f"adapter {name!r} loaded from HF checkpoint")
 
 
 # an inference-mode adapter with bias="lora_only" is left out: there HF keeps the base biases
@@ -250,4 +251,4 @@ def test_set_scale_and_unscale_layer(use_rslora):
         for model in (hf, ours):
             for layer in [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(type(m), method)]:
                 getattr(layer, method)(*args)
-        assert_close(output(ours, inputs), output(hf, inputs), f"{method}{args}")
+        assert_close(run(ours, inputs), run(hf, inputs), f"{method}{args}")

@@ -9,11 +9,14 @@ tests/differential/test_lora_data_inits.py); bitsandbytes is, for the quantizati
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
 import torch
 from torch import nn
+
+from peft_kernel.testing import tiny_models
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -50,14 +53,7 @@ def test_int8_roundtrip_equals_bitsandbytes():
                                rtol=1e-6, atol=1e-7)
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(128, 64)
-        self.lin1 = nn.Linear(64, 32)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (128, 64, 32))
 
 
 def _base(seed=0):

@@ -3,11 +3,14 @@ compared with HF PEFT in tests/differential/test_lora_data_inits.py)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 from peft_kernel import PeftWarning, get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import (
     CordaConfig,
     EvaConfig,
@@ -17,15 +20,7 @@ from peft_plugin_lora import (
     preprocess_corda,
 )
 
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(10, 20)
-        self.lin1 = nn.Linear(20, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (10, 20, 4))
 
 
 def _mlp():

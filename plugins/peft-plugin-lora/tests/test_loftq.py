@@ -5,6 +5,7 @@ of quantize / truncated SVD, and what ``init_lora_weights="loftq"`` leaves in th
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from peft_kernel import PeftModel, get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoftQConfig, LoraConfig
 from peft_plugin_lora.loftq import fp4_levels, normal_float_levels, quantize_roundtrip
 
@@ -72,14 +74,7 @@ def test_zero_block_stays_zero():
 # -- init_lora_weights="loftq" ---------------------------------------------------------
 
 
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin0 = nn.Linear(64, 48)
-        self.lin1 = nn.Linear(48, 32)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+MLP = functools.partial(tiny_models.MLP, (64, 48, 32))
 
 
 def _base(seed=0):
