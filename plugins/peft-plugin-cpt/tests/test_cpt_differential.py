@@ -10,14 +10,8 @@ import copy
 import pytest
 import torch
 
+from peft_kernel.testing import differential as D
 from peft_kernel.testing import tiny_models as M
-from peft_kernel.testing.differential import (
-    assert_checkpoints_load_both_ways,
-    assert_close,
-    assert_same_structure,
-    make_pair,
-    transformers_renamed_the_cache,
-)
 from peft_kernel.testing.generation import generation_gap
 from peft_plugin_cpt import CPTConfig
 
@@ -35,13 +29,13 @@ FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "cpt_
 
 def pair(perturb: bool = True, scale: float = 0.5, **kwargs):
     kwargs = {"task_type": "CAUSAL_LM", **PROMPT, **kwargs}
-    return make_pair(M.llama, hf_peft.CPTConfig(**copy.deepcopy(kwargs)), CPTConfig(**kwargs), perturb=perturb,
-                     scale=scale)
+    return D.make_pair(M.llama, hf_peft.CPTConfig(**copy.deepcopy(kwargs)), CPTConfig(**kwargs), perturb=perturb,
+                       scale=scale)
 
 
 def test_structure_config_and_initialisation_match():
     hf, ours = pair(perturb=False)
-    assert_same_structure(hf, ours, FIELDS)
+    D.assert_same_structure(hf, ours, FIELDS)
     hf_state = hf.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, hf_state[key]), key
@@ -66,9 +60,9 @@ def test_forward_and_loss(case):
         expected = hf(**inputs, **({} if types is None else {"input_type_mask": types.clone()}))
         actual = ours(**inputs, **({} if types is None else {"input_type_mask": types}))
         without_labels = ours(input_ids=M.ids())
-    assert_close(actual.logits, expected.logits, "logits")
-    assert_close(actual.loss, expected.loss, "loss")
-    assert_close(without_labels.logits, expected.logits, "logits without labels")
+    D.assert_close(actual.logits, expected.logits, "logits")
+    D.assert_close(actual.loss, expected.loss, "loss")
+    D.assert_close(without_labels.logits, expected.logits, "logits without labels")
 
 
 def test_gradients_and_optimizer_steps_match():
@@ -88,14 +82,14 @@ def test_gradients_and_optimizer_steps_match():
             optimizer.step()
         peft_model(input_ids=M.ids())  # a last forward projects the final step
         params[name] = peft_model.prompt_encoder["default"].delta_embedding.weight.detach().clone()
-    assert_close(params["ours-grad"], params["hf-grad"], "gradient")
+    D.assert_close(params["ours-grad"], params["hf-grad"], "gradient")
     assert not params["ours-grad"][[3, 7]].any(), "label rows of the prompt must get no gradient"
-    assert_close(params["ours"], params["hf"], "corrections after two steps")
+    D.assert_close(params["ours"], params["hf"], "corrections after two steps")
 
 
 def test_checkpoints_load_both_ways(tmp_path):
     hf, ours = pair(opt_projection_epsilon=2.0, opt_projection_format_epsilon=2.0)
-    assert_checkpoints_load_both_ways(hf, ours, M.llama, {"input_ids": M.ids()}, tmp_path)
+    D.assert_checkpoints_load_both_ways(hf, ours, M.llama, {"input_ids": M.ids()}, tmp_path)
 
 
 def test_generate_same_tokens_without_a_cache():
@@ -106,7 +100,7 @@ def test_generate_same_tokens_without_a_cache():
     assert torch.equal(actual, expected), f"{actual.tolist()} != {expected.tolist()}"
 
 
-@pytest.mark.xfail(transformers_renamed_the_cache(), strict=True, reason="HF PEFT 0.21.2 looks for the cache under "
+@pytest.mark.xfail(D.transformers_renamed_the_cache(), strict=True, reason="HF PEFT 0.21.2 looks for the cache under "
                    "past_key_values; transformers now passes it as `cache`, so HF re-inserts the prompt at every step")
 def test_hf_cached_generation_is_exact():
     hf, _ = pair()
@@ -145,7 +139,7 @@ def test_hf_loss_follows_the_active_adapter():
         ours.prompt_encoder["other"].loss_type = "none"  # what a plain loss would give
         assert not torch.equal(ours(**{**inputs, "input_type_mask": TYPES.clone()}).loss, plain_ours)
         ours.prompt_encoder["other"].loss_type = "decay"
-        assert_close(hf(**{**inputs, "input_type_mask": TYPES.clone()}).loss, plain_ours, "loss of 'other'")
+        D.assert_close(hf(**{**inputs, "input_type_mask": TYPES.clone()}).loss, plain_ours, "loss of 'other'")
 
 
 def test_a_batch_without_targets_is_an_error_not_nan():

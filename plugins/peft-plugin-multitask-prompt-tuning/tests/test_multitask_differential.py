@@ -9,17 +9,8 @@ import copy
 import pytest
 import torch
 
+from peft_kernel.testing import differential as D
 from peft_kernel.testing import tiny_models as M
-from peft_kernel.testing.differential import (
-    assert_checkpoints_load_both_ways,
-    assert_close,
-    assert_same_outputs,
-    assert_same_structure,
-    assert_same_training,
-    make_pair,
-    output,
-    transformers_renamed_the_cache,
-)
 from peft_kernel.testing.generation import generation_gap
 from peft_plugin_multitask_prompt_tuning import MultitaskPromptTuningConfig
 
@@ -35,8 +26,8 @@ FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_
 
 def pair(model: str, perturb: bool = True, **kwargs):
     kwargs = {"task_type": M.TASK_TYPES[model], "num_virtual_tokens": 3, "num_tasks": 3, "num_ranks": 2, **kwargs}
-    return make_pair(getattr(M, model), hf_peft.MultitaskPromptTuningConfig(**copy.deepcopy(kwargs)),
-                     MultitaskPromptTuningConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
+    return D.make_pair(getattr(M, model), hf_peft.MultitaskPromptTuningConfig(**copy.deepcopy(kwargs)),
+                       MultitaskPromptTuningConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def test_structure_config_and_initialisation_match(case, source):
         kwargs = {**kwargs, "prompt_tuning_init_state_dict_path":
                   str(source / ("source.bin" if name.endswith("bin") else "source.safetensors"))}
     hf, ours = pair("llama", perturb=False, **kwargs)
-    assert_same_structure(hf, ours, FIELDS)
+    D.assert_same_structure(hf, ours, FIELDS)
     hf_state = hf.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, hf_state[key]), key
@@ -93,7 +84,7 @@ FORWARD += [pytest.param(("bert-qa", "bert_qa", lambda: {"input_ids": M.ids(), "
 @pytest.mark.parametrize("case", FORWARD, ids=[c[0] for c in FORWARD[:3]] + [None, None])
 def test_forward_and_loss(case):
     _, model, inputs = case
-    assert_same_outputs(*pair(model), {**inputs(), "task_ids": TASKS})
+    D.assert_same_outputs(*pair(model), {**inputs(), "task_ids": TASKS})
 
 
 @pytest.mark.parametrize("model", ["bert_qa", "bert"])
@@ -104,7 +95,7 @@ def test_heads_hf_cannot_run_see_each_rows_task(model):
     with torch.no_grad():
         prompts = ours.get_prompt(2, task_ids=TASKS)
         expected = ours.get_base_model()(inputs_embeds=torch.cat((prompts, ours.word_embeddings(x)), dim=1))
-        assert_close(output(ours(input_ids=x, task_ids=TASKS)), output(expected), "output")
+        D.assert_close(D.output(ours(input_ids=x, task_ids=TASKS)), D.output(expected), "output")
 
 
 @pytest.mark.xfail(strict=True, reason="HF PEFT 0.21.2 puts the second half of the table in front of the decoder "
@@ -114,13 +105,13 @@ def test_hf_seq2seq_forward():
     hf, ours = pair("t5")
     inputs = {"input_ids": M.ids(), "attention_mask": MASK, "labels": M.ids(length=4, seed=2), "task_ids": TASKS}
     with torch.no_grad():
-        assert_close(ours(**inputs).logits, hf(**inputs).logits, "logits")
+        D.assert_close(ours(**inputs).logits, hf(**inputs).logits, "logits")
 
 
 def test_gradients_match():
     hf, ours = pair("llama")
-    assert_same_training(hf, ours, {"input_ids": M.ids(), "attention_mask": MASK, "labels": M.ids(seed=3),
-                                    "task_ids": TASKS}, steps=1)
+    D.assert_same_training(hf, ours, {"input_ids": M.ids(), "attention_mask": MASK, "labels": M.ids(seed=3),
+                                      "task_ids": TASKS}, steps=1)
     assert ours.prompt_encoder["default"].prefix_task_cols.grad[1].abs().sum() == 0, "task 1 is not in the batch"
 
 
@@ -128,7 +119,7 @@ def test_gradients_match():
 def test_checkpoints_load_both_ways(model, tmp_path):
     hf, ours = pair(model)
     inputs = {"input_ids": M.ids(), "attention_mask": MASK, "task_ids": TASKS}
-    assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path)
+    D.assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path)
 
 
 @pytest.mark.parametrize("case", [("t5", {"max_new_tokens": 4}), ("t5", {"max_new_tokens": 4, "num_beams": 2}),
@@ -144,7 +135,7 @@ def test_generate_same_tokens(case):
     assert not torch.equal(other_tasks, actual), "the task did not change the generation"
 
 
-@pytest.mark.xfail(transformers_renamed_the_cache(), strict=True, reason="HF PEFT 0.21.2 looks for the cache under "
+@pytest.mark.xfail(D.transformers_renamed_the_cache(), strict=True, reason="HF PEFT 0.21.2 looks for the cache under "
                    "past_key_values; transformers now passes it as `cache`, so HF re-inserts the virtual tokens at "
                    "every step")
 def test_hf_cached_generation_is_exact():

@@ -9,17 +9,8 @@ import copy
 import pytest
 import torch
 
+from peft_kernel.testing import differential as D
 from peft_kernel.testing import tiny_models as M
-from peft_kernel.testing.differential import (
-    ATOL,
-    assert_checkpoints_load_both_ways,
-    assert_close,
-    assert_same_outputs,
-    assert_same_structure,
-    assert_same_training,
-    make_pair,
-    transformers_renamed_the_cache,
-)
 from peft_kernel.testing.generation import generation_gap
 from peft_plugin_p_tuning import PromptEncoderConfig
 
@@ -35,19 +26,19 @@ LSTM = {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 8}
 
 def pair(model: str, perturb: bool = True, **kwargs):
     kwargs = {"task_type": M.TASK_TYPES[model], "num_virtual_tokens": 3, **kwargs}
-    return make_pair(getattr(M, model), hf_peft.PromptEncoderConfig(**copy.deepcopy(kwargs)),
-                     PromptEncoderConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
+    return D.make_pair(getattr(M, model), hf_peft.PromptEncoderConfig(**copy.deepcopy(kwargs)),
+                       PromptEncoderConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
 
 
 @pytest.mark.parametrize("model, kwargs", [("llama", {}), ("t5", LSTM), ("bert_cls", {"encoder_hidden_size": 12})])
 def test_structure_config_and_initialisation_match(model, kwargs):
     hf, ours = pair(model, perturb=False, **kwargs)
-    assert_same_structure(hf, ours, FIELDS)
+    D.assert_same_structure(hf, ours, FIELDS)
     hf_state = hf.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, hf_state[key]), key
-    assert_close(ours.get_prompt_embedding_to_save("default"), hf.get_prompt_embedding_to_save("default"),
-                 "saved virtual tokens")
+    D.assert_close(ours.get_prompt_embedding_to_save("default"), hf.get_prompt_embedding_to_save("default"),
+                   "saved virtual tokens")
 
 
 FORWARD = [
@@ -68,13 +59,13 @@ FORWARD = [
 @pytest.mark.parametrize("case", FORWARD, ids=[c[0] for c in FORWARD])
 def test_forward_and_loss(case):
     _, model, kwargs, inputs = case
-    assert_same_outputs(*pair(model, **kwargs), inputs())
+    D.assert_same_outputs(*pair(model, **kwargs), inputs())
 
 
 @pytest.mark.parametrize("kwargs", [{}, LSTM], ids=["mlp", "lstm"])
 def test_gradients_match(kwargs):
-    assert_same_training(*pair("llama", **kwargs), {"input_ids": M.ids(), "attention_mask": MASK,
-                                                    "labels": M.ids(seed=3)}, steps=1)
+    D.assert_same_training(*pair("llama", **kwargs), {"input_ids": M.ids(), "attention_mask": MASK,
+                                                      "labels": M.ids(seed=3)}, steps=1)
 
 
 @pytest.mark.parametrize("model, kwargs", [("llama", LSTM), ("t5", {}), ("bert_cls", {})])
@@ -85,7 +76,7 @@ def test_checkpoints_load_both_ways(model, kwargs, tmp_path):
     if model == "t5":
         inputs["decoder_input_ids"] = M.ids(length=3, seed=2)
     # the saved virtual tokens are the encoder's output, computed by each library at save time
-    assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path, tensor_atol=ATOL)
+    D.assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path, tensor_atol=D.ATOL)
 
 
 # -- generate: token ids equal HF's where HF is right ---------------------------------------------
@@ -111,7 +102,7 @@ def test_generate_same_tokens(case):
 
 @pytest.mark.parametrize("cache", [
     pytest.param("dynamic", marks=pytest.mark.xfail(
-        transformers_renamed_the_cache(), strict=True, reason="HF PEFT 0.21.2 looks for the cache under "
+        D.transformers_renamed_the_cache(), strict=True, reason="HF PEFT 0.21.2 looks for the cache under "
         "past_key_values; transformers now passes it as `cache`, so HF re-inserts the virtual tokens at every step")),
     pytest.param("static", marks=pytest.mark.xfail(strict=True, reason="HF PEFT 0.21.2 sizes no static cache for the "
                                                                        "virtual tokens")),

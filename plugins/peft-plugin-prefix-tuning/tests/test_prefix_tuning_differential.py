@@ -11,17 +11,8 @@ import copy
 import pytest
 import torch
 
+from peft_kernel.testing import differential as D
 from peft_kernel.testing import tiny_models as M
-from peft_kernel.testing.differential import (
-    assert_checkpoints_load_both_ways,
-    assert_close,
-    assert_same_outputs,
-    assert_same_structure,
-    assert_same_training,
-    make_pair,
-    output,
-    transformers_renamed_the_cache,
-)
 from peft_kernel.testing.generation import generation_gap
 from peft_plugin_prefix_tuning import PrefixTuningConfig
 
@@ -36,15 +27,15 @@ FIELDS = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"
 
 def pair(model: str, perturb: bool = True, **kwargs):
     kwargs = {"task_type": M.TASK_TYPES[model], "num_virtual_tokens": 3, **kwargs}
-    return make_pair(getattr(M, model), hf_peft.PrefixTuningConfig(**copy.deepcopy(kwargs)),
-                     PrefixTuningConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
+    return D.make_pair(getattr(M, model), hf_peft.PrefixTuningConfig(**copy.deepcopy(kwargs)),
+                       PrefixTuningConfig(**kwargs), perturb=perturb, seed=1, scale=0.5)
 
 
 @pytest.mark.parametrize("model, kwargs", [("llama", {}), ("llama", {"prefix_projection": True}),
                                            ("t5", {"init_weights": "zero"}), ("bert_cls", {})])
 def test_structure_config_and_initialisation_match(model, kwargs):
     hf, ours = pair(model, perturb=False, **kwargs)
-    assert_same_structure(hf, ours, FIELDS)
+    D.assert_same_structure(hf, ours, FIELDS)
     hf_state = hf.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, hf_state[key]), key
@@ -69,14 +60,14 @@ FORWARD = [
 @pytest.mark.parametrize("case", FORWARD, ids=[c[0] for c in FORWARD])
 def test_forward_and_loss(case):
     _, model, kwargs, inputs = case
-    assert_same_outputs(*pair(model, **kwargs), inputs())
+    D.assert_same_outputs(*pair(model, **kwargs), inputs())
 
 
 @pytest.mark.parametrize("model", ["llama", "t5"])
 def test_gradients_match(model):
     labels = M.ids(seed=3) if model == "llama" else M.ids(length=4, seed=2)
-    assert_same_training(*pair(model, prefix_projection=True),
-                         {"input_ids": M.ids(), "attention_mask": MASK, "labels": labels}, steps=1)
+    D.assert_same_training(*pair(model, prefix_projection=True),
+                           {"input_ids": M.ids(), "attention_mask": MASK, "labels": labels}, steps=1)
 
 
 # -- task heads: HF PEFT finds no `past_key_values` argument on the backbone ------------------
@@ -100,7 +91,7 @@ def _head_by_hand(model: str, peft_model, inputs):
     """The head on the backbone's output, the backbone run with the prefixes as its cache."""
     base = peft_model.get_base_model()
     mask = torch.cat((torch.ones(2, 3, dtype=torch.long), inputs["attention_mask"]), dim=1)
-    cache_keyword = "cache" if transformers_renamed_the_cache() else "past_key_values"
+    cache_keyword = "cache" if D.transformers_renamed_the_cache() else "past_key_values"
     hidden = base.bert(input_ids=inputs["input_ids"], attention_mask=mask,
                        **{cache_keyword: _prefix_cache(peft_model, 2)})
     if model == "bert_cls":
@@ -118,13 +109,13 @@ def test_task_heads_see_the_prefixes(model):
     _, ours = pair(model)
     inputs = {"input_ids": M.ids(), "attention_mask": MASK}
     with torch.no_grad():
-        assert_close(output(ours(**inputs)), _head_by_hand(model, ours, inputs), "head output")
+        D.assert_close(D.output(ours(**inputs)), _head_by_hand(model, ours, inputs), "head output")
         with ours.disable_adapter():
-            plain = output(ours(**inputs))
-    assert (output(ours(**inputs)) - plain).abs().max() > 1e-3, "the prefixes change nothing"
+            plain = D.output(ours(**inputs))
+    assert (D.output(ours(**inputs)) - plain).abs().max() > 1e-3, "the prefixes change nothing"
 
 
-@pytest.mark.xfail(transformers_renamed_the_cache(), strict=True, raises=ValueError,
+@pytest.mark.xfail(D.transformers_renamed_the_cache(), strict=True, raises=ValueError,
                    reason="HF PEFT 0.21.2 looks for a `past_key_values` argument on the backbone of task heads; "
                           "transformers now calls it `cache`, so HF refuses prefix tuning for them")
 @pytest.mark.parametrize("model", HEADS)
@@ -132,7 +123,7 @@ def test_hf_task_heads(model):
     hf, ours = pair(model)
     inputs = {"input_ids": M.ids(), "attention_mask": MASK}
     with torch.no_grad():
-        assert_close(output(ours(**inputs)), output(hf(**inputs)), "head output")
+        D.assert_close(D.output(ours(**inputs)), D.output(hf(**inputs)), "head output")
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -144,7 +135,7 @@ def test_checkpoints_load_both_ways(model, kwargs, tmp_path):
     inputs = {"input_ids": M.ids(), "attention_mask": MASK}
     if model == "t5":
         inputs["decoder_input_ids"] = M.ids(length=3, seed=2)
-    assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path)
+    D.assert_checkpoints_load_both_ways(hf, ours, getattr(M, model), inputs, tmp_path)
 
 
 # -- HF PEFT's generation and gradient checkpointing -------------------------------------------
@@ -154,12 +145,12 @@ HF_CACHE_BUG = ("HF PEFT 0.21.2 looks for the cache under past_key_values; trans
 
 
 @pytest.mark.parametrize("model, kwargs", [
-    pytest.param("llama", {}, marks=pytest.mark.xfail(transformers_renamed_the_cache(), strict=True,
+    pytest.param("llama", {}, marks=pytest.mark.xfail(D.transformers_renamed_the_cache(), strict=True,
                                                       reason=HF_CACHE_BUG)),
     pytest.param("llama", {"cache_implementation": "static"}, marks=pytest.mark.xfail(
         strict=True, raises=KeyError, reason="HF PEFT 0.21.2 reads `cache_position`, which transformers no longer "
                                              "passes")),
-    pytest.param("t5", {}, marks=pytest.mark.xfail(transformers_renamed_the_cache(), strict=True,
+    pytest.param("t5", {}, marks=pytest.mark.xfail(D.transformers_renamed_the_cache(), strict=True,
                                                    reason=HF_CACHE_BUG)),
 ], ids=["llama-dynamic", "llama-static", "t5-dynamic"])
 def test_hf_cached_generation_is_exact(model, kwargs):
