@@ -23,6 +23,7 @@ from peft_kernel import (
 from peft_kernel.key_value_prompts import cache_keyword
 from peft_kernel.plugins import reset_manager
 from peft_kernel.prompt_learning import find_word_embeddings, prepare_config
+from peft_kernel.testing import tiny_models
 
 VOCAB = 40
 
@@ -96,12 +97,9 @@ def ids(batch=2, length=5, seed=0):
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    return tiny_models.llama(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)
 
 
 # -- a new prompt-learning method from plain code -------------------------------------

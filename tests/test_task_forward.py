@@ -13,6 +13,7 @@ import transformers
 
 import peft_kernel
 from peft_kernel import get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoraConfig
 
 TASK_CLASSES = ["PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
@@ -29,10 +30,8 @@ def test_forward_signature_is_hf_peft_s(name):
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2))
+    return tiny_models.llama(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2)
 
 
 def test_named_inputs_reach_the_base_model():

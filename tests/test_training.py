@@ -5,16 +5,15 @@ import torch
 
 from peft_kernel import get_peft_model, prepare_model_for_kbit_training
 from peft_kernel.plugins import manager, reset_manager
+from peft_kernel.testing import tiny_models
 from peft_plugin_lora import LoraConfig
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    return transformers.LlamaForCausalLM(config).to(dtype)
+    return tiny_models.llama(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1).to(dtype)
 
 
 def test_freezes_everything_and_enables_checkpointing():
