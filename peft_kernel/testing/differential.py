@@ -112,17 +112,21 @@ def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str, at_l
 
 
 @torch.no_grad()
-def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1, *, base_tensors: bool = False) -> None:
+def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1, *, base_tensors: bool = False,
+            inactive_adapters: bool = False) -> None:
     """Add seeded noise (``scale`` times a standard normal) to every trainable adapter tensor, in
     ``named_parameters`` order: methods often start as an identity, and a check on an identity
     proves nothing. Trainable tensors of the base model (biases an adapter trains, say) are left
-    alone unless ``base_tensors``: a differential test moves them too, as training would."""
+    alone unless ``base_tensors``: a differential test moves them too, as training would. With
+    ``inactive_adapters``, the frozen tensors of adapters that are not active move as well."""
     generator = torch.Generator().manual_seed(seed)
     adapters = set(getattr(model, "peft_config", {}) or {})
     for name, param in model.named_parameters():
-        if adapters and not base_tensors and not adapters & set(name.split(".")):
+        of_adapter = bool(adapters & set(name.split(".")))
+        if adapters and not of_adapter and not base_tensors:
             continue
-        if param.requires_grad and param.is_floating_point() and param.device.type != "meta":
+        if (param.requires_grad or (inactive_adapters and of_adapter)) and param.is_floating_point() \
+                and param.device.type != "meta":
             noise = torch.randn(param.shape, generator=generator) * scale
             param.add_(noise.to(param.device, param.dtype))
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 from _models import HF, OURS
 
+from peft_kernel.testing import differential
+
 #: run a test on HF PEFT and on ours
 LIBS = pytest.mark.parametrize("lib", [HF, OURS], ids=["hf", "ours"])
 X = torch.randn(5, 10, generator=torch.Generator().manual_seed(3))
@@ -25,10 +27,7 @@ def lora(lib, **kwargs):
     return lib.LoraConfig(**kwargs)
 
 
-def perturb(model, seed: int = 1) -> None:
-    """Random, trained-looking adapter tensors (factors, magnitudes, biases, VeRA scales)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "lora_" in name or "vera_lambda" in name:
-                param.add_(torch.randn(param.shape, generator=g) * 0.3)
+def perturb(model) -> None:
+    """Random, trained-looking tensors in every adapter, active or not (factors, magnitudes, VeRA
+    scales, modules_to_save copies)."""
+    differential.perturb(model, seed=1, scale=0.3, inactive_adapters=True)
