@@ -106,12 +106,9 @@ def variant_pair(field: str, sub_config, **extra):
     import peft
     from peft.tuners.lora import config as hf_config
 
-    from peft_kernel import get_peft_model
+    from peft_kernel.testing.differential import make_pair
     from peft_plugin_lora import LoraConfig
 
     hf_sub = getattr(hf_config, type(sub_config).__name__)(**dataclasses.asdict(sub_config))
-    torch.manual_seed(1)
-    hf = peft.get_peft_model(qo(), peft.LoraConfig(**QO_CONFIG, **{field: hf_sub}, **extra))
-    torch.manual_seed(1)
-    ours = get_peft_model(qo(), LoraConfig(**QO_CONFIG, **{field: sub_config}, **extra))
-    return hf.eval(), ours.eval()
+    return make_pair(qo, peft.LoraConfig(**QO_CONFIG, **{field: hf_sub}, **extra),
+                     LoraConfig(**QO_CONFIG, **{field: sub_config}, **extra), perturb=False, seed=1)
