@@ -112,6 +112,13 @@ def assert_differs(actual: torch.Tensor, expected: torch.Tensor, what: str, at_l
 
 
 @torch.no_grad()
+def _add_noise(params: Iterable[nn.Parameter], seed: int, scale: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for param in params:
+        if param.is_floating_point() and param.device.type != "meta":
+            param.add_((torch.randn(param.shape, generator=generator) * scale).to(param.device, param.dtype))
+
+
 def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1, *, base_tensors: bool = False,
             inactive_adapters: bool = False) -> None:
     """Add seeded noise (``scale`` times a standard normal) to every trainable adapter tensor, in
@@ -119,16 +126,31 @@ def perturb(model: nn.Module, seed: int = 0, scale: float = 0.1, *, base_tensors
     proves nothing. Trainable tensors of the base model (biases an adapter trains, say) are left
     alone unless ``base_tensors``: a differential test moves them too, as training would. With
     ``inactive_adapters``, the frozen tensors of adapters that are not active move as well."""
-    generator = torch.Generator().manual_seed(seed)
     adapters = set(getattr(model, "peft_config", {}) or {})
+    chosen = []
     for name, param in model.named_parameters():
         of_adapter = bool(adapters & set(name.split(".")))
         if adapters and not of_adapter and not base_tensors:
             continue
-        if (param.requires_grad or (inactive_adapters and of_adapter)) and param.is_floating_point() \
-                and param.device.type != "meta":
-            noise = torch.randn(param.shape, generator=generator) * scale
-            param.add_(noise.to(param.device, param.dtype))
+        if param.requires_grad or (inactive_adapters and of_adapter):
+            chosen.append(param)
+    _add_noise(chosen, seed, scale)
+
+
+def perturb_into(hf: nn.Module, ours: nn.Module, seed: int = 1, scale: float = 0.5, *, adapter: str | None = None,
+                 rename: Callable[[str], str] = str) -> None:
+    """Seeded noise on HF's trainable tensors (or, with ``adapter``, on every tensor of that adapter,
+    active or not), each copied into ours under ``rename(name)``: for pairs whose module trees name
+    a tensor differently, where :func:`make_pair`'s copy of the whole state dict cannot be used.
+    Both models end in eval mode."""
+    chosen = [(name, param) for name, param in hf.named_parameters()
+              if (param.requires_grad if adapter is None else adapter in name.split("."))]
+    _add_noise([param for _, param in chosen], seed, scale)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, param in chosen:
+            mine[rename(name)].copy_(param)
+    hf.eval(), ours.eval()
 
 
 _perturb = perturb  # (make_pair's flag shadows the name)

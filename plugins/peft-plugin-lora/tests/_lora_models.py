@@ -1,5 +1,6 @@
-"""Tiny, deterministically seeded models for the LoRA feature tests (besides the kernel's
-:mod:`peft_kernel.testing.tiny_models`): a mixture of experts with bare 3-D parameters."""
+"""The LoRA feature tests' own models, next to the kernel's :mod:`peft_kernel.testing.tiny_models`:
+a mixture of experts with bare 3-D parameters, the variants' two-layer ``QO`` model and its HF/ours
+pair, and adapters saved by HF PEFT."""
 
 from __future__ import annotations
 

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from peft_kernel import PeftModel, get_peft_model
+from peft_kernel.testing import tiny_models
 from peft_kernel.testing.differential import (
-    VOCAB,
     assert_checkpoints_load_both_ways,
     assert_close,
     assert_matches_oracle,
+    perturb_into,
     run,
-    tiny_llama,
-    token_ids,
 )
 from peft_plugin_lora import LoraConfig
 
@@ -31,14 +30,13 @@ CONFIG = dict(target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False)
 
 
 def llama(tied: bool = False):
-    torch.manual_seed(0)
-    return tiny_llama(tied).eval()
+    return tiny_models.llama(tie_word_embeddings=tied)
 
 
 def inputs():
-    ids = token_ids(batch=2, length=6)
-    ids["input_ids"][0, :3] = torch.tensor(TOKENS[:3])
-    return ids
+    ids = tiny_models.ids(batch=2, length=6, seed=1)
+    ids[0, :3] = torch.tensor(TOKENS[:3])
+    return {"input_ids": ids}
 
 
 def ours_name(hf_name: str) -> str:
@@ -52,21 +50,10 @@ def pair(tied=False, **kw):
     hf = hf_peft.get_peft_model(llama(tied), hf_peft.LoraConfig(**copy.deepcopy(kw)))
     torch.manual_seed(3)
     ours = get_peft_model(llama(tied), LoraConfig(**copy.deepcopy(kw)))
-    perturb_and_copy(hf, ours)
+    perturb_into(hf, ours, rename=ours_name)
     return hf, ours
 
 
-def perturb_and_copy(hf, ours, seed=1, adapter=None):
-    """Noise on HF's trainable tensors (or on those of ``adapter``), copied into ours (the same names
-    but for ``token_adapter.``)."""
-    generator = torch.Generator().manual_seed(seed)
-    mine = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, param in sorted(hf.named_parameters()):
-            if param.requires_grad if adapter is None else f".{adapter}." in name or name.endswith(f".{adapter}"):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
-                mine[ours_name(name)].copy_(param)
-    hf.eval(), ours.eval()
 
 
 def trainable(model):
@@ -123,7 +110,7 @@ def test_second_adapter_with_its_own_rows_matches_hf(tmp_path):
     hf, ours = pair()
     for model, cls in ((hf, hf_peft.LoraConfig), (ours, LoraConfig)):
         model.add_adapter("other", cls(**CONFIG, trainable_token_indices=[2, 5]))
-    perturb_and_copy(hf, ours, seed=2, adapter="other")
+    perturb_into(hf, ours, seed=2, adapter="other", rename=ours_name)
     x = inputs()
     x["input_ids"][1, :2] = torch.tensor([2, 5])
     with torch.no_grad():
@@ -149,7 +136,7 @@ def test_embedding_both_target_and_trainable_tokens_is_refused_unchanged():
 
 @pytest.mark.parametrize("value, match", [
     ({"no_such_module": [1]}, "matches no module"),
-    ([VOCAB + 3], "out of range"),
+    ([tiny_models.VOCAB + 3], "out of range"),
 ])
 def test_bad_modules_and_ids_are_refused(value, match):
     with pytest.raises(ValueError, match=match):

@@ -2,15 +2,15 @@
 --method trainable_tokens`` trains."""
 
 from peft_kernel.testing import Case, MethodConformance
-from peft_kernel.testing import tiny_nets as N
+from peft_kernel.testing import tiny_models as M
 from peft_kernel.testing.cli import FinetuneSuite
 from peft_plugin_trainable_tokens import TrainableTokensConfig
 
 
 class TestTrainableTokensConformance(MethodConformance):
-    cases = [Case("emb", lambda: N.build("emb"), lambda: TrainableTokensConfig(target_modules=["emb"],
+    cases = [Case("emb", lambda: M.build("embedding"), lambda: TrainableTokensConfig(target_modules=["emb"],
                                                                                 token_indices=[1, 3, 5, 7]),
-                  lambda: N.inputs("emb"))]
+                  lambda: M.inputs("embedding"))]
 
 
 class TestTrainableTokensCommandLine(FinetuneSuite):

@@ -3,12 +3,10 @@ disabled, unloaded), gradients, seeded random init, checkpoints both ways, tied 
 
 from __future__ import annotations
 
-import copy
-
 import peft
 import pytest
 import torch
-from _tokens_models import TOKENS, inputs, llama, perturb_and_copy
+from _tokens_models import TOKENS, inputs, llama
 from torch import nn
 
 from peft_kernel import get_peft_model
@@ -17,7 +15,9 @@ from peft_kernel.testing.differential import (
     assert_close,
     assert_matches_oracle,
     assert_same_config_defaults,
-    assert_same_gradients,
+    assert_same_training,
+    make_pair,
+    perturb_into,
     run,
 )
 from peft_plugin_trainable_tokens import TrainableTokensConfig
@@ -25,11 +25,8 @@ from peft_plugin_trainable_tokens import TrainableTokensConfig
 
 def pair(tied=False, **kw):
     kw.setdefault("token_indices", TOKENS)
-    torch.manual_seed(3)
-    hf = peft.get_peft_model(llama(tied), peft.TrainableTokensConfig(**copy.deepcopy(kw)))
-    torch.manual_seed(3)
-    ours = get_peft_model(llama(tied), TrainableTokensConfig(**copy.deepcopy(kw)))
-    return hf, ours
+    return make_pair(lambda: llama(tied), peft.TrainableTokensConfig(**kw), TrainableTokensConfig(**kw), seed=3,
+                     perturb=False)
 
 
 def test_config_fields_and_defaults():
@@ -41,7 +38,7 @@ def test_outputs_merge_disable_unload_match_hf(tied):
     hf, ours = pair(tied)
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n for n, p in hf.named_parameters() if p.requires_grad}
-    perturb_and_copy(hf, ours)
+    perturb_into(hf, ours)
     with torch.no_grad():
         base_out = run(llama(tied), inputs())
         assert_matches_oracle(hf, ours, inputs(), base_out)
@@ -59,8 +56,8 @@ def test_tied_head_follows_the_embedding_rows():
 
 def test_gradients_match_hf():
     hf, ours = pair()
-    perturb_and_copy(hf, ours)
-    assert_same_gradients(hf, ours, inputs())
+    perturb_into(hf, ours)
+    assert_same_training(hf, ours, inputs(), steps=1)
     grad = ours.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].grad
     assert grad[:3].abs().sum() > 0 and grad[3].abs().sum() == 0  # token 40 is not in the batch
 
@@ -74,7 +71,7 @@ def test_random_init_draws_like_hf():
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_checkpoints_load_both_ways(tied, tmp_path):
     hf, ours = pair(tied)
-    perturb_and_copy(hf, ours)
+    perturb_into(hf, ours)
     assert_checkpoints_load_both_ways(hf, ours, lambda: llama(tied), inputs(), tmp_path)
 
 
@@ -83,7 +80,7 @@ def test_two_adapters_with_disjoint_tokens_match_hf():
     for model, cfg in ((hf, peft.TrainableTokensConfig), (ours, TrainableTokensConfig)):
         model.add_adapter("other", cfg(token_indices=[2, 7]))
         model.base_model.set_adapter(["default", "other"])
-    perturb_and_copy(hf, ours)
+    perturb_into(hf, ours)
     with torch.no_grad():
         assert_close(run(ours, inputs()), run(hf, inputs()), "two adapters")
         hf.merge_adapter(), ours.merge_adapter()
@@ -91,7 +88,7 @@ def test_two_adapters_with_disjoint_tokens_match_hf():
 
 
 def test_gradcheck_embedding_and_tied_head():
-    from peft_kernel.testing.layer_models import assert_gradcheck
+    from peft_kernel.testing import assert_gradcheck
     from peft_plugin_trainable_tokens import TiedTrainableTokensLayer, TrainableTokensLayer
 
     torch.manual_seed(0)
