@@ -161,6 +161,11 @@ def test_kept_stacks_follow_every_change(gathered):
 
     check(True)
     check(False)  # nothing changed: the kept stacks serve
+    before = gathered["stacks"]
+    with torch.no_grad():  # they hold every adapter: batches of other compositions share them
+        for names in (["a", "a", "a", "a", BASE, "a"], ["c", "b", "c", "b", "c", "b"]):
+            same(model(IDS, adapter_names=names), each_row_alone(model, IDS, names))
+    assert gathered["stacks"] == before
     # an optimizer step (in place, no state change)
     model.train()
     model.base_model.set_adapter(["a", "b", "c"])

@@ -1,11 +1,14 @@
 """Mixed batches (``adapter_names=``) through a LoRA linear layer, all rows at once.
 
-Rather than one sub-batch per adapter, the factors of the batch's adapters are stacked (ranks
+Rather than one sub-batch per adapter, the factors of the layer's adapters are stacked (ranks
 zero-padded to the largest, the scaling folded into B) with one all-zero entry at the end for
 the rows that get no adapter (``"__base__"``). Each row picks its own A and B from the stacks and
 two batched matrix products add ``s·B A x`` to every row: the S-LoRA / Punica "BGMV" idea with
-plain torch ops, whose cost does not grow with the number of distinct adapters. The stacks are
-kept between calls (``AdapterLayer.kept``) until a factor or a scaling changes.
+plain torch ops, whose cost does not grow with the number of distinct adapters in a batch.
+
+The stacks hold every adapter of the layer, not only a batch's, so batches of any composition
+share them; they are kept between calls (``AdapterLayer.kept``) until a factor or a scaling
+changes. While autograd records, only the batch's adapters are stacked, on every call.
 """
 
 from __future__ import annotations
@@ -20,24 +23,39 @@ from peft_kernel.layer import plain_call
 STACKS = object()
 
 
-def plain_factors(layer, adapter_names: tuple[str, ...]) -> list[tuple] | None:
-    """``[(A weight, B weight, B bias or None, scaling), ...]`` for ``adapter_names``, or ``None``
-    when one of them needs its own path: DoRA, aLoRA, an Arrow router, active dropout, or factor
-    modules that are not plain ``nn.Linear`` (hooks, quantized factors). Runs on every call (a
-    hook or a train/eval switch changes no adapter state), so it reads the dicts directly."""
+def _stackable(layer, name: str, A: nn.Module | None, B: nn.Module | None) -> bool:
+    """Plain ``nn.Linear`` factors (no quantized ones) and none of the variants (DoRA, aLoRA,
+    an Arrow router), which have math of their own."""
+    return (type(A) is nn.Linear and type(B) is nn.Linear and not layer.use_dora.get(name)
+            and not layer.alora.get(name) and name not in layer.arrow_config)
+
+
+def takes_batch(layer, adapter_names: tuple[str, ...]) -> bool:
+    """Whether the gathered path gives what the per-adapter one would for these adapters now:
+    stackable factors, called without hooks, and no dropout active. Checked on every call (a
+    hook or a train/eval switch changes no adapter state), reading the dicts directly."""
     modules_A, modules_B, dropouts = layer.lora_A._modules, layer.lora_B._modules, layer.lora_dropout._modules
-    use_dora, alora, arrow, scaling = layer.use_dora, layer.alora, layer.arrow_config, layer.scaling
-    factors = []
     for name in adapter_names:
         A, B, dropout = modules_A.get(name), modules_B.get(name), dropouts.get(name)
-        if (type(A) is not nn.Linear or type(B) is not nn.Linear or use_dora.get(name) or alora.get(name)
-                or name in arrow or not (plain_call(A) and plain_call(B))
-                or not (type(dropout) is nn.Identity
-                        or (type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)))):
-            return None
-        params = B._parameters
-        factors.append((A._parameters["weight"], params["weight"], params["bias"], scaling[name]))
-    return factors
+        if not (_stackable(layer, name, A, B) and plain_call(A) and plain_call(B)
+                and (type(dropout) is nn.Identity
+                     or (type(dropout) is nn.Dropout and (not dropout.training or dropout.p == 0)))):
+            return False
+    return True
+
+
+def factors(layer, adapter_names: tuple[str, ...] | None = None) -> tuple[tuple[str, ...], list[tuple]]:
+    """The adapters to stack (``adapter_names``, or all the layer's stackable ones) with their
+    ``(A weight, B weight, B bias or None, scaling)``."""
+    modules_A, modules_B = layer.lora_A._modules, layer.lora_B._modules
+    if adapter_names is None:
+        adapter_names = tuple(name for name, A in modules_A.items()
+                              if _stackable(layer, name, A, modules_B.get(name)))
+    found = []
+    for name in adapter_names:
+        params = modules_B[name]._parameters
+        found.append((modules_A[name]._parameters["weight"], params["weight"], params["bias"], layer.scaling[name]))
+    return adapter_names, found
 
 
 def stack_factors(factors: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:

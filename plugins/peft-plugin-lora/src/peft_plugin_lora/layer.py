@@ -835,19 +835,28 @@ class Linear(LoraLayer):
 
     def batched_forward(self, x, row_adapter, adapter_names, *args, **kwargs):
         # a mixed batch in one pass (batched.py); the variants and active dropout loop per adapter
-        factors = batched.plain_factors(self, adapter_names)
-        if factors is None:
+        if not batched.takes_batch(self, adapter_names):
             return None
+        # kept without autograd history only: while autograd records, the batch's factors are
+        # stacked on every call; otherwise all of the layer's, for batches of any composition
+        names, factors = batched.factors(self, adapter_names)
+        recording = torch.is_grad_enabled() and any(
+            t.requires_grad for factor in factors for t in factor if isinstance(t, torch.Tensor))
+        if not recording:
+            names, factors = batched.factors(self)
         tensors = [t for factor in factors for t in factor if isinstance(t, torch.Tensor)]
-        recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        # kept without autograd history only: while autograd records, the stacks are rebuilt
         floats = tuple(None if isinstance(s, torch.Tensor) else s for *_, s in factors)
-        kept = {} if recording else self.kept(batched.STACKS, tensors, (adapter_names, floats))
+        kept = {} if recording else self.kept(batched.STACKS, tensors, (names, floats))
         if "stacks" not in kept:
             kept["stacks"] = batched.stack_factors(factors)
+            kept["position"] = {name: i for i, name in enumerate(names)}
         stacks = kept["stacks"]
         if stacks is None:  # factors in several dtypes or on several devices
             return None
+        if names != adapter_names:  # rows index the batch's adapters: map them to the stacks'
+            position = kept["position"]
+            lookup = [position[name] for name in adapter_names] + [len(names)]
+            row_adapter = torch.tensor(lookup, device=row_adapter.device)[row_adapter]
         base = self._modules["base_layer"]
         result = base(x, *args, **kwargs)
         fresh = type(base) is nn.Linear and plain_call(base) and not torch.is_grad_enabled()
