@@ -224,6 +224,21 @@ def each_row_alone(model: nn.Module, x: torch.Tensor, adapter_names: list[str]) 
     return torch.cat(rows)
 
 
+def record_batched_forward(monkeypatch: Any, layer_cls: type) -> list[bool]:
+    """Record, per call of ``layer_cls.batched_forward`` (with pytest's ``monkeypatch``), whether it
+    took the mixed batch (``True``) or left it to the per-adapter path (``False``)."""
+    taken: list[bool] = []
+    batched_forward = layer_cls.batched_forward
+
+    def recording(self, *args, **kwargs):
+        out = batched_forward(self, *args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layer_cls, "batched_forward", recording)
+    return taken
+
+
 @torch.no_grad()
 def perturb(model: nn.Module, seed: int = 1234, scale: float = 0.3) -> None:
     """Seeded noise on every trainable tensor, in name order (an identity adapter proves nothing)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peft_kernel import AdapterLayer, get_peft_model
-from peft_kernel.testing.differential import each_row_alone
+from peft_kernel.testing.differential import each_row_alone, record_batched_forward
 from peft_plugin_ia3 import IA3Config
 from peft_plugin_ia3.layer import IA3Layer
 
@@ -32,15 +32,7 @@ def test_rows_gathered_equal_each_row_alone_and_the_loop(kind, monkeypatch):
     model = _model(kind)
     x = M.inputs(kind, batch=4)
     names = ["b", "__base__", "default", "b"]
-    taken = []
-    batched_forward = IA3Layer.batched_forward
-
-    def counting(self, *args, **kwargs):
-        out = batched_forward(self, *args, **kwargs)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(IA3Layer, "batched_forward", counting)
+    taken = record_batched_forward(monkeypatch, IA3Layer)
     mixed = M.run(model, x, adapter_names=names)
     assert taken == [True] * 3
     M.assert_close(mixed, each_row_alone(model, x, names), "mixed batch")

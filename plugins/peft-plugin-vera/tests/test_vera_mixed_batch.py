@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peft_kernel import get_peft_model
-from peft_kernel.testing.differential import each_row_alone
+from peft_kernel.testing.differential import each_row_alone, record_batched_forward
 from peft_plugin_vera import VeraConfig
 from peft_plugin_vera.layer import VeraLayer
 
@@ -25,15 +25,7 @@ def test_shared_projections_in_one_pass_others_loop(second_r, monkeypatch):
     M.perturb(model)
     model.set_adapter("default")
     model.eval()
-    taken = []
-    batched_forward = VeraLayer.batched_forward
-
-    def counting(self, *args, **kwargs):
-        out = batched_forward(self, *args, **kwargs)
-        taken.append(out is not None)
-        return out
-
-    monkeypatch.setattr(VeraLayer, "batched_forward", counting)
+    taken = record_batched_forward(monkeypatch, VeraLayer)
     x = M.inputs("mlp", batch=4)
     names = ["b", "__base__", "default", "b"]
     M.assert_close(M.run(model, x, adapter_names=names), each_row_alone(model, x, names), "mixed batch")
