@@ -8,7 +8,8 @@ plain torch ops, whose cost does not grow with the number of distinct adapters i
 
 The stacks hold every adapter of the layer, not only a batch's, so batches of any composition
 share them; they are kept between calls (``AdapterLayer.kept``) until a factor or a scaling
-changes. While autograd records, only the batch's adapters are stacked, on every call.
+changes. Where nothing is kept (autograd recording, training mode, torch.compile) only the
+batch's adapters are stacked, on every call.
 """
 
 from __future__ import annotations

@@ -837,16 +837,17 @@ class Linear(LoraLayer):
         # a mixed batch in one pass (batched.py); the variants and active dropout loop per adapter
         if not batched.takes_batch(self, adapter_names):
             return None
-        # kept without autograd history only: while autograd records, the batch's factors are
-        # stacked on every call; otherwise all of the layer's, for batches of any composition
+        # stacks that can be kept hold all of the layer's adapters, for batches of any
+        # composition; where nothing is kept (autograd recording: no history may be kept;
+        # training; torch.compile) the batch's adapters are stacked on every call
         names, factors = batched.factors(self, adapter_names)
-        recording = torch.is_grad_enabled() and any(
-            t.requires_grad for factor in factors for t in factor if isinstance(t, torch.Tensor))
-        if not recording:
+        keep = not (self.training or is_dynamo_compiling() or (torch.is_grad_enabled() and any(
+            t.requires_grad for factor in factors for t in factor if isinstance(t, torch.Tensor))))
+        if keep:
             names, factors = batched.factors(self)
         tensors = [t for factor in factors for t in factor if isinstance(t, torch.Tensor)]
         floats = tuple(None if isinstance(s, torch.Tensor) else s for *_, s in factors)
-        kept = {} if recording else self.kept(batched.STACKS, tensors, (names, floats))
+        kept = self.kept(batched.STACKS, tensors, (names, floats)) if keep else {}
         if "stacks" not in kept:
             kept["stacks"] = batched.stack_factors(factors)
             kept["position"] = {name: i for i, name in enumerate(names)}
