@@ -383,6 +383,7 @@ class AdapterLayer(nn.Module):
         history in it: compute kept values under ``torch.no_grad()``."""
         if (self.training and not in_training) or is_dynamo_compiling():
             return {}
+        tensors = tuple(tensors)
         key = [extra]
         for tensor in tensors:
             if type(tensor) is not nn.Parameter and type(tensor) is not torch.Tensor:
@@ -391,8 +392,9 @@ class AdapterLayer(nn.Module):
         store = self.__dict__.setdefault("_kept", {})
         entry = store.get(slot)
         if entry is None or entry[0] != key:
-            entry = store[slot] = (key, {})
-        return entry[1]
+            # the tensors are held with the values, so that no new tensor can take their ids
+            entry = store[slot] = (key, tensors, {})
+        return entry[2]
 
     @property
     def batch_adapter_names(self) -> list[str] | None:

@@ -68,14 +68,13 @@ def stack_factors(factors: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, tor
     if any(t is not None and (t.dtype != first.dtype or t.device != first.device) for f in factors for t in f[:3]):
         return None
     rank = max(A.shape[0] for A, *_ in factors)
-    A = factors[0][0]
     down = [F.pad(A, (0, 0, 0, rank - A.shape[0])) for A, *_ in factors]
     up = [F.pad((B * scaling).T, (0, 0, 0, rank - B.shape[1])) for _, B, _, scaling in factors]
-    down.append(A.new_zeros(down[0].shape))
-    up.append(A.new_zeros(up[0].shape))
+    down.append(first.new_zeros(down[0].shape))
+    up.append(first.new_zeros(up[0].shape))
     if all(bias is None for _, _, bias, _ in factors):
         return torch.stack(down), torch.stack(up), None
-    zeros = A.new_zeros(up[0].shape[1])
+    zeros = first.new_zeros(up[0].shape[1])
     biases = [zeros if bias is None else bias * scaling for _, _, bias, scaling in factors]
     return torch.stack(down), torch.stack(up), torch.stack(biases + [zeros])
 

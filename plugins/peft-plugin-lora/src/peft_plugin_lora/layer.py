@@ -840,11 +840,11 @@ class Linear(LoraLayer):
         # stacks that can be kept hold all of the layer's adapters, for batches of any
         # composition; where nothing is kept (autograd recording: no history may be kept;
         # training; torch.compile) the batch's adapters are stacked on every call
-        names, factors = batched.factors(self, adapter_names)
-        keep = not (self.training or is_dynamo_compiling() or (torch.is_grad_enabled() and any(
-            t.requires_grad for factor in factors for t in factor if isinstance(t, torch.Tensor))))
-        if keep:
-            names, factors = batched.factors(self)
+        keep = not (self.training or is_dynamo_compiling())
+        if keep and torch.is_grad_enabled():
+            _, factors = batched.factors(self, adapter_names)
+            keep = not any(t.requires_grad for factor in factors for t in factor if isinstance(t, torch.Tensor))
+        names, factors = batched.factors(self, None if keep else adapter_names)
         tensors = [t for factor in factors for t in factor if isinstance(t, torch.Tensor)]
         floats = tuple(None if isinstance(s, torch.Tensor) else s for *_, s in factors)
         kept = self.kept(batched.STACKS, tensors, (names, floats)) if keep else {}

@@ -128,18 +128,20 @@ class VeraLayer(AdapterLayer):
         return (result + update).to(result.dtype)
 
     def _projections_shared(self, adapter_names: tuple[str, ...]) -> bool:
-        """Whether the adapters' projection slices for this layer hold the same values (compared
-        once, then kept until a projection changes)."""
+        """Whether the adapters' projection slices for this layer hold the same values (each
+        pair compared once, then kept until one of its projections changes)."""
         first = adapter_names[0]
-        if any(self.r[name] != self.r[first] for name in adapter_names):
-            return False
-        tensors = [self.vera_A[name] for name in adapter_names] + [self.vera_B[name] for name in adapter_names]
-        kept = self.kept(_SHARED, tensors, adapter_names, in_training=True)
-        if "shared" not in kept:
-            (A, B), *others = (self.projections(name) for name in adapter_names)
-            kept["shared"] = all(a.shape == A.shape and b.shape == B.shape and torch.equal(a, A) and torch.equal(b, B)
-                                 for a, b in others)
-        return kept["shared"]
+        for name in adapter_names[1:]:
+            if self.r[name] != self.r[first]:
+                return False
+            tensors = (self.vera_A[first], self.vera_B[first], self.vera_A[name], self.vera_B[name])
+            kept = self.kept((_SHARED, first, name), tensors, in_training=True)
+            if "shared" not in kept:
+                (A, B), (other_A, other_B) = self.projections(first), self.projections(name)
+                kept["shared"] = torch.equal(A, other_A) and torch.equal(B, other_B)
+            if not kept["shared"]:
+                return False
+        return True
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         lambda_d, lambda_b = self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]
