@@ -834,8 +834,9 @@ class Linear(LoraLayer):
             return squared.clamp_min(0).sqrt()
 
     def batched_forward(self, x, row_adapter, adapter_names, *args, **kwargs):
-        # a mixed batch in one pass (batched.py); the variants and active dropout loop per adapter
-        if not batched.takes_batch(self, adapter_names):
+        # a mixed batch in one pass (batched.py); the variants, active dropout and subclasses with
+        # math of their own (another adapter_forward) take the per-adapter path
+        if type(self).adapter_forward is not Linear.adapter_forward or not batched.takes_batch(self, adapter_names):
             return None
         # stacks that can be kept hold all of the layer's adapters, for batches of any
         # composition; where nothing is kept (autograd recording: no history may be kept;
