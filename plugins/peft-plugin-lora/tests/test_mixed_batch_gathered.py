@@ -214,3 +214,23 @@ def test_added_and_deleted_adapters():
         same(model(IDS, adapter_names=names), each_row_alone(model, IDS, names))
         with pytest.raises(ValueError, match="Unknown adapter names"):
             model(IDS, adapter_names=NAMES)
+
+
+class _Shifted(lora_layer.Linear):
+    """A custom layer (as register_layer_mapping installs) with math of its own."""
+
+    def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
+        return super().adapter_forward(x, result, adapter_name, *args, **kwargs) + 1
+
+
+def test_a_subclass_with_its_own_adapter_forward_takes_the_loop(gathered, monkeypatch):
+    lin1 = _model().base_model.model.lin1
+    lin1.__class__ = _Shifted
+    x = torch.randn(3, 16)
+    names = ["a", BASE, "c"]
+    with torch.no_grad():
+        got = lin1(x, adapter_names=names)
+        assert gathered["rows"] == 0
+        monkeypatch.setattr(_Shifted, "batched_forward", AdapterLayer.batched_forward)
+        same(got, lin1(x, adapter_names=names))
+        same(got[1], lin1.base_layer(x[1]))
