@@ -14,7 +14,7 @@ from torch import nn
 
 from peft_kernel import AdapterLayer, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft_kernel.testing.differential import each_row_alone
-from peft_plugin_lora import LoraConfig, batched
+from peft_plugin_lora import LoraConfig, VeloraConfig, batched
 from peft_plugin_lora import layer as lora_layer
 
 BASE = "__base__"
@@ -114,11 +114,17 @@ def test_gradients_equal_the_loop(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_dora_and_active_dropout_take_the_loop(gathered):
+def test_variants_and_active_dropout_take_the_loop(gathered):
     model = _model(dora=True)  # adapter "b" is DoRA
     with torch.no_grad():
         same(model(IDS, adapter_names=NAMES), each_row_alone(model, IDS, NAMES))
         assert gathered["rows"] == 0
+        model.add_adapter("k", LoraConfig(r=2, target_modules=["lin0", "lin1"], velora_config=VeloraConfig()))
+        _randomise(model)
+        names = ["k", "a", BASE, "c", "k", "a"]
+        same(model(IDS, adapter_names=names), each_row_alone(model, IDS, names))
+        assert gathered["rows"] == 0
+        model.delete_adapter("k")
         names = ["a", "c", BASE, "c", "a", "a"]  # no DoRA row: gathered
         same(model(IDS, adapter_names=names), each_row_alone(model, IDS, names))
         assert gathered["rows"] == 2

@@ -26,9 +26,9 @@ STACKS = object()
 
 def _stackable(layer, name: str, A: nn.Module | None, B: nn.Module | None) -> bool:
     """Plain ``nn.Linear`` factors (no quantized ones) and none of the variants (DoRA, aLoRA,
-    an Arrow router), which have math of their own."""
+    an Arrow router, those of ``variants.VARIANTS``), which have math of their own."""
     return (type(A) is nn.Linear and type(B) is nn.Linear and not layer.use_dora.get(name)
-            and not layer.alora.get(name) and name not in layer.arrow_config)
+            and not layer.alora.get(name) and name not in layer.arrow_config and name not in layer.variant)
 
 
 def takes_batch(layer, adapter_names: tuple[str, ...]) -> bool:
