@@ -367,7 +367,7 @@ def _lib_info(lib: str, dry_run: bool) -> dict:
 
 
 #: the sections a worker of their own measures after the main one (--section)
-EXTRA_SECTIONS = ("dora", "compile")
+EXTRA_SECTIONS = ("dora", "compile", "many")
 DORA_TARGETS = ["q", "k", "v", "o", "up", "down"]
 
 
@@ -386,7 +386,8 @@ def section_worker(section: str, lib: str, out_path: str, quick: bool, dry_run: 
     t = Timer(repeats=3 if quick else 5, warmup=1)
     gc.collect()
     gc.freeze()
-    {"dora": _dora_rows, "compile": _compile_rows}[section](t, get_peft_model, LoraConfig, Deep, quick)
+    rows = {"dora": _dora_rows, "compile": _compile_rows, "many": _many_adapter_rows}[section]
+    rows(t, get_peft_model, LoraConfig, Deep, quick)
     with open(out_path, "w") as f:
         json.dump({"lib": lib, "info": _lib_info(lib, dry_run), "results": t.results}, f)
 
@@ -431,6 +432,42 @@ def _dora_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
         r = t.results[f"{key}(x3)"]
         if "samples" in r:  # report per step
             t.results[key] = {"median": r["median"] / 3, "samples": [s / 3 for s in r["samples"]]}
+
+
+MANY_ADAPTERS = 32
+
+
+def _many_adapter_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
+    """Mixed batches over many adapters: 12 blocks × 4 Linear(512) (q k v o), 32 LoRA adapters
+    (r=8), x = 32 rows × 16 tokens; row i uses adapter i % n for n = 32, 4 and 1 distinct
+    adapters, next to the base model."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, x):
+            return x + self.o(self.q(x) + self.k(x) + self.v(x))
+
+    torch.manual_seed(0)
+    base = nn.Sequential(*(Attention(512) for _ in range(2 if SMOKE else 12))).eval()
+    config = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "k", "v", "o"])
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**config), adapter_name="a0")
+    for i in range(1, MANY_ADAPTERS):
+        model.add_adapter(f"a{i}", LoraConfig(**config))
+    model = _randomize_lora(model).eval()
+    x = torch.randn(MANY_ADAPTERS, 16, 512)
+    fns = {"many/forward/base": lambda: base(x)}
+    for n in (MANY_ADAPTERS, 4, 1):
+        names = [f"a{i % n}" for i in range(MANY_ADAPTERS)]
+        fns[f"many/forward/{n}"] = lambda names=names: model(x, adapter_names=names)
+    with torch.no_grad():
+        t.measure_paired(fns, inner=1, repeats=5 if quick else 9)
 
 
 def _compile_rows(t, get_peft_model, LoraConfig, Deep, quick) -> None:
@@ -765,10 +802,29 @@ def build_rows(data: dict) -> list[dict]:
         add("  overhead over plain LoRA: DoRA train step", h_pct, o_pct, fmt=pct,
             ratio=o_pct / h_pct if h_pct > 0 else None)
 
-    # 5c. torch.compile (--compile)
+    # 5c. mixed batches over many adapters
     def times(v, _unused=None):
         return f"{v:.2f}×"
 
+    label = "12×4 Linear(512), 32 adapters r=8, x=32×16×512"
+    hb, ob = _med(hr, "many/forward/base"), _med(orr, "many/forward/base")
+    add(f"forward base model, {label}", hb, ob)
+    for n in (MANY_ADAPTERS, 4, 1):
+        h, o = _med(hr, f"many/forward/{n}"), _med(orr, f"many/forward/{n}")
+        add(f"forward mixed batch, {n} distinct adapter{'s' if n > 1 else ''} (row i → adapter i % {n})", h, o)
+        if None in (h, o, hb, ob):
+            continue
+        target, ok = "", None
+        if n == MANY_ADAPTERS:
+            target, ok = "ours ≤ 1.5× base", o / ob <= 1.5
+        add("  same / base", h / hb, o / ob, fmt=times, target=target, ok=ok, ratio=False)
+    o_many, o_one = _med(orr, f"many/forward/{MANY_ADAPTERS}"), _med(orr, "many/forward/1")
+    h_many, h_one = _med(hr, f"many/forward/{MANY_ADAPTERS}"), _med(hr, "many/forward/1")
+    if None not in (o_many, o_one, h_many, h_one):
+        add(f"  {MANY_ADAPTERS} distinct / 1 distinct", h_many / h_one, o_many / o_one, fmt=times, ratio=False,
+            target="flat in the number of adapters: ours ≤ 1.15", ok=o_many / o_one <= 1.15)
+
+    # 5d. torch.compile (--compile)
     for key, what in (("lora", "unmerged LoRA (3 adapters, 1 active)"), ("mixed", "mixed batch, 3 adapters"),
                       ("dora", "DoRA")):
         he, oe = _med(hr, f"compile/{key}/eager"), _med(orr, f"compile/{key}/eager")
@@ -856,7 +912,7 @@ def main(argv=None) -> int:
                     help="run each library's worker this many times, alternating order, and pool the samples")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the workers")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: imports,workers,dora,rss (workers: the main worker)")
+                    help="comma list of sections to skip: imports,workers,dora,many,rss (workers: the main worker)")
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile against eager (inductor; several minutes of compilation)")
     # worker modes (used by the parent; not for direct use)
@@ -930,6 +986,7 @@ def main(argv=None) -> int:
              (["--dry-run-hf-only"] if dry else [])
     sections = [[]] if "workers" not in skip else []
     sections += [["--section", "dora"]] if "dora" not in skip else []
+    sections += [["--section", "many"]] if "many" not in skip else []
     sections += [["--section", "compile"]] if args.compile else []
     for rnd in range(args.rounds):
         for lib in ("hf", "ours") if rnd % 2 == 0 else ("ours", "hf"):

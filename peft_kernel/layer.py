@@ -364,8 +364,37 @@ class AdapterLayer(nn.Module):
         that cache anything derived from their adapters (a specialised forward's plan, a
         normalisation) drop it here and call ``super()``. It is cheap: call it when in doubt.
         """
-        for cached in ("_present", "_fast_forward"):
+        for cached in ("_present", "_fast_forward", "_kept"):
             self.__dict__.pop(cached, None)
+
+    def kept(self, slot: Any, tensors: Iterable[torch.Tensor], extra: Any = None, *,
+             in_training: bool = False) -> dict:
+        """A dict that keeps values computed from ``tensors`` (and from the plain values
+        ``extra``) under ``slot`` from one call to the next, while they stay as they are.
+
+        It comes back empty, its old values dropped, when one of the tensors was replaced (a
+        new tensor, ``.to()``, ``.data =``) or edited in place (``add_``, ``copy_``, an
+        optimizer step, ``load_state_dict``), when ``extra`` differs, and after every state
+        change (:meth:`adapter_state_changed`). An edit through ``.data`` bypasses torch's
+        version counter: call ``adapter_state_changed()`` after one. Where nothing may be
+        kept it is a new throw-away dict on every call: in training mode (unless
+        ``in_training``), while torch.compile traces, and for tensor subclasses (quantized,
+        sharded: their contents can change behind an unchanged version). Keep no autograd
+        history in it: compute kept values under ``torch.no_grad()``."""
+        if (self.training and not in_training) or is_dynamo_compiling():
+            return {}
+        tensors = tuple(tensors)
+        key = [extra]
+        for tensor in tensors:
+            if type(tensor) is not nn.Parameter and type(tensor) is not torch.Tensor:
+                return {}
+            key.append((id(tensor), tensor.data_ptr(), tensor._version))
+        store = self.__dict__.setdefault("_kept", {})
+        entry = store.get(slot)
+        if entry is None or entry[0] != key:
+            # the tensors are held with the values, so that no new tensor can take their ids
+            entry = store[slot] = (key, tensors, {})
+        return entry[2]
 
     @property
     def batch_adapter_names(self) -> list[str] | None:
@@ -511,18 +540,41 @@ class AdapterLayer(nn.Module):
             result = self.adapter_forward(x, result, name, *args, **kwargs)
         return result
 
+    def batched_forward(self, x: torch.Tensor, row_adapter: torch.Tensor, adapter_names: tuple[str, ...],
+                        *args: Any, **kwargs: Any) -> Any | None:
+        """The output of a mixed batch for all its rows at once, or ``None`` to leave it to the
+        kernel, which then runs :meth:`adapter_forward` once per adapter on that adapter's rows.
+
+        ``adapter_names`` are the distinct adapters of the batch that this layer has (sorted);
+        row ``i`` (along :attr:`batch_dim`) gets ``adapter_names[row_adapter[i]]``, or no
+        adapter where ``row_adapter[i] == len(adapter_names)`` (``"__base__"`` and adapters
+        this layer lacks). ``row_adapter`` is a long tensor on ``x``'s device. Like
+        :meth:`forward_active` it runs the base layer itself. Decide whether it applies before
+        running anything, from settings rather than tensor values (so that torch.compile traces
+        it), and return ``None`` where it would not give the per-adapter result (dropout in
+        training, variants the batched math does not cover). Per-adapter tensors stacked for it
+        can be kept between calls with :meth:`kept`."""
+        return None
+
     def _mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
-        """Each sample gets the adapter named for it (``"__base__"``: none)."""
-        result = self.base_layer(x, *args, **kwargs)
+        """Each sample gets the adapter named for it (``"__base__"``: none): all rows at once
+        where :meth:`batched_forward` takes the batch, else one sub-batch per adapter."""
         batch = x.shape[self.batch_dim]
         names = list(adapter_names)
         if len(names) != batch:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples")
         self._check_single_batched_input(batch, args, kwargs)
-        result = result.clone()
-        for name in dict.fromkeys(names):
-            if name == BASE_ADAPTER or not self.has_adapter(name):
-                continue
+        adapters = tuple(sorted(name for name in set(names) if name != BASE_ADAPTER and self.has_adapter(name)))
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if type(self).batched_forward is not AdapterLayer.batched_forward:
+            position = {name: i for i, name in enumerate(adapters)}
+            row_adapter = torch.tensor([position.get(name, len(adapters)) for name in names], device=x.device)
+            result = self.batched_forward(x, row_adapter, adapters, *args, **kwargs)
+            if result is not None:
+                return result
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
             index = torch.tensor([i for i, n in enumerate(names) if n == name], device=result.device)
             sub_x = x.index_select(self.batch_dim, index.to(x.device))
             sub_result = result.index_select(self.batch_dim, index)

@@ -216,7 +216,6 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} samples; "
                              "give one adapter name per sample")
         modules = [m for _, m in adapter_modules(self.base_model.model)]
-        modules += [m for _, m in self.base_model.model.named_modules() if isinstance(m, AdapterLayer)]
         for module in modules:
             if isinstance(module, AdapterLayer):
                 if module.merged:

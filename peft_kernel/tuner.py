@@ -73,14 +73,25 @@ def _gc_paused() -> Iterator[None]:
 
 
 def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Adapter layers and ``modules_to_save`` wrappers (outermost ones) with their names."""
+    """Adapter layers and ``modules_to_save`` wrappers with their names, parents first (nested
+    ones too). The per-adapter containers of adapter layers (``adapter_layer_names``,
+    ``other_param_names``) are not walked: they hold factors and dropouts, no adapter layer, and
+    with many adapters they are most of the model's modules (every mixed batch walks this)."""
     seen: set[int] = set()  # a module reachable twice is listed once, as named_modules() does
-    for name, module, _, _ in iter_modules_with_parent(model):
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
+        per_adapter: tuple[str, ...] = ()
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
             yield name, module
+            if isinstance(module, AdapterLayer):
+                per_adapter = module.adapter_layer_names + module.other_param_names
+        for attr, child in reversed(module._modules.items()):
+            if child is not None and attr not in per_adapter:
+                stack.append((f"{name}.{attr}" if name else attr, child))
 
 
 class BaseTuner(nn.Module):

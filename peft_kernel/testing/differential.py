@@ -273,6 +273,40 @@ def assert_same_training(hf: nn.Module, ours: nn.Module, x: Any, steps: int = 4,
                 assert_close(param.grad, hf_grads[name], f"gradient of {name}", atol=atol)
 
 
+def each_row_alone(model: nn.Module, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+    """What a mixed batch (``adapter_names=``) must give: each row of ``x`` run alone with only
+    its adapter active (none for ``"__base__"``), on a copy of the model, so that the model
+    under test keeps its state and whatever its layers keep between calls."""
+    model = copy.deepcopy(model)
+    rows = []
+    for row, name in zip(x, adapter_names, strict=True):
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(run(model, row[None]))
+        else:
+            model.set_adapter(name)
+            rows.append(run(model, row[None]))
+    return torch.cat(rows)
+
+
+def record_batched_forward(monkeypatch: Any, layer_cls: type) -> list[bool]:
+    """Record, per call of ``layer_cls.batched_forward`` (with pytest's ``monkeypatch``), whether it
+    took the mixed batch (``True``) or left it to the per-adapter path (``False``)."""
+    taken: list[bool] = []
+    batched_forward = layer_cls.batched_forward
+
+    def recording(self, *args, **kwargs):
+        out = batched_forward(self, *args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(layer_cls, "batched_forward", recording)
+    return taken
+
+
+@torch.no_grad()
+
+
 def assert_matches_oracle(hf: nn.Module, ours: nn.Module, x: Any, base_out: torch.Tensor,
                           disabled_is_base: bool = True) -> None:
     """Same adapter weights in HF PEFT's model and ours: the same outputs unmerged, merged (and

@@ -123,6 +123,9 @@ class QuantCase:
     #: why the oracle's merge is known to be wrong for this case: the forwards must still agree,
     #: and the merged comparison must fail (a strict xfail; it errors once the oracle is right)
     reference_merge_bug: str | None = None
+    #: why the oracle's forward is known to be wrong for this case: the forward comparison must fail
+    #: (a strict xfail; it errors once the oracle is right), and nothing after it is compared
+    reference_forward_bug: str | None = None
     #: dtype of the inputs
     dtype: torch.dtype = torch.float32
 
@@ -381,7 +384,8 @@ class QuantBackendConformance:
         dequantized merged base weights (for backends where the oracle's merge loses
         something else). ``reference_prepare(model)`` adjusts the oracle's base model first
         where the oracle needs more than the layer itself to pick its quantized wrapper. With
-        ``reference_merge_bug`` the merged comparison is a strict expected failure."""
+        ``reference_merge_bug`` the merged comparison is a strict expected failure, with
+        ``reference_forward_bug`` the forward comparison."""
         ours = self.wrap(case.quantize(make_base()))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -402,7 +406,13 @@ class QuantBackendConformance:
         with torch.no_grad():
             y_ours, y_ref = ours(x), ref(x)
         errors = {"forward_max_abs": (y_ours.float() - y_ref.float()).abs().max().item()}
-        assert torch.allclose(y_ours.float(), y_ref.float(), atol=1e-5, rtol=1e-5), errors
+        forward_agrees = torch.allclose(y_ours.float(), y_ref.float(), atol=1e-5, rtol=1e-5)
+        if case.reference_forward_bug is not None:
+            if forward_agrees:
+                pytest.fail(f"[XPASS(strict)] the oracle's forward now agrees on case {case.name!r}: drop its "
+                            f"reference_forward_bug ({case.reference_forward_bug}); {_errors(errors)}")
+            pytest.xfail(f"{case.reference_forward_bug} ({_errors(errors)})")
+        assert forward_agrees, errors
         if case.reference_merge_tol is not None:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -24,6 +24,10 @@ HF_REPACKED_MERGE = (
     "HF PEFT 0.21.2 dequantizes a Linear4bit that bitsandbytes repacked for its AVX512-BF16 CPU kernel "
     "as if it held the standard layout, so it merges into a scrambled weight"
 )
+HF_REPACKED_FORWARD = (
+    "HF PEFT 0.21.2 dequantizes a Linear4bit that bitsandbytes repacked for its AVX512-BF16 CPU kernel "
+    "as if it held the standard layout, so a method whose forward reads W0 (HiRA) computes with a scrambled weight"
+)
 
 
 def quantize_4bit(quant_type, compress=True, repack=True):

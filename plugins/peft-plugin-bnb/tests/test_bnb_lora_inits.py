@@ -75,6 +75,8 @@ def _quantized(model, kind):
             q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type=kind,
                                          compress_statistics=False, module=q)
             q.bias = nn.Parameter(lin.bias.detach().clone())
+            # exact float32 compute: on AVX512-BF16 CPUs bitsandbytes would otherwise run inference in bf16
+            q.support_avx512bf16_for_cpu = False
         setattr(model, name, q.to("cpu"))
     return model
 

@@ -28,6 +28,7 @@ class TestLoKrOnTorchao(QuantBackendConformance):
 
 
 class TestMissOnTorchao(QuantBackendConformance):
+    identity_atol = 1e-5  # "bat" runs on the dequantized weight: torchao's int8 kernel rounds differently
     config_fn = staticmethod(lambda targets: MissConfig(target_modules=targets, r=16, init_weights="bat"))
     cases = [INT8]
 

@@ -21,6 +21,9 @@ from torch import nn
 
 from peft_kernel import AdapterLayer, PeftWarning
 
+#: the slot of the stacked vectors in ``AdapterLayer.kept`` (an object: no adapter name clashes)
+_STACK = object()
+
 
 class IA3Layer(AdapterLayer):
     """Bookkeeping shared by all (IA)³ layers; subclasses fix the vector layout.
@@ -99,6 +102,32 @@ class IA3Layer(AdapterLayer):
             return self._run_base_scaled(x, scale, *args, **kwargs).to(result.dtype)
         return (result * scale.to(result.device)).to(result.dtype)
 
+    def batched_forward(self, x, row_adapter, adapter_names, *args, **kwargs):
+        # a mixed batch in one pass: each row gathers its vector from a stack of the batch's
+        # vectors (ones for rows without adapter) and is scaled like forward_active scales
+        vectors = [self.ia3_l[name] for name in adapter_names]
+        recording = torch.is_grad_enabled() and any(v.requires_grad for v in vectors)
+        kept = {} if recording else self.kept(_STACK, vectors, adapter_names)
+        if "stack" not in kept:
+            if len({(v.dtype, v.device) for v in vectors}) > 1:
+                kept["stack"] = None
+            else:
+                flat = [v.reshape(-1) for v in vectors]
+                kept["stack"] = torch.stack(flat + [torch.ones_like(flat[0])])
+        stack = kept["stack"]
+        if stack is None:  # vectors in several dtypes or on several devices
+            return None
+        scale = self._per_row(stack.index_select(0, row_adapter.to(stack.device)), x.dim())
+        if self.is_feedforward:
+            return self._run_base_scaled(x, scale, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        return (result * scale.to(result.device)).to(result.dtype)
+
+    def _per_row(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        """One vector per row, ``(rows, features)``, shaped to broadcast against a
+        ``dim``-dimensional input or output of this layer (features last)."""
+        return rows.view(rows.shape[0], *([1] * (dim - 2)), rows.shape[1])
+
     # -- merging ----------------------------------------------------------------------
 
     def weight_factor(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -161,6 +190,9 @@ class _ConvNd(IA3Layer):
 
     def _broadcastable(self, vector: torch.Tensor) -> torch.Tensor:
         return vector  # (1, C, 1, …) already lines up with (batch, C, *spatial)
+
+    def _per_row(self, rows: torch.Tensor, dim: int) -> torch.Tensor:
+        return rows.view(*rows.shape, *([1] * (dim - 2)))  # (batch, C, *spatial): channels second
 
     def _base_input_dtype(self, x: torch.Tensor) -> torch.dtype:
         return self.get_base_layer().weight.dtype

@@ -26,7 +26,7 @@ from torch.compiler import is_dynamo_compiling
 from peft_kernel import AdapterLayer, PeftWarning, quant
 from peft_kernel.layer import ParameterLayer, bare_module, empty_module, plain_call
 
-from . import alora, arrow, variants
+from . import alora, arrow, batched, variants
 from .config import init_name
 
 
@@ -75,21 +75,6 @@ def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scaling
 def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The parameters and buffers a module holds itself (not its submodules')."""
     return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-
-
-def _versions(tensors: list[torch.Tensor]) -> tuple | None:
-    """Identity, storage and version counter of each tensor: the key changes when one is
-    replaced (``.data =``, ``.to()``, a new Parameter) or edited in place (``add_``, ``copy_``,
-    an optimizer step), which is what a value computed from them must be recomputed after.
-    (An edit through ``.data`` bypasses version counting; call ``adapter_state_changed()``
-    after one.) ``None`` when one is a tensor subclass (quantized, sharded), whose contents
-    can change behind an unchanged version."""
-    key = []
-    for tensor in tensors:
-        if type(tensor) is not nn.Parameter and type(tensor) is not torch.Tensor:
-            return None
-        key.append((id(tensor), tensor.data_ptr(), tensor._version))
-    return tuple(key)
 
 
 def _dora_shift(bias, lora_bias, scaling, scale):
@@ -387,8 +372,8 @@ class LoraLayer(AdapterLayer):
         norm as a constant in backward), in ``dtype`` (default: the base weight's).
 
         Outside training it is kept until the layer's state changes or a tensor it is computed
-        from is replaced or edited in place (see :func:`_versions`); in training, and in a graph
-        that torch.compile traces, it is computed on every call."""
+        from is replaced or edited in place (see ``AdapterLayer.kept``); in training, and in a
+        graph that torch.compile traces, it is computed on every call."""
         entry = self._dora_cache_entry(adapter_name, dtype)
         if "norm" not in entry:
             entry["norm"] = self.compute_dora_norm(adapter_name, dtype)
@@ -401,25 +386,8 @@ class LoraLayer(AdapterLayer):
             weight = weight if dtype is None else weight.to(dtype)
             return self.dora_weight_norm(adapter_name, weight, self.lora_matrix(adapter_name))
 
-    def _kept(self, slot: str | None, tensors: list[torch.Tensor], extra: Any, in_training: bool = False) -> dict:
-        """The dict that keeps values computed from ``tensors`` (and ``extra``) in ``slot``
-        while they stay as they are: a new, empty one when they changed, and a throw-away one
-        where nothing may be kept (training unless ``in_training``, torch.compile, tensor
-        subclasses). State changes drop them all."""
-        if (self.training and not in_training) or is_dynamo_compiling():
-            return {}
-        versions = _versions(tensors)
-        if versions is None:
-            return {}
-        key = (versions, extra)
-        kept = self.__dict__.setdefault("_dora_cache", {})
-        entry = kept.get(slot)
-        if entry is None or entry["key"] != key:
-            entry = kept[slot] = {"key": key}
-        return entry
-
     def _dora_cache_entry(self, adapter_name: str, dtype: torch.dtype | None) -> dict:
-        """Where ``adapter_name``'s forward DoRA values are kept (see :meth:`_kept`)."""
+        """Where ``adapter_name``'s forward DoRA values are kept (see ``AdapterLayer.kept``)."""
         if self.training or is_dynamo_compiling():
             return {}
         modules = self._modules
@@ -432,7 +400,7 @@ class LoraLayer(AdapterLayer):
         if isinstance(scaling, torch.Tensor):
             tensors.append(scaling)
             scaling = None
-        return self._kept(adapter_name, tensors, (dtype, scaling))
+        return self.kept(("dora", adapter_name), tensors, (dtype, scaling))
 
     def create_magnitude(self, adapter_name: str) -> None:
         if self._is_meta(adapter_name):
@@ -522,7 +490,6 @@ class LoraLayer(AdapterLayer):
     def adapter_state_changed(self) -> None:
         super().adapter_state_changed()
         self.__dict__.pop("_plan", None)
-        self.__dict__.pop("_dora_cache", None)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
@@ -858,13 +825,44 @@ class Linear(LoraLayer):
             scaling = self.scaling[adapter_name]
             tensors = _own_tensors(self.get_base_layer())  # ‖W‖² is kept in training too while W is frozen
             frozen = not any(t.requires_grad for t in tensors)
-            kept = self._kept(None, tensors, (dtype, self.fan_in_fan_out), in_training=frozen)
+            kept = self.kept("dora base rows", tensors, (dtype, self.fan_in_fan_out), in_training=frozen)
             if "rows" not in kept:
                 kept["rows"] = torch.linalg.vector_norm(weight, dim=1).square()
             squared = (kept["rows"]
                        + (2 * scaling) * torch.linalg.vecdot(weight @ A.T, B)
                        + (scaling * scaling) * torch.linalg.vecdot(B @ (A @ A.T), B))
             return squared.clamp_min(0).sqrt()
+
+    def batched_forward(self, x, row_adapter, adapter_names, *args, **kwargs):
+        # a mixed batch in one pass (batched.py); the variants, active dropout and subclasses with
+        # math of their own (another adapter_forward) take the per-adapter path
+        if type(self).adapter_forward is not Linear.adapter_forward or not batched.takes_batch(self, adapter_names):
+            return None
+        # stacks that can be kept hold all of the layer's adapters, for batches of any
+        # composition; where nothing is kept (autograd recording: no history may be kept;
+        # training; torch.compile) the batch's adapters are stacked on every call
+        keep = not (self.training or is_dynamo_compiling())
+        if keep and torch.is_grad_enabled():
+            _, factors = batched.factors(self, adapter_names)
+            keep = not any(t.requires_grad for factor in factors for t in factor if isinstance(t, torch.Tensor))
+        names, factors = batched.factors(self, None if keep else adapter_names)
+        tensors = [t for factor in factors for t in factor if isinstance(t, torch.Tensor)]
+        floats = tuple(None if isinstance(s, torch.Tensor) else s for *_, s in factors)
+        kept = self.kept(batched.STACKS, tensors, (names, floats)) if keep else {}
+        if "stacks" not in kept:
+            kept["stacks"] = batched.stack_factors(factors)
+            kept["position"] = {name: i for i, name in enumerate(names)}
+        stacks = kept["stacks"]
+        if stacks is None:  # factors in several dtypes or on several devices
+            return None
+        if names != adapter_names:  # rows index the batch's adapters: map them to the stacks'
+            position = kept["position"]
+            lookup = [position[name] for name in adapter_names] + [len(names)]
+            row_adapter = torch.tensor(lookup, device=row_adapter.device)[row_adapter]
+        base = self._modules["base_layer"]
+        result = base(x, *args, **kwargs)
+        fresh = type(base) is nn.Linear and plain_call(base) and not torch.is_grad_enabled()
+        return batched.add_rows(result, x, stacks, row_adapter, in_place=fresh)
 
     def adapter_forward(self, x, result, adapter_name, *args, **kwargs):
         if adapter_name in self.arrow_config:

@@ -19,6 +19,9 @@ from torch import nn
 
 from peft_kernel import AdapterLayer, BufferDict
 
+# slots in AdapterLayer.kept (objects: no adapter name clashes with them)
+_LAMBDAS, _SHARED = object(), object()
+
 
 class VeraLayer(AdapterLayer):
     adapter_layer_names = ("vera_lambda_b", "vera_lambda_d")
@@ -93,6 +96,52 @@ class VeraLayer(AdapterLayer):
         x = x if x.dtype == lambda_d.dtype else x.to(lambda_d.dtype)
         hidden = lambda_d * F.linear(self.vera_dropout[adapter_name](x), A)
         return (result + lambda_b * F.linear(hidden, B)).to(result.dtype)
+
+    def batched_forward(self, x, row_adapter, adapter_names, *args, **kwargs):
+        # a mixed batch in one pass when the batch's adapters share their projections (all
+        # adapters draw them from one projection_prng_key: equal for equal r): x·Aᵀ once for
+        # all rows, then each row's λ_d and λ_b gathered from stacks (zeros for rows without
+        # adapter). The cost is that of one adapter. Other projections or active dropout: None.
+        for name in adapter_names:
+            dropout = self.vera_dropout[name]
+            if not (type(dropout) is nn.Identity or (type(dropout) is nn.Dropout and not dropout.training)):
+                return None
+        if not self._projections_shared(adapter_names):
+            return None
+        lambdas_d = [self.vera_lambda_d[name] for name in adapter_names]
+        lambdas_b = [self.vera_lambda_b[name] for name in adapter_names]
+        tensors = lambdas_d + lambdas_b
+        if len({(t.dtype, t.device) for t in tensors}) > 1:
+            return None
+        recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        kept = {} if recording else self.kept(_LAMBDAS, tensors, adapter_names)
+        if "stacks" not in kept:
+            kept["stacks"] = tuple(torch.stack(lambdas + [torch.zeros_like(lambdas[0])])
+                                   for lambdas in (lambdas_d, lambdas_b))
+        stack_d, stack_b = kept["stacks"]
+        A, B = self.projections(adapter_names[0], device=x.device, dtype=stack_d.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        inputs = x if x.dtype == stack_d.dtype else x.to(stack_d.dtype)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # one row's λ against (rows, …, features)
+        hidden = F.linear(inputs, A) * stack_d.index_select(0, row_adapter).view(shape)
+        update = F.linear(hidden, B) * stack_b.index_select(0, row_adapter).view(shape)
+        return (result + update).to(result.dtype)
+
+    def _projections_shared(self, adapter_names: tuple[str, ...]) -> bool:
+        """Whether the adapters' projection slices for this layer hold the same values (each
+        pair compared once, then kept until one of its projections changes)."""
+        first = adapter_names[0]
+        for name in adapter_names[1:]:
+            if self.r[name] != self.r[first]:
+                return False
+            tensors = (self.vera_A[first], self.vera_B[first], self.vera_A[name], self.vera_B[name])
+            kept = self.kept((_SHARED, first, name), tensors, in_training=True)
+            if "shared" not in kept:
+                (A, B), (other_A, other_B) = self.projections(first), self.projections(name)
+                kept["shared"] = torch.equal(A, other_A) and torch.equal(B, other_B)
+            if not kept["shared"]:
+                return False
+        return True
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         lambda_d, lambda_b = self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]
