@@ -2,8 +2,9 @@
 
 Users add mappings with :func:`register_layer_mapping` (process-wide) or
 ``config.register_custom_module({...})`` (one config, never saved). Both are consulted
-before any plugin. Method plugins describe their built-in layers as a type table and
-call :func:`dispatch_by_type` from their ``trylast`` dispatch hook.
+before any plugin. A method's own layers come last: from its ``trylast`` dispatch hook
+(:func:`dispatch_method_layer` with a type table), or, with no hook, from the kernel, which
+builds the tuner's ``layer_cls`` on the types it names (``BaseTuner.dispatch_types``).
 """
 
 from __future__ import annotations

@@ -78,7 +78,10 @@ def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
       are tried first — the kernel implements them as a ``tryfirst`` hook;
     * plugins implementing this hook without ordering flags come next (a quantization
       backend that needs its own wrapper class goes here);
-    * method plugins implement their built-in layer table with ``trylast=True``.
+    * method plugins implement their built-in layer table with ``trylast=True``;
+    * last, where every hook returned ``None``, the kernel builds the tuner's ``layer_cls`` if
+      the tuner sets ``dispatch_types`` (linear-like targets and those types): a method with one
+      layer class needs no dispatch hook at all.
 
     :param target: the module to adapt. In a mixed model it can be an adapter layer of another
         method: decide on the type of :func:`peft_kernel.dispatch.base_of` ``(target)`` (the

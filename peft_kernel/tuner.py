@@ -20,7 +20,7 @@ from torch import nn
 from . import distributed, targeting
 from .auxiliary import ModulesToSaveWrapper
 from .config import PeftConfig
-from .dispatch import user_mappings
+from .dispatch import dispatch_method_layer, user_mappings
 from .errors import MergeNotSupportedError, NoMatchingPeftModuleError, PeftWarning, UnsupportedFeatureError
 from .layer import BASE_ADAPTER, AdapterLayer, ParameterLayer
 from .plugins import manager
@@ -114,6 +114,11 @@ class BaseTuner(nn.Module):
     special_forward_args: tuple[str, ...] = ()
     #: human-readable layer types the method supports, for error messages
     supported_layer_types: tuple[str, ...] = ()
+    #: the kernel's dispatch, opted into by setting it: where no plugin's ``peft_kernel_dispatch_layer``
+    #: builds a layer for a target, the kernel builds :attr:`layer_cls` around it if it is linear-like
+    #: (``nn.Linear``, transformers' ``Conv1D``, quantized linear layers) or of one of these types;
+    #: ``None``: the method's own dispatch hook alone decides
+    dispatch_types: tuple[type, ...] | None = None
     #: the :class:`~peft_kernel.layer.ParameterLayer` that adapts a bare ``nn.Parameter``
     #: (``target_parameters`` in the config); ``None``: the method cannot target parameters
     parameter_layer_cls: type | None = None
@@ -402,6 +407,9 @@ class BaseTuner(nn.Module):
                 )
             with _maybe_meta(low_cpu_mem_usage):
                 layer = manager().dispatch_layer(target, key, adapter_name, config)
+                if layer is None and self.dispatch_types is not None:
+                    layer = dispatch_method_layer(target, key, adapter_name, config, self.layer_cls,
+                                                  dict.fromkeys(self.dispatch_types, self.layer_cls))
             if layer is None:
                 raise ValueError(self._unsupported_message(target, key, config))
             blocker = layer.nesting_blocker() if isinstance(target, AdapterLayer) else None

@@ -150,9 +150,35 @@ class ScaleShiftModel(peft_kernel.BaseTuner):
     prefix = "tss_"
 
 
+@dataclass
+class KernelDispatchedConfig(TunerConfig):
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = "TESTKD"
+
+
+class KernelDispatchedLayer(WeightDeltaLayer):
+    adapter_layer_names = ("tkd_w",)
+
+    def update_layer(self, adapter_name, config, **kwargs):
+        self.tkd_w[adapter_name] = nn.Parameter(torch.zeros(self.delta_shape))
+
+    def get_delta(self, adapter_name):
+        return self.tkd_w[adapter_name]
+
+
+class KernelDispatchedModel(peft_kernel.BaseTuner):
+    """No dispatch hook: the kernel builds ``layer_cls`` (``dispatch_types``)."""
+
+    prefix = "tkd_"
+    layer_cls = KernelDispatchedLayer
+    dispatch_types = (nn.Conv2d,)
+
+
 class TestMethods:
     @hookimpl
     def peft_kernel_register_methods(self, register):
+        register(name="testkd", config_cls=KernelDispatchedConfig, model_cls=KernelDispatchedModel, prefix="tkd_")
         register(name="testdense", config_cls=DenseConfig, model_cls=DenseModel, prefix="tdense_")
         register(name="testss", config_cls=ScaleShiftConfig, model_cls=ScaleShiftModel, prefix="tss_")
         register(name="testio", config_cls=ScaleInOutConfig, model_cls=ScaleInOutModel, prefix="tio_")
@@ -496,3 +522,27 @@ def test_a_tensor_subclass_weight_is_only_used_by_the_base_layer():
     base.weight = opaque
     expected = nn.functional.linear(x, reference.weight + layer.tdense_w["default"], reference.bias)
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_types_let_the_kernel_build_the_layer():
+    """A tuner with ``dispatch_types`` and no dispatch hook: the kernel builds its ``layer_cls`` on
+    linear-like targets (a quantized one included) and on those types, and refuses the rest."""
+    model = nn.ModuleDict({"lin": nn.Linear(6, 4), "conv": nn.Conv2d(2, 4, 3), "q": ToyInt8Linear(nn.Linear(6, 4)),
+                           "conv1d": nn.Conv1d(2, 4, 3)})
+    peft_model = get_peft_model(copy.deepcopy(model), KernelDispatchedConfig(target_modules=["lin", "conv", "q"]))
+    for name in ("lin", "conv", "q"):
+        assert type(peft_model.base_model.model[name]) is KernelDispatchedLayer
+    with pytest.raises(ValueError, match=r"Target module 'conv1d' .* not supported by TESTKD"):
+        get_peft_model(copy.deepcopy(model), KernelDispatchedConfig(target_modules=["conv1d"]))
+
+
+def test_a_layer_mapping_wins_over_the_kernel_dispatch():
+    class Other(KernelDispatchedLayer):
+        pass
+
+    peft_kernel.register_layer_mapping(nn.Linear, Other, method="TESTKD")
+    try:
+        model = get_peft_model(nn.Sequential(nn.Linear(6, 4)), KernelDispatchedConfig(target_modules=["0"]))
+    finally:
+        peft_kernel.unregister_layer_mapping(nn.Linear, method="TESTKD")
+    assert type(model.base_model.model[0]) is Other

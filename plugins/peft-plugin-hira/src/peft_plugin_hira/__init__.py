@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
-from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
 from .config import HiraConfig
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HiraConfig", "HiraLayer", "HiraModel"]
 
-PEFT_TYPE = "HIRA"
-
 __getattr__, __dir__ = lazy_attributes(__name__, {"HiraModel": ".model", "HiraLayer": ".layer"})
 
 
@@ -30,16 +27,3 @@ __getattr__, __dir__ = lazy_attributes(__name__, {"HiraModel": ".model", "HiraLa
 def peft_kernel_register_methods(register):
     register(name="hira", config_cls=HiraConfig, model_cls="peft_plugin_hira.model:HiraModel", prefix="hira_")
 
-
-@hookimpl(trylast=True)
-def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != PEFT_TYPE:
-        return None
-    from torch import nn
-
-    from .layer import HiraLayer
-
-    # one class for every layer kind: the kernel handles each kind's layout and operation
-    return dispatch_method_layer(target, target_name, adapter_name, config, HiraLayer,
-                                 {nn.Conv1d: HiraLayer, nn.Conv2d: HiraLayer, nn.Conv3d: HiraLayer,
-                                  nn.Embedding: HiraLayer})

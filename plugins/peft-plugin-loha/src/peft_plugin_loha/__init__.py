@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
-from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
 from .config import LoHaConfig
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LoHaConfig", "LoHaLayer", "LoHaModel"]
 
-PEFT_TYPE = "LOHA"
-
 __getattr__, __dir__ = lazy_attributes(__name__, {"LoHaModel": ".model", "LoHaLayer": ".layer"})
 
 
@@ -31,15 +28,3 @@ def peft_kernel_register_methods(register):
     register(name="loha", config_cls=LoHaConfig, model_cls="peft_plugin_loha.model:LoHaModel", prefix="hada_",
              is_mixed_compatible=True)
 
-
-@hookimpl(trylast=True)
-def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != PEFT_TYPE:
-        return None
-    from torch import nn
-
-    from .layer import LoHaLayer
-
-    # one class for every layer kind: the kernel handles each kind's layout and operation
-    return dispatch_method_layer(target, target_name, adapter_name, config, LoHaLayer,
-                                 {nn.Conv1d: LoHaLayer, nn.Conv2d: LoHaLayer})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from peft_kernel import BaseTuner
 from peft_kernel.targeting import ATTENTION_TARGETS
 
@@ -11,5 +13,7 @@ from .layer import LoHaLayer
 class LoHaModel(BaseTuner):
     prefix = "hada_"
     layer_cls = LoHaLayer
+    # the kernel builds layer_cls on every linear-like layer and these, in each kind's layout
+    dispatch_types = (nn.Conv1d, nn.Conv2d)
     default_target_modules = ATTENTION_TARGETS
     supported_layer_types = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "transformers Conv1D")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
-from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
 from .config import LoKrConfig
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LoKrConfig", "LoKrLayer", "LoKrModel"]
 
-PEFT_TYPE = "LOKR"
-
 __getattr__, __dir__ = lazy_attributes(__name__, {"LoKrModel": ".model", "LoKrLayer": ".layer"})
 
 
@@ -31,15 +28,3 @@ def peft_kernel_register_methods(register):
     register(name="lokr", config_cls=LoKrConfig, model_cls="peft_plugin_lokr.model:LoKrModel", prefix="lokr_",
              is_mixed_compatible=True)
 
-
-@hookimpl(trylast=True)
-def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != PEFT_TYPE:
-        return None
-    from torch import nn
-
-    from .layer import LoKrLayer
-
-    # one class for every layer kind: the kernel handles each kind's layout and operation
-    return dispatch_method_layer(target, target_name, adapter_name, config, LoKrLayer,
-                                 {nn.Conv1d: LoKrLayer, nn.Conv2d: LoKrLayer})

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peft_kernel import hookimpl
-from peft_kernel.dispatch import dispatch_method_layer
 from peft_kernel.lazy import lazy_attributes
 
 from .config import RoadConfig
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RoadConfig", "RoadLayer", "RoadModel"]
 
-PEFT_TYPE = "ROAD"
-
 __getattr__, __dir__ = lazy_attributes(__name__, {"RoadModel": ".model", "RoadLayer": ".layer"})
 
 
@@ -30,11 +27,3 @@ __getattr__, __dir__ = lazy_attributes(__name__, {"RoadModel": ".model", "RoadLa
 def peft_kernel_register_methods(register):
     register(name="road", config_cls=RoadConfig, model_cls="peft_plugin_road.model:RoadModel", prefix="road_")
 
-
-@hookimpl(trylast=True)
-def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != PEFT_TYPE:
-        return None
-    from .layer import RoadLayer
-
-    return dispatch_method_layer(target, target_name, adapter_name, config, RoadLayer)
