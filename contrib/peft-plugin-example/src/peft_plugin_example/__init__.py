@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from peft_kernel import TunerConfig, hookimpl
-from peft_kernel.dispatch import dispatch_method_layer
 
 if TYPE_CHECKING:
     from .layer import SSFLayer, SSFModel
@@ -58,12 +57,3 @@ def __getattr__(name: str) -> Any:
 def peft_kernel_register_methods(register):
     register(name="ssf", config_cls=SSFConfig, model_cls="peft_plugin_example.layer:SSFModel")
 
-
-@hookimpl(trylast=True)  # after user mappings and quantization backends
-def peft_kernel_dispatch_layer(target, target_name, adapter_name, config):
-    if config.peft_type != "SSF":
-        return None
-    from .layer import SSFLayer
-
-    # linear layers of every kind: nn.Linear, transformers Conv1D, quantized linear layers
-    return dispatch_method_layer(target, target_name, adapter_name, config, SSFLayer)

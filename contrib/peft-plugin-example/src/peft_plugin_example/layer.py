@@ -45,4 +45,5 @@ class SSFLayer(WeightDeltaLayer):
 class SSFModel(BaseTuner):
     prefix = "ssf_"
     layer_cls = SSFLayer
+    dispatch_types = ()  # the kernel builds SSFLayer on linear layers of every kind (Conv1D, quantized too)
     supported_layer_types = ("torch.nn.Linear", "transformers Conv1D", "quantized linear layers")
