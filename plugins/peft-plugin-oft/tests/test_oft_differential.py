@@ -1,8 +1,8 @@
-"""OFT against HF PEFT (the oracle): the same seed gives the same initial tensors, the same
-tensors give the same outputs (unmerged, merged, disabled, unloaded) and gradients, and
-checkpoints load both ways with identical keys and config fields. Where HF PEFT 0.21.2 is wrong
-(its unmerged Conv2d forward, the order of several active adapters, module_dropout), ours is
-tested against the math and the HF comparison is a strict xfail."""
+"""OFT against HF PEFT (the oracle; the kit's OracleSuite): the same seed gives the same initial
+tensors, the same tensors give the same outputs (unmerged, merged, disabled, unloaded) and
+gradients, and checkpoints load both ways with identical keys and config fields. Where HF PEFT 0.21.2 is wrong
+(its unmerged Conv2d forward, the order of several active adapters, module_dropout, mixed
+batches), ours is tested against the math and the HF comparison is a strict xfail."""
 
 from __future__ import annotations
 
@@ -35,32 +35,25 @@ CASES = [
     ("llama-adjusted-blocks", "llama", {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1],
                                         "layers_pattern": "layers"}),  # down_proj: 48 inputs, blocks of 24
 ]
-IDS = [c[0] for c in CASES]
 CONV = {"target_modules": ["conv0", "conv1"], "oft_block_size": 6}
+HF_TWO_ADAPTERS_BUG = ("HF PEFT 0.21.2's unmerged OFT Linear rotates the input by the active adapters in activation "
+                       "order, but merges them in the same order into the weight, which is the opposite order on the "
+                       "input: with two active adapters its merged and unmerged outputs differ")
+
+
+class TestOFTAgainstHF(D.OracleSuite):
+    config_cls, hf_config, cases = OFTConfig, "OFTConfig", CASES
+    scale = 0.05  # rotations of realistic size: the Neumann series of a large skew matrix is all rounding
+    training = [("linear-shared-coft", {}), ("embedding", {})]  # (module_dropout: HF ignores it, below)
+    checkpoint_cases = ("linear-shared-coft", "linear-bias-modules_to_save", "embedding", "llama-defaults")
+    two_adapter_cases = ()  # HF_TWO_ADAPTERS_BUG: test_two_active_adapters_compose_as_merging_does
+    hf_mixed_batch_bug = "HF PEFT 0.21.2 accepts adapter_names= for OFT but gives every sample the active adapter"
 
 
 def make_pair(model: str, kwargs: dict, perturb: bool = True):
-    """(hf, ours) on the same base under the same seed; HF's perturbed tensors copied into ours.
-    (Rotations of realistic size: the Neumann series of a large skew matrix is all rounding.)"""
+    """(hf, ours) on the same base under the same seed; HF's perturbed tensors copied into ours."""
     return D.make_pair(lambda: M.build(model), hf_peft.OFTConfig(**kwargs), OFTConfig(**kwargs), perturb=perturb,
-                       seed=1, scale=0.05)
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("linear", "linear-shared-coft", "embedding")],
-                         ids=lambda c: c[0])
-def test_same_seed_same_initial_tensors(case):
-    _, model, kwargs = case
-    hf, ours = make_pair(model, {**kwargs, "init_weights": False}, perturb=False)
-    D.assert_same_structure(hf, ours)
-    D.assert_same_initial_state(hf, ours)
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_outputs_merge_unmerge(case):
-    _, model, kwargs = case
-    hf, ours = make_pair(model, kwargs)
-    x = M.inputs(model)
-    D.assert_matches_oracle(hf, ours, x, D.run(M.build(model), x), disabled_is_base=kwargs.get("bias") is None)
+                       seed=1, scale=TestOFTAgainstHF.scale)
 
 
 # -- Conv2d: HF PEFT's merged weights are right, its unmerged forward is not ----------------------
@@ -126,10 +119,7 @@ def test_two_active_adapters_compose_as_merging_does():
     D.assert_close(D.run(ours, x), unmerged, "merged vs unmerged", atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="HF PEFT 0.21.2's unmerged OFT Linear rotates the input by the active adapters "
-                                       "in activation order, but merges them in the same order into the weight, which "
-                                       "is the opposite order on the input: with two active adapters its merged and "
-                                       "unmerged outputs differ")
+@pytest.mark.xfail(strict=True, reason=HF_TWO_ADAPTERS_BUG)
 def test_two_active_adapters_hf_unmerged_matches_its_merged():
     hf, _ = _two_active("mlp8")
     x = M.inputs("mlp8")
@@ -164,28 +154,7 @@ def test_module_dropout_matches_hf_in_training():
     D.assert_close(D.run(hf, x), D.run(ours, x), "training forward with module_dropout")
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("linear-shared-coft", "embedding")],
-                         ids=lambda c: c[0])
-def test_training_step_gradients_match(case):
-    _, model, kwargs = case
-    hf, ours = make_pair(model, kwargs)
-    D.assert_same_training(hf, ours, M.inputs(model), steps=1, atol=1e-4)
-
-
-# -- checkpoints and configs -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
-    "linear-shared-coft", "linear-bias-modules_to_save", "embedding", "llama-defaults")], ids=lambda c: c[0])
-def test_checkpoints_both_ways(case, tmp_path):
-    _, model, kwargs = case
-    hf, ours = make_pair(model, kwargs)
-    D.run(ours, M.inputs(model))  # (coft projects its tensors in place on each use, HF's and ours alike)
-    D.assert_checkpoints_load_both_ways(hf, ours, lambda: M.build(model), M.inputs(model), tmp_path)
-
-
-def test_config_fields_and_defaults_match_hf():
-    D.assert_same_config_defaults(OFTConfig, hf_peft.OFTConfig)
+# -- configs and combinations ----------------------------------------------------------------------
 
 
 def test_configs_of_old_peft_versions_are_refused_or_warned_about(tmp_path):
