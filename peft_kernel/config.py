@@ -162,7 +162,7 @@ class PeftConfig:
                              "point to the adapter's directory, not the model's")
         if not isinstance(kwargs["peft_type"], str):
             raise ValueError(
-                f"adapter config's peft_type must be a method name such as 'LORA', got {kwargs['peft_type']!r}"
+                f"adapter config's peft_type must be the name of a method (a string), got {kwargs['peft_type']!r}"
             )
         from .plugins import manager
 

@@ -360,7 +360,7 @@ class AdapterLayer(nn.Module):
         (after ``update_layer``), deleted, (de)activated, enabled or disabled, merged or
         unmerged. (A mixed batch is per call, not a state change: a specialised forward
         checks :attr:`batch_adapter_names` itself.) A layer calls it itself after
-        changing state outside those operations (e.g. LoRA's ``set_scale``). Subclasses
+        changing state outside those operations (e.g. a method's own scale setter). Subclasses
         that cache anything derived from their adapters (a specialised forward's plan, a
         normalisation) drop it here and call ``super()``. It is cheap: call it when in doubt.
         """

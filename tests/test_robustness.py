@@ -183,7 +183,7 @@ def test_adapter_config_that_is_not_an_object(tmp_path, content):
 @pytest.mark.parametrize("peft_type", [5, None, ["LORA"]])
 def test_adapter_config_with_a_peft_type_that_is_no_name(tmp_path, peft_type):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type}))
-    with pytest.raises(ValueError, match="peft_type must be a method name"):
+    with pytest.raises(ValueError, match="peft_type must be the name of a method"):
         PeftConfig.from_pretrained(str(tmp_path))
 
 

@@ -406,13 +406,8 @@ class QuantBackendConformance:
         with torch.no_grad():
             y_ours, y_ref = ours(x), ref(x)
         errors = {"forward_max_abs": (y_ours.float() - y_ref.float()).abs().max().item()}
-        forward_agrees = torch.allclose(y_ours.float(), y_ref.float(), atol=1e-5, rtol=1e-5)
-        if case.reference_forward_bug is not None:
-            if forward_agrees:
-                pytest.fail(f"[XPASS(strict)] the oracle's forward now agrees on case {case.name!r}: drop its "
-                            f"reference_forward_bug ({case.reference_forward_bug}); {_errors(errors)}")
-            pytest.xfail(f"{case.reference_forward_bug} ({_errors(errors)})")
-        assert forward_agrees, errors
+        _check_agreement(torch.allclose(y_ours.float(), y_ref.float(), atol=1e-5, rtol=1e-5), case.name,
+                         "reference_forward_bug", case.reference_forward_bug, errors)
         if case.reference_merge_tol is not None:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -431,13 +426,20 @@ class QuantBackendConformance:
                 errors["merged_rel"] = rel(y_ours_m, y_ref_m)
                 errors["merged_max_abs"] = (y_ours_m.float() - y_ref_m.float()).abs().max().item()
                 merged_agree = errors["merged_rel"] <= case.reference_merge_tol
-            if case.reference_merge_bug is not None:
-                if merged_agree:
-                    pytest.fail(f"[XPASS(strict)] the oracle now merges case {case.name!r} like we do: drop its "
-                                f"reference_merge_bug ({case.reference_merge_bug}); {_errors(errors)}")
-                pytest.xfail(f"{case.reference_merge_bug} ({_errors(errors)})")
-            assert merged_agree, errors
+            _check_agreement(merged_agree, case.name, "reference_merge_bug", case.reference_merge_bug, errors)
         print(f"\n[{case.name}] vs HF PEFT: {_errors(errors)}")
+
+
+def _check_agreement(agree: bool, case: str, field: str, known_bug: str | None, errors: dict) -> None:
+    """``agree`` must hold, unless the case names the oracle's ``known_bug`` in ``field``: then it
+    must not (a strict xfail, which fails once the oracle is right)."""
+    if known_bug is None:
+        assert agree, errors
+    elif agree:
+        pytest.fail(f"[XPASS(strict)] the oracle now agrees with us on case {case!r}: drop its {field} "
+                    f"({known_bug}); {_errors(errors)}")
+    else:
+        pytest.xfail(f"{known_bug} ({_errors(errors)})")
 
 
 class ToyQuantConformance(QuantBackendConformance):
