@@ -219,6 +219,7 @@ class LoraModel(BaseTuner):
         return dataclasses.replace(
             first, r=new_rank, lora_alpha=new_rank, rank_pattern={}, alpha_pattern={}, init_lora_weights=init,
             lora_bias=any(c.lora_bias for c in configs),
+            trainable_token_indices=trainable_tokens.combined_indices(configs),
         )
 
     @staticmethod
@@ -252,6 +253,10 @@ class LoraModel(BaseTuner):
                 )
 
     def _combine_layer(self, layer, adapter_name, sources, weights, combination_type, combination, **options):
+        if trainable_tokens.is_rows_layer(layer):  # trainable_token_indices: the rows' changes combine
+            layer.combine_rows(adapter_name, sources, weights, combination, density=options["density"],
+                               majority_sign_method=options["majority_sign_method"])
+            return
         if not isinstance(layer, LoraLayer):
             raise TypeError(f"{type(layer).__name__} is not a LoRA layer and cannot be combined by LoRA")
         layer.combine_adapters(adapter_name, sources, weights, combination_type, combination, **options)

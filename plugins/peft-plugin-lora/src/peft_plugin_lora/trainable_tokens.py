@@ -32,3 +32,27 @@ def to_checkpoint_keys(config, state_dict: dict) -> None:
     for key in [k for k in state_dict if k.endswith(_IN_MEMORY) and not k.endswith(_IN_CHECKPOINT)]:
         state_dict[key[: -len(_IN_MEMORY)] + _IN_CHECKPOINT] = state_dict.pop(key)
 
+
+
+def combined_indices(configs) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices`` of an adapter combining ``configs``: every token any of them trains
+    (per module for the dict form)."""
+    values = [c.trainable_token_indices for c in configs if getattr(c, "trainable_token_indices", None) is not None]
+    if not values:
+        return None
+    if all(isinstance(v, dict) for v in values):
+        return {module: list(dict.fromkeys(t for v in values for t in v.get(module, ())))
+                for module in dict.fromkeys(m for v in values for m in v)}
+    if any(isinstance(v, dict) for v in values):
+        raise ValueError("add_weighted_adapter cannot combine trainable_token_indices given as a list in one adapter "
+                         "and as a dict in another: give them as {module name: token ids} in every adapter")
+    return list(dict.fromkeys(t for v in values for t in v))
+
+
+def is_rows_layer(layer) -> bool:
+    """Whether ``layer`` holds trainable rows (peft-plugin-trainable-tokens' layer)."""
+    try:
+        from peft_plugin_trainable_tokens.layer import TrainableTokensLayer
+    except ImportError:
+        return False
+    return isinstance(layer, TrainableTokensLayer)

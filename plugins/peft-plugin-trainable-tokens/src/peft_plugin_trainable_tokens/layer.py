@@ -124,6 +124,33 @@ class TrainableTokensLayer(AdapterLayer):
         weight = base_weight(self.get_base_layer()).detach()
         return self.merge_weight(weight, adapter_name) - weight
 
+    # -- combining (add_weighted_adapter) ---------------------------------------------------------
+
+    @torch.no_grad()
+    def combine_rows(self, adapter_name: str, sources: list[str], weights: list[float], combination=None,
+                     **options) -> None:
+        """Set the rows of ``adapter_name`` (a new adapter whose tokens include every source's) to
+        the rows they replace plus the combination of the sources' changes: each source's change is
+        its rows minus the rows they replaced, zero on tokens it does not train; combined by their
+        weighted sum, or by ``combination.fn(changes, weights, **options)`` (a registered strategy:
+        TIES, DARE, ...)."""
+        position = {token: i for i, token in enumerate(self.token_indices[adapter_name])}
+        base = self.trainable_tokens_original[adapter_name]
+        changes = []
+        for name in sources:
+            missing = [t for t in self.token_indices[name] if t not in position]
+            if missing:
+                raise ValueError(f"adapter {adapter_name!r} does not train tokens {missing[:5]} of source {name!r}")
+            change = torch.zeros_like(base)
+            rows = [position[t] for t in self.token_indices[name]]
+            change[rows] = (self.trainable_tokens_delta[name] - self.trainable_tokens_original[name]).to(base)
+            changes.append(change)
+        if combination is None:
+            combined = sum((w * change for w, change in zip(weights, changes, strict=True)), torch.zeros_like(base))
+        else:
+            combined = combination.fn(changes, torch.tensor(weights, device=base.device), **options).to(base)
+        self.trainable_tokens_delta[adapter_name].copy_(base + combined)
+
 
 class TiedTrainableTokensLayer(TrainableTokensLayer):
     """Wraps a module that shares the input embeddings' weight (e.g. a tied output head) and
@@ -154,3 +181,6 @@ class TiedTrainableTokensLayer(TrainableTokensLayer):
 
     def merge_parameters(self) -> list[nn.Parameter]:
         return []  # the embeddings' layer merges into the shared weight; swapping the same rows again is a no-op
+
+    def combine_rows(self, *args, **kwargs) -> None:
+        """Nothing to do: the embeddings' layer combines the shared rows."""
